@@ -1,0 +1,28 @@
+"""vpt_fast: fast, memory-lean Visual Prompt Tuning (arXiv 2203.12119) for timm transformers.
+
+    model = timm.create_model("vit_base_patch16_224", pretrained=True, num_classes=100)
+    model = vpt_fast.prompt(model, num_prompts=50, deep=True)
+
+See DESIGN.md §4 for the public API contract.
+"""
+__version__ = "0.1.0"
+
+from vpt_fast.blocks import ViTBlock
+from vpt_fast.config import PromptConfig
+from vpt_fast.io import load_prompt_state_dict, load_prompts, prompt_state_dict, save_prompts
+from vpt_fast.prompting import available_backends, prompt, set_backend, trainable_parameters
+
+
+def ext_info() -> dict:
+    """Whether the C++/CUDA extension `vpt_fast._C` is built, and for which architectures."""
+    try:
+        from vpt_fast.backends.cuda_impl import ext_info as _ext_info
+    except ImportError as exc:
+        return {"built": False, "error": str(exc)}
+    return _ext_info()
+
+
+__all__ = [
+    "PromptConfig", "ViTBlock", "available_backends", "ext_info", "load_prompt_state_dict",
+    "load_prompts", "prompt", "prompt_state_dict", "save_prompts", "set_backend", "trainable_parameters",
+]

@@ -1,0 +1,135 @@
+"""ViTBlock: a drop-in, prompt-aware replacement for timm's ViT `Block` (VPT, arXiv 2203.12119).
+
+The block keeps timm's own submodules (so state_dict keys do not change) and takes its prompt rows
+separately from the token rows:
+
+    out = block(x, prompts)     # x (B, N, D) token rows, prompts (Bp, P, D) with Bp in {1, B} or None
+
+and returns the token rows only: the prompt rows' outputs are thrown away, as deep VPT replaces them
+before the next block (DESIGN.md §1). With `prompts=None` it is timm's block. Backends:
+- "reference": release-style eager — concatenate [prefix, prompts, patches], run timm's own block
+  math, drop the prompt rows;
+- "torch" / "triton" / "cuda": the prompt-aware algorithm (DESIGN.md §2): prompt LayerNorm and K/V
+  computed once per prompt batch (Bp = 1 when shared), no prompt queries/attention rows/MLP,
+  frozen-backbone ops that compute and save only what input gradients need.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from vpt_fast.config import RECOMPUTE, check_backend
+from vpt_fast.ops.attention import prompt_attention
+from vpt_fast.ops.layer_norm import layer_norm
+from vpt_fast.ops.linear import linear
+from vpt_fast.ops.mlp import is_fusable, norm_mlp
+
+
+def resolve_auto(backend: str, device: torch.device) -> str:
+    """The concrete backend for `backend` on `device` ("auto": fastest available)."""
+    if backend != "auto":
+        return backend
+    if device.type == "cuda":
+        from vpt_fast.ops import backend_module
+        return "triton" if backend_module("triton") is not None else "torch"
+    return "torch"
+
+
+class ViTBlock(nn.Module):
+    """Prompt-aware timm ViT block.
+
+    Args:
+        block: a timm `vision_transformer.Block` whose submodules are taken over (not copied).
+        num_prefix_tokens: class + register tokens at the start of the sequence; the reference
+            backend inserts prompts after them.
+        backend: "auto", "reference", "torch", "triton" or "cuda".
+        recompute: "none", "mlp" or "block" (see `PromptConfig`).
+    """
+
+    def __init__(self, block: nn.Module, num_prefix_tokens: int = 1, backend: str = "auto",
+                 recompute: str = "none") -> None:
+        super().__init__()
+        from timm.models.vision_transformer import Block
+        if type(block) is not Block:
+            raise TypeError(f"ViTBlock.from_timm expects timm.models.vision_transformer.Block, "
+                            f"got {type(block).__module__}.{type(block).__name__}")
+        attn = block.attn
+        if getattr(attn, "gate", None) is not None:
+            raise TypeError("gated attention (timm Attention(gated=True)) is not supported")
+        if not isinstance(attn.qkv, nn.Linear):
+            raise TypeError(f"expected attn.qkv to be nn.Linear, got {type(attn.qkv).__name__}")
+        for name in ("norm1", "norm2"):
+            if not isinstance(getattr(block, name), nn.LayerNorm):
+                raise TypeError(f"expected block.{name} to be nn.LayerNorm, got {type(getattr(block, name)).__name__}")
+        self.norm1, self.attn, self.ls1, self.drop_path1 = block.norm1, block.attn, block.ls1, block.drop_path1
+        self.norm2, self.mlp, self.ls2, self.drop_path2 = block.norm2, block.mlp, block.ls2, block.drop_path2
+        self.num_prefix_tokens = num_prefix_tokens
+        self.backend = check_backend(backend)
+        if recompute not in RECOMPUTE:
+            raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
+        self.recompute = recompute
+
+    @classmethod
+    def from_timm(cls, block: nn.Module, **kwargs) -> "ViTBlock":
+        return cls(block, **kwargs)
+
+    def forward(self, x: Tensor, prompts: Optional[Tensor] = None) -> Tensor:
+        backend = resolve_auto(self.backend, x.device)
+        if backend == "reference":
+            return self.forward_reference(x, prompts)
+        if prompts is not None and (prompts.dim() != 3 or prompts.shape[0] not in (1, x.shape[0])
+                                    or prompts.shape[2] != x.shape[2]):
+            raise ValueError(f"prompts must be (1 or B={x.shape[0]}, P, D={x.shape[2]}), got {tuple(prompts.shape)}")
+        if self.recompute == "block" and torch.is_grad_enabled() and (x.requires_grad or (
+                prompts is not None and prompts.requires_grad)):
+            return checkpoint(self._forward, x, prompts, backend, use_reentrant=False)
+        return self._forward(x, prompts, backend)
+
+    def forward_reference(self, x: Tensor, prompts: Optional[Tensor] = None) -> Tensor:
+        """Release-style VPT: timm's block on [prefix, prompts, patches], prompt rows dropped."""
+        if prompts is None:
+            return self._timm_forward(x)
+        npfx, num_prompts = self.num_prefix_tokens, prompts.shape[1]
+        full = torch.cat([x[:, :npfx], prompts.expand(x.shape[0], -1, -1), x[:, npfx:]], dim=1)
+        out = self._timm_forward(full)
+        return torch.cat([out[:, :npfx], out[:, npfx + num_prompts:]], dim=1)
+
+    def _timm_forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+    def _forward(self, x: Tensor, prompts: Optional[Tensor], backend: str) -> Tensor:
+        x = x + self.drop_path1(self.ls1(self._attention(x, prompts, backend)))
+        if is_fusable(self.norm2, self.mlp):
+            y = norm_mlp(x, self.norm2, self.mlp, self.recompute == "mlp", backend)
+        else:
+            y = self.mlp(layer_norm(x, self.norm2, backend))
+        return x + self.drop_path2(self.ls2(y))
+
+    def _attention(self, x: Tensor, prompts: Optional[Tensor], backend: str) -> Tensor:
+        attn = self.attn
+        batch, num_tokens, dim = x.shape
+        heads, head_dim = attn.num_heads, attn.head_dim
+        qkv = linear(layer_norm(x, self.norm1, backend), attn.qkv.weight, attn.qkv.bias)
+        q, k, v = qkv.view(batch, num_tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self._qk_norm(q, attn.q_norm, backend), self._qk_norm(k, attn.k_norm, backend)
+        pk = pv = None
+        if prompts is not None:
+            # Prompt rows need keys and values only: their queries and outputs are discarded.
+            kv_weight = attn.qkv.weight[attn.attn_dim:]
+            kv_bias = None if attn.qkv.bias is None else attn.qkv.bias[attn.attn_dim:]
+            kv = linear(layer_norm(prompts, self.norm1, backend), kv_weight, kv_bias)
+            pk, pv = kv.view(prompts.shape[0], prompts.shape[1], 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+            pk = self._qk_norm(pk, attn.k_norm, backend)
+        o = prompt_attention(q, k, v, pk, pv, scale=attn.scale, backend=backend)
+        o = o.transpose(1, 2).reshape(batch, num_tokens, attn.attn_dim)
+        if not isinstance(attn.norm, nn.Identity):
+            o = layer_norm(o, attn.norm, backend)
+        return linear(o, attn.proj.weight, attn.proj.bias)
+
+    @staticmethod
+    def _qk_norm(t: Tensor, norm: nn.Module, backend: str) -> Tensor:
+        return t if isinstance(norm, nn.Identity) else layer_norm(t, norm, backend)

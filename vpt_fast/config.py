@@ -1,0 +1,51 @@
+"""PromptConfig: how a timm model is prompted (DESIGN.md §1, §4)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
+RECOMPUTE = ("none", "mlp", "block")
+
+
+@dataclass
+class PromptConfig:
+    """Visual Prompt Tuning settings.
+
+    Args:
+        num_prompts: prompt tokens per prompted block (P in the paper), at least 1.
+        deep: VPT-Deep (a new prompt set before every block) instead of VPT-Shallow (input only).
+        dropout: prompt dropout probability, applied each time prompts enter the sequence.
+        project: if set, prompts live in this dimension and pass through a trainable Linear to the
+            model width (the paper's `prompt_project`).
+        backend: "auto", "reference", "torch", "triton" or "cuda" (see `available_backends()`).
+        recompute: "none" (save what input gradients need), "mlp" (recompute norm2+fc1 in backward),
+            "block" (save block inputs only and recompute each block in backward).
+    """
+
+    num_prompts: int = 50
+    deep: bool = True
+    dropout: float = 0.0
+    project: Optional[int] = None
+    backend: str = "auto"
+    recompute: str = "none"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_prompts, int) or isinstance(self.num_prompts, bool) or self.num_prompts < 1:
+            raise ValueError(f"num_prompts must be an integer >= 1, got {self.num_prompts!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.project is not None and (not isinstance(self.project, int) or self.project < 1):
+            raise ValueError(f"project must be None or a positive integer, got {self.project!r}")
+        check_backend(self.backend)
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"recompute must be one of {RECOMPUTE}, got {self.recompute!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name

@@ -1,0 +1,63 @@
+"""Prompt-aware attention (DESIGN.md §2.1): a sample's queries attend to its own keys/values plus a
+prompt segment that is shared by the batch (deep VPT), by the windows of one image (Swin) or per
+sample. One autograd.Function saves q, k, v, the prompt segment once (never its B expanded copies),
+the output and the log-sum-exp; backward recomputes probabilities as flash attention does.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from vpt_fast.ops import resolve
+
+
+class PromptAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, pk, pv, bias, scale: float, backend: str):
+        impl = resolve(backend, "attention", q.device)
+        out, lse = impl.attention_fwd(q, k, v, pk, pv, scale, bias)
+        ctx.save_for_backward(q, k, v, pk, pv, bias, out, lse)
+        ctx.impl, ctx.scale = impl, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, pk, pv, bias, out, lse = ctx.saved_tensors
+        dq, dk, dv, dpk, dpv = ctx.impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, ctx.scale, bias)
+        return dq, dk, dv, dpk, dpv, None, None, None
+
+
+def prompt_attention(q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor] = None,
+                     pv: Optional[Tensor] = None, *, scale: Optional[float] = None,
+                     bias: Optional[Tensor] = None, backend: str = "torch") -> Tensor:
+    """softmax(q [pk; k]^T * scale + [0, bias]) [pv; v] per query batch.
+
+    Args:
+        q: (B, H, Nq, d) queries of each sample's own rows.
+        k, v: (B, H, Nk, d) keys/values of each sample's own rows.
+        pk, pv: optional prompt segment (Bp, H, P, d); query batch b reads prompt batch
+            b // (B // Bp), so Bp = 1 shares one segment across the batch.
+        scale: softmax scale, default d ** -0.5.
+        bias: optional (nB, H, Nq, Nk) additive bias on own keys (query batch b reads b % nB).
+        backend: "torch", "triton" or "cuda".
+
+    Returns:
+        (B, H, Nq, d) attention output.
+    """
+    if q.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"expected q (B, H, Nq, d) and k, v (B, H, Nk, d), got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if (pk is None) != (pv is None):
+        raise ValueError("pk and pv must be given together")
+    if pk is not None:
+        if pk.shape != pv.shape or pk.dim() != 4 or pk.shape[1] != q.shape[1] or pk.shape[3] != q.shape[3]:
+            raise ValueError(f"expected pk, pv of shape (Bp, H={q.shape[1]}, P, d={q.shape[3]}), "
+                             f"got {tuple(pk.shape)} and {tuple(pv.shape)}")
+        if q.shape[0] % pk.shape[0]:
+            raise ValueError(f"prompt batch Bp={pk.shape[0]} must divide the query batch B={q.shape[0]}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, _ = PromptAttention.apply(q, k, v, pk, pv, bias, scale, backend)
+    return out

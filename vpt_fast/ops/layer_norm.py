@@ -1,0 +1,33 @@
+"""Frozen LayerNorm: dX-only backward; saves the input and per-row statistics (DESIGN.md §2.3)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from vpt_fast.ops import resolve
+
+
+class FrozenLayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, backend: str):
+        impl = resolve(backend, "layer_norm", x.device)
+        y, mean, rstd = impl.layer_norm_fwd(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.impl = impl
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, weight, mean, rstd = ctx.saved_tensors
+        return ctx.impl.layer_norm_bwd(dy.contiguous(), x, weight, mean, rstd), None, None, None, None
+
+
+def layer_norm(x: Tensor, norm: torch.nn.Module, backend: str) -> Tensor:
+    """Apply a frozen `nn.LayerNorm` (over the last dim) with the given backend's kernels."""
+    if not isinstance(norm, torch.nn.LayerNorm) or len(norm.normalized_shape) != 1:
+        raise TypeError(f"expected nn.LayerNorm over the last dim, got {type(norm).__name__}")
+    if any(p.requires_grad for p in norm.parameters()):
+        return norm(x)  # unfrozen affine: autograd's own path computes its gradients
+    return FrozenLayerNorm.apply(x, norm.weight, norm.bias, norm.eps, backend)

@@ -1,0 +1,65 @@
+"""Pre-norm MLP of a frozen transformer block: fc2(gelu(fc1(norm(x)))), dX-only backward.
+
+Saves the block's residual input x with its LayerNorm statistics, and the fc1 output (4x the width)
+unless `recompute_fc1` is set, in which case norm and fc1 run again in backward (recompute="mlp").
+fc1's bias is fused into the GELU (`bias_gelu` primitives); the GEMMs stay on cuBLAS/BLAS.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vpt_fast.ops import resolve
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+class FrozenNormMlp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, nw, nb, eps, w1, b1, w2, b2, recompute_fc1: bool, backend: str):
+        ln = resolve(backend, "layer_norm", x.device)
+        act = resolve(backend, "bias_gelu", x.device)
+        y, mean, rstd = ln.layer_norm_fwd(x, nw, nb, eps)
+        h = F.linear(y, w1)
+        g = act.bias_gelu_fwd(h, None if b1 is None else b1.to(h.dtype))
+        out = F.linear(g, w2, b2)
+        ctx.save_for_backward(x, nw, nb, mean, rstd, w1, b1, w2, None if recompute_fc1 else h)
+        ctx.eps, ctx.ln, ctx.act, ctx.recompute_fc1 = eps, ln, act, recompute_fc1
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, nw, nb, mean, rstd, w1, b1, w2, h = ctx.saved_tensors
+        if ctx.recompute_fc1:
+            cdt = dout.dtype
+            y = ctx.ln.layer_norm_fwd(x, nw, nb, ctx.eps)[0]
+            h = F.linear(y.to(cdt), w1.to(cdt))
+        cdt = h.dtype
+        dg = torch.matmul(dout.to(cdt), w2.to(cdt))
+        dh = ctx.act.bias_gelu_bwd(dg, h, None if b1 is None else b1.to(cdt))
+        dy = torch.matmul(dh, w1.to(cdt)).to(x.dtype)
+        dx = ctx.ln.layer_norm_bwd(dy, x, nw, mean, rstd)
+        return dx, None, None, None, None, None, None, None, None, None
+
+
+def is_fusable(norm: nn.Module, mlp: nn.Module) -> bool:
+    """timm `Mlp` with exact GELU, no hidden norm, after a LayerNorm, all frozen."""
+    act = getattr(mlp, "act", None)
+    simple = (isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
+              and isinstance(getattr(mlp, "fc1", None), nn.Linear) and isinstance(getattr(mlp, "fc2", None), nn.Linear)
+              and isinstance(act, nn.GELU) and act.approximate == "none"
+              and isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity))
+    frozen = not any(p.requires_grad for p in list(norm.parameters()) + list(mlp.parameters()))
+    return simple and frozen
+
+
+def norm_mlp(x: Tensor, norm: nn.LayerNorm, mlp: nn.Module, recompute_fc1: bool, backend: str) -> Tensor:
+    """mlp(norm(x)) for a frozen pre-norm timm MLP (see `is_fusable`)."""
+    return FrozenNormMlp.apply(x, norm.weight, norm.bias, norm.eps, mlp.fc1.weight, mlp.fc1.bias,
+                               mlp.fc2.weight, mlp.fc2.bias, recompute_fc1, backend)
