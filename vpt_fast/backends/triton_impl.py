@@ -1,0 +1,494 @@
+"""Triton backend: the six primitives of `torch_impl` (same signatures, same semantics), run by the
+kernels in `vpt_fast.kernels` (DESIGN.md §2.4).
+
+Each primitive is a thin Python function that validates its arguments and calls a torch custom op
+(`vpt_fast::triton_<name>`, registered with `torch.library.triton_op`), so `torch.compile` traces the
+kernels without graph breaks and `torch.utils.flop_counter` counts attention FLOPs.
+
+Supported: CUDA tensors (or any device under `TRITON_INTERPRET=1`, the CPU interpreter used by the
+tests), dtypes float32 / float16 / bfloat16, attention head dims 16..128 (padded to a power of two),
+arbitrary strides with a unit stride on the last dim (other layouts are copied). Outputs:
+attention `out` and the gradients dq/dk/dv are returned as (B, H, N, d) views of (B, N, H, d)
+buffers, so `out.transpose(1, 2).reshape(B, N, H * d)` is free.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+
+    from vpt_fast.kernels import attention as _attn_k
+    from vpt_fast.kernels import bias_gelu as _gelu_k
+    from vpt_fast.kernels import layer_norm as _ln_k
+    _IMPORT_ERROR: Optional[BaseException] = None
+except ImportError as e:  # pragma: no cover - triton missing
+    triton = None
+    _IMPORT_ERROR = e
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+"""True when the kernels run in Triton's CPU interpreter (decided when triton was imported)."""
+AVAILABLE: bool = _IMPORT_ERROR is None and (INTERPRET or torch.cuda.is_available())
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_HEAD_DIMS = "16 <= d <= 128"
+_LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checks
+# ----------------------------------------------------------------------------------------------
+def _check_tensor(name: str, t: Tensor, dim: Optional[int] = None, dtype: Optional[torch.dtype] = None):
+    if not isinstance(t, Tensor):
+        raise TypeError(f"triton backend: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"triton backend: {name} must have {dim} dims, got shape {tuple(t.shape)}")
+    if t.dtype not in _DTYPES:
+        raise TypeError(f"triton backend: {name} dtype must be one of float32/float16/bfloat16, "
+                        f"got {t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"triton backend: {name} dtype must match ({dtype}), got {t.dtype}")
+    if not INTERPRET and t.device.type != "cuda":
+        raise ValueError(f"triton backend: {name} must be a CUDA tensor (or set TRITON_INTERPRET=1 "
+                         f"before importing triton), got device {t.device}")
+
+
+def _check_same_device(ref: Tensor, **tensors):
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"triton backend: {name} must be on {ref.device}, got {t.device}")
+
+
+def _check_available():
+    if not AVAILABLE:
+        reason = (f"triton import failed: {_IMPORT_ERROR}" if _IMPORT_ERROR is not None
+                  else "no CUDA device and TRITON_INTERPRET is not 1")
+        raise RuntimeError(f"triton backend unavailable: {reason}")
+
+
+def _check_attention(q, k, v, pk, pv, bias):
+    _check_available()
+    _check_tensor("q", q, 4)
+    _check_tensor("k", k, 4, q.dtype)
+    _check_tensor("v", v, 4, q.dtype)
+    _check_same_device(q, k=k, v=v, pk=pk, pv=pv, bias=bias)
+    B, H, Nq, d = q.shape
+    if not 16 <= d <= 128:
+        raise ValueError(f"triton backend: unsupported head dim: expected {_HEAD_DIMS}, got d={d}")
+    if k.shape[:2] != (B, H) or k.shape[3] != d:
+        raise ValueError(f"triton backend: k must be (B={B}, H={H}, Nk, d={d}), got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"triton backend: v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if (pk is None) != (pv is None):
+        raise ValueError("triton backend: pk and pv must be given together (both or neither)")
+    if pk is not None:
+        _check_tensor("pk", pk, 4, q.dtype)
+        _check_tensor("pv", pv, 4, q.dtype)
+        if pk.shape[1] != H or pk.shape[3] != d:
+            raise ValueError(f"triton backend: pk must be (Bp, H={H}, P, d={d}), got {tuple(pk.shape)}")
+        if pv.shape != pk.shape:
+            raise ValueError(f"triton backend: pv must have pk's shape {tuple(pk.shape)}, "
+                             f"got {tuple(pv.shape)}")
+        if pk.shape[0] < 1 or B % pk.shape[0]:
+            raise ValueError(f"triton backend: prompt batch Bp={pk.shape[0]} must divide the query "
+                             f"batch B={B}")
+    if k.shape[2] + (0 if pk is None else pk.shape[2]) < 1:
+        raise ValueError("triton backend: attention needs at least one key (Nk + P >= 1)")
+    if bias is not None:
+        if not isinstance(bias, Tensor) or bias.dim() != 4:
+            raise ValueError(f"triton backend: bias must be a 4-dim tensor (nB, H, Nq, Nk), got "
+                             f"{getattr(bias, 'shape', type(bias).__name__)}")
+        if bias.dtype not in _DTYPES:
+            raise TypeError(f"triton backend: bias dtype must be float32/float16/bfloat16, got {bias.dtype}")
+        nb = bias.shape[0]
+        if bias.shape[1:] != (H, Nq, k.shape[2]) or nb < 1 or B % nb:
+            raise ValueError(f"triton backend: bias must be (nB, H={H}, Nq={Nq}, Nk={k.shape[2]}) with "
+                             f"nB dividing B={B}, got {tuple(bias.shape)}")
+
+
+def _last_dim_unit(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t if t is None or t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# launch configurations
+# ----------------------------------------------------------------------------------------------
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _attn_config(kind: str, block_d: int, dtype: torch.dtype) -> dict:
+    """Block sizes per kernel ("fwd", "dkdv", "dq") for H100; one small fixed config when interpreted."""
+    if INTERPRET:
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    wide = block_d > 64
+    if dtype == torch.float32:
+        bm, bn = (32, 32) if wide else (64, 32)
+        return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=2)
+    if kind == "fwd":
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if wide else 4, num_stages=3)
+    if kind == "dkdv":
+        return dict(BLOCK_M=32 if wide else 64, BLOCK_N=64, num_warps=8 if wide else 4, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=64 if not wide else 32, num_warps=8 if wide else 4, num_stages=2)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: full-precision MMA ("ieee"), not tf32, so fp32 results match to ~1e-6.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _interp_upcast(*ts):
+    """Triton's interpreter multiplies bf16 `tl.dot` operands as raw uint16 bits (triton 3.8): run
+    bf16 attention in fp32 there (CPU tests only; outputs are still stored in bf16)."""
+    if INTERPRET and ts[0].dtype == torch.bfloat16:
+        return tuple(None if t is None else t.float() for t in ts)
+    return ts
+
+
+def _bh_view(t: Tensor) -> Tensor:
+    """Fresh (B, H, N, d) view of a (B, N, H, d) buffer."""
+    B, H, N, d = t.shape
+    return torch.empty((B, N, H, d), dtype=t.dtype, device=t.device).transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# attention
+# ----------------------------------------------------------------------------------------------
+@torch.library.triton_op("vpt_fast::triton_attention_fwd", mutates_args=())
+def _attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor], pv: Optional[Tensor],
+                      scale: float, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    B, H, Nq, d = q.shape
+    Nk = k.shape[2]
+    out = _bh_view(q)
+    lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    has_prompt = pk is not None
+    pk_, pv_ = (pk, pv) if has_prompt else (k, v)
+    P = pk.shape[2] if has_prompt else 0
+    group = B // pk.shape[0] if has_prompt else B
+    has_bias = bias is not None
+    bias_ = bias if has_bias else q
+    bs = bias.stride() if has_bias else (0, 0, 0, 0)
+    nb = bias.shape[0] if has_bias else 1
+    cfg = _attn_config("fwd", _block_d(d), q.dtype)
+    grid = (triton.cdiv(Nq, cfg["BLOCK_M"]), B * H)
+    precision = _dot_precision(q.dtype)
+    q, k, v, pk_, pv_ = _interp_upcast(q, k, v, pk_, pv_)
+    torch.library.wrap_triton(_attn_k._attention_fwd)[grid](
+        q, k, v, pk_, pv_, bias_, out, lse,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *pk_.stride()[:3], *pv_.stride()[:3],
+        *bs, *out.stride()[:3], *lse.stride()[:2],
+        H, Nq, Nk, P, group, nb, scale * _LOG2E,
+        HEAD_DIM=d, BLOCK_D=_block_d(d), HAS_BIAS=has_bias, DOT_PRECISION=precision, **cfg)
+    return out, lse
+
+
+@torch.library.triton_op("vpt_fast::triton_attention_bwd", mutates_args=())
+def _attention_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor],
+                      pv: Optional[Tensor], out: Tensor, lse: Tensor, scale: float,
+                      bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dv, dpk, dpv); dpk/dpv are empty (0,) tensors when pk is None."""
+    B, H, Nq, d = q.shape
+    Nk = k.shape[2]
+    dq, dk, dv = _bh_view(q), _bh_view(k), _bh_view(v)
+    has_prompt = pk is not None
+    if has_prompt:
+        dpk = torch.empty(pk.shape, dtype=pk.dtype, device=pk.device)
+        dpv = torch.empty(pv.shape, dtype=pv.dtype, device=pv.device)
+    else:
+        dpk = dpv = None
+    if q.numel() == 0:
+        dk.zero_(), dv.zero_()
+        if has_prompt:
+            dpk.zero_(), dpv.zero_()
+    else:
+        _attention_bwd_launch(dout, q, k, v, pk, pv, out, lse, scale, bias, dq, dk, dv, dpk, dpv)
+    if not has_prompt:
+        dpk = q.new_empty((0,))
+        dpv = q.new_empty((0,))
+    return dq, dk, dv, dpk, dpv
+
+
+def _attention_bwd_launch(dout, q, k, v, pk, pv, out, lse, scale, bias, dq, dk, dv, dpk, dpv):
+    B, H, Nq, d = q.shape
+    Nk = k.shape[2]
+    block_d = _block_d(d)
+    precision = _dot_precision(q.dtype)
+    dout, q, k, v, pk, pv = _interp_upcast(dout, q, k, v, pk, pv)
+    has_bias = bias is not None
+    bias_ = bias if has_bias else q
+    bs = bias.stride() if has_bias else (0, 0, 0, 0)
+    nb = bias.shape[0] if has_bias else 1
+    has_prompt = pk is not None
+    pk_, pv_ = (pk, pv) if has_prompt else (k, v)
+    P = pk.shape[2] if has_prompt else 0
+    group = B // pk.shape[0] if has_prompt else B
+
+    delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    pre_m = 16 if INTERPRET else 64
+    torch.library.wrap_triton(_attn_k._attention_bwd_preprocess)[(triton.cdiv(Nq, pre_m), B * H)](
+        out, dout, delta, *out.stride()[:3], *dout.stride()[:3], *delta.stride()[:2], H, Nq,
+        HEAD_DIM=d, BLOCK_M=pre_m, BLOCK_D=block_d)
+
+    lse = lse if lse.stride() == delta.stride() else lse.contiguous()  # kernels share lse/delta strides
+    cfg = _attn_config("dkdv", block_d, q.dtype)
+    meta = dict(HEAD_DIM=d, BLOCK_D=block_d, DOT_PRECISION=precision, **cfg)
+    common = (*q.stride()[:3],)
+    # Own keys: one program per (key block, batch, head).
+    grid = (triton.cdiv(Nk, cfg["BLOCK_N"]), B * H, 1)
+    if Nk > 0:
+        torch.library.wrap_triton(_attn_k._attention_bwd)[grid](
+            q, k, v, dout, lse, delta, bias_, dk, dv,
+            *common, *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *lse.stride()[:2], *bs,
+            0, *dk.stride()[:3], 0, *dv.stride()[:3],
+            H, Nq, Nk, nb, 1, 1, scale, scale * _LOG2E, HAS_BIAS=has_bias, **meta)
+    # Prompt keys: the query batches sharing a prompt batch are split over `split` programs, each
+    # writing an fp32 partial that is summed here (exact and deterministic, no atomics).
+    if has_prompt and P > 0:
+        bp = pk.shape[0]
+        base = triton.cdiv(P, cfg["BLOCK_N"]) * bp * H
+        want = max(1, triton.cdiv(4 * _num_sms(q.device), base))
+        per = triton.cdiv(group, min(group, want))
+        split = triton.cdiv(group, per)
+        if split == 1:
+            tk, tv = dpk, dpv
+        else:
+            tk = torch.empty((split, *pk.shape), dtype=torch.float32, device=q.device)
+            tv = torch.empty((split, *pv.shape), dtype=torch.float32, device=q.device)
+        sk = tk.stride() if split > 1 else (0, *tk.stride())
+        sv = tv.stride() if split > 1 else (0, *tv.stride())
+        grid = (triton.cdiv(P, cfg["BLOCK_N"]), bp * H, split)
+        torch.library.wrap_triton(_attn_k._attention_bwd)[grid](
+            q, pk, pv, dout, lse, delta, q, tk, tv,
+            *common, *pk.stride()[:3], *pv.stride()[:3], *dout.stride()[:3], *lse.stride()[:2],
+            0, 0, 0, 0, *sk[:4], *sv[:4],
+            H, Nq, P, 1, group, per, scale, scale * _LOG2E, HAS_BIAS=False, **meta)
+        if split > 1:
+            dpk.copy_(tk.sum(0))
+            dpv.copy_(tv.sum(0))
+    elif has_prompt:
+        dpk.zero_(), dpv.zero_()
+    # dQ: one program per (query block, batch, head), both key segments.
+    cfg = _attn_config("dq", block_d, q.dtype)
+    grid = (triton.cdiv(Nq, cfg["BLOCK_M"]), B * H)
+    torch.library.wrap_triton(_attn_k._attention_bwd_dq)[grid](
+        q, k, v, pk_, pv_, dout, lse, delta, bias_, dq,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *pk_.stride()[:3], *pv_.stride()[:3],
+        *dout.stride()[:3], *lse.stride()[:2], *bs, *dq.stride()[:3],
+        H, Nq, Nk, P, group, nb, scale, scale * _LOG2E,
+        HEAD_DIM=d, BLOCK_D=block_d, HAS_BIAS=has_bias, DOT_PRECISION=precision, **cfg)
+
+
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor], pv: Optional[Tensor],
+                  scale: float, bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """softmax(q [pk; k]^T * scale + [0, bias]) [pv; v]; see `torch_impl.attention_fwd`.
+
+    Returns (out (B, H, Nq, d) in q's dtype, lse (B, H, Nq) float32 natural log).
+    """
+    _check_attention(q, k, v, pk, pv, bias)
+    q, k, v, pk, pv, bias = map(_last_dim_unit, (q, k, v, pk, pv, bias))
+    return torch.ops.vpt_fast.triton_attention_fwd(q, k, v, pk, pv, float(scale), bias)
+
+
+def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor],
+                  pv: Optional[Tensor], out: Tensor, lse: Tensor, scale: float,
+                  bias: Optional[Tensor] = None):
+    """Returns (dq, dk, dv, dpk, dpv); dpk/dpv have pk's shape (summed over the batches sharing it),
+    None when pk is None."""
+    _check_attention(q, k, v, pk, pv, bias)
+    _check_tensor("dout", dout, 4)
+    _check_tensor("out", out, 4)
+    if dout.shape != q.shape or out.shape != q.shape:
+        raise ValueError(f"triton backend: dout and out must have q's shape {tuple(q.shape)}, got "
+                         f"{tuple(dout.shape)} and {tuple(out.shape)}")
+    if lse.shape != q.shape[:3] or lse.dtype != torch.float32:
+        raise ValueError(f"triton backend: lse must be float32 of shape {tuple(q.shape[:3])}, got "
+                         f"{lse.dtype} {tuple(lse.shape)}")
+    _check_same_device(q, dout=dout, out=out, lse=lse)
+    q, k, v, pk, pv, bias, dout, out = map(_last_dim_unit, (q, k, v, pk, pv, bias, dout, out))
+    dq, dk, dv, dpk, dpv = torch.ops.vpt_fast.triton_attention_bwd(
+        dout, q, k, v, pk, pv, out, lse, float(scale), bias)
+    if pk is None:
+        return dq, dk, dv, None, None
+    return dq, dk, dv, dpk, dpv
+
+
+def _attn_flops(q_shape, k_shape, pk_shape) -> int:
+    B, H, Nq, d = q_shape
+    P = 0 if pk_shape is None else pk_shape[2]
+    return 4 * B * H * Nq * (P + k_shape[2]) * d
+
+
+try:
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.vpt_fast.triton_attention_fwd)
+    def _attention_fwd_flop(q_shape, k_shape, v_shape, pk_shape, pv_shape, *args, **kwargs) -> int:
+        """4 * B * H * Nq * (P + Nk) * d: QK^T and PV over both key segments."""
+        return _attn_flops(q_shape, k_shape, pk_shape)
+
+    @register_flop_formula(torch.ops.vpt_fast.triton_attention_bwd)
+    def _attention_bwd_flop(dout_shape, q_shape, k_shape, v_shape, pk_shape, *args, **kwargs) -> int:
+        """2.5x the forward (FlashAttention's convention)."""
+        return _attn_flops(q_shape, k_shape, pk_shape) * 5 // 2
+except (ImportError, AttributeError):  # pragma: no cover - old torch
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# LayerNorm (rows = all leading dims)
+# ----------------------------------------------------------------------------------------------
+def _row_config(n_cols: int) -> dict:
+    block = triton.next_power_of_2(max(n_cols, 16))
+    if INTERPRET:
+        return dict(BLOCK_SIZE=block, num_warps=1)
+    warps = 16 if block >= 8192 else 8 if block >= 2048 else 4
+    return dict(BLOCK_SIZE=block, num_warps=warps)
+
+
+def _rows(x: Tensor) -> Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 or x2.shape[-1] == 1 else x2.contiguous()
+
+
+@torch.library.triton_op("vpt_fast::triton_layer_norm_fwd", mutates_args=())
+def _layer_norm_fwd_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                       eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    C = x.shape[-1]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    rows = mean.numel()
+    if rows == 0 or C == 0:
+        return y, mean, rstd
+    x2 = _rows(x)
+    torch.library.wrap_triton(_ln_k._layer_norm_fwd)[(rows,)](
+        x2, weight if weight is not None else x2, bias if bias is not None else x2, y, mean, rstd,
+        x2.stride(0), C, C, eps, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        **_row_config(C))
+    return y, mean, rstd
+
+
+@torch.library.triton_op("vpt_fast::triton_layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd_op(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor,
+                       rstd: Tensor) -> Tensor:
+    C = x.shape[-1]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rows = dx.numel() // C if C else 0
+    if rows == 0:
+        return dx
+    x2, dy2 = _rows(x), _rows(dy)
+    mean, rstd = mean.contiguous(), rstd.contiguous()
+    torch.library.wrap_triton(_ln_k._layer_norm_bwd)[(rows,)](
+        dy2, x2, weight if weight is not None else x2, mean, rstd, dx,
+        dy2.stride(0), x2.stride(0), C, C, HAS_WEIGHT=weight is not None, **_row_config(C))
+    return dx
+
+
+def _check_affine(name: str, t: Optional[Tensor], x: Tensor):
+    if t is None:
+        return
+    _check_tensor(name, t)
+    _check_same_device(x, **{name: t})
+    if t.shape != (x.shape[-1],):
+        raise ValueError(f"triton backend: {name} must have shape ({x.shape[-1]},) (x's last dim), "
+                         f"got {tuple(t.shape)}")
+
+
+def layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                   eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm over the last dim. Returns (y, mean, rstd); mean/rstd float32 of shape x.shape[:-1]."""
+    _check_available()
+    _check_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError("triton backend: x must have at least 1 dim")
+    _check_affine("weight", weight, x)
+    _check_affine("bias", bias, x)
+    weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
+    return torch.ops.vpt_fast.triton_layer_norm_fwd(x, weight, bias, float(eps))
+
+
+def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor,
+                   rstd: Tensor) -> Tensor:
+    """dX only: the affine parameters are frozen."""
+    _check_available()
+    _check_tensor("x", x)
+    _check_tensor("dy", dy)
+    if dy.shape != x.shape:
+        raise ValueError(f"triton backend: dy must have x's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        if t.shape != x.shape[:-1] or t.dtype != torch.float32:
+            raise ValueError(f"triton backend: {name} must be float32 of shape {tuple(x.shape[:-1])}, "
+                             f"got {t.dtype} {tuple(t.shape)}")
+    _check_affine("weight", weight, x)
+    _check_same_device(x, dy=dy, mean=mean, rstd=rstd)
+    weight = None if weight is None else weight.contiguous()
+    return torch.ops.vpt_fast.triton_layer_norm_bwd(dy, x, weight, mean, rstd)
+
+
+# ----------------------------------------------------------------------------------------------
+# bias + GELU (exact erf GELU)
+# ----------------------------------------------------------------------------------------------
+def _gelu_config() -> dict:
+    return dict(BLOCK_SIZE=1024, num_warps=1) if INTERPRET else dict(BLOCK_SIZE=2048, num_warps=8)
+
+
+@torch.library.triton_op("vpt_fast::triton_bias_gelu_fwd", mutates_args=())
+def _bias_gelu_fwd_op(h: Tensor, bias: Optional[Tensor]) -> Tensor:
+    out = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    n = h.numel()
+    if n == 0:
+        return out
+    hc = h.contiguous()
+    cfg = _gelu_config()
+    torch.library.wrap_triton(_gelu_k._bias_gelu_fwd)[(triton.cdiv(n, cfg["BLOCK_SIZE"]),)](
+        hc, bias if bias is not None else hc, out, n, h.shape[-1], HAS_BIAS=bias is not None, **cfg)
+    return out
+
+
+@torch.library.triton_op("vpt_fast::triton_bias_gelu_bwd", mutates_args=())
+def _bias_gelu_bwd_op(dg: Tensor, h: Tensor, bias: Optional[Tensor]) -> Tensor:
+    dh = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    n = h.numel()
+    if n == 0:
+        return dh
+    hc, dgc = h.contiguous(), dg.contiguous()
+    cfg = _gelu_config()
+    torch.library.wrap_triton(_gelu_k._bias_gelu_bwd)[(triton.cdiv(n, cfg["BLOCK_SIZE"]),)](
+        dgc, hc, bias if bias is not None else hc, dh, n, h.shape[-1], HAS_BIAS=bias is not None, **cfg)
+    return dh
+
+
+def _check_gelu(h: Tensor, bias: Optional[Tensor]):
+    _check_available()
+    _check_tensor("h", h)
+    if h.dim() < 1:
+        raise ValueError("triton backend: h must have at least 1 dim")
+    _check_affine("bias", bias, h)
+
+
+def bias_gelu_fwd(h: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """gelu(h + bias), exact erf GELU as timm's default `nn.GELU`; computed in fp32."""
+    _check_gelu(h, bias)
+    return torch.ops.vpt_fast.triton_bias_gelu_fwd(h, None if bias is None else bias.contiguous())
+
+
+def bias_gelu_bwd(dg: Tensor, h: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """d gelu(h + bias) / dh: dX only."""
+    _check_gelu(h, bias)
+    _check_tensor("dg", dg)
+    if dg.shape != h.shape:
+        raise ValueError(f"triton backend: dg must have h's shape {tuple(h.shape)}, got {tuple(dg.shape)}")
+    _check_same_device(h, dg=dg)
+    return torch.ops.vpt_fast.triton_bias_gelu_bwd(dg, h, None if bias is None else bias.contiguous())
