@@ -15,10 +15,7 @@ _FORMAT = "vpt_fast.prompts/1"
 
 
 def _named_tensors(model: nn.Module) -> dict[str, Tensor]:
-    vpt = _prompted(model)
-    named = {"prompts": vpt.prompts}
-    if vpt.proj is not None:
-        named["proj.weight"], named["proj.bias"] = vpt.proj.weight, vpt.proj.bias
+    named = dict(_prompted(model).state_tensors())
     for name, p in model.get_classifier().named_parameters():
         named[f"head.{name}"] = p
     return named
@@ -49,12 +46,14 @@ def load_prompt_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> Non
 
 def metadata(model: nn.Module) -> dict[str, str]:
     from vpt_fast import __version__
-    vpt, config = _prompted(model), model.vpt_config
+    _prompted(model)
+    config = model.vpt_config
+    depth = len(model.blocks) if hasattr(model, "blocks") else [len(s.blocks) for s in model.layers]
     return {
         "format": _FORMAT,
         "model_family": type(model).__name__,
         "embed_dim": str(model.embed_dim),
-        "depth": str(len(model.blocks)),
+        "depth": str(depth),
         "num_prompts": str(config.num_prompts),
         "deep": str(config.deep),
         "project": str(config.project),

@@ -41,6 +41,13 @@ class VisualPrompts(nn.Module):
             nn.init.kaiming_normal_(self.proj.weight, a=0, mode="fan_out")
         self.dropout = nn.Dropout(dropout)
 
+    def state_tensors(self) -> dict[str, Tensor]:
+        """The prompt-side entries of `prompt_state_dict` (DESIGN.md §4)."""
+        named = {"prompts": self.prompts}
+        if self.proj is not None:
+            named["proj.weight"], named["proj.bias"] = self.proj.weight, self.proj.bias
+        return named
+
     def tokens(self, index: int, batch: int) -> Tensor:
         """Prompt set `index` as it enters the sequence: (1, P, D) when it is the same for every
         sample, (B, P, D) when prompt dropout draws a mask per sample (as the released code, which
@@ -149,10 +156,11 @@ def set_backend(model: nn.Module, backend: str, recompute: Optional[str] = None)
     if recompute is not None:
         model.vpt_config.recompute = recompute
         PromptConfig(**model.vpt_config.to_dict())  # validates
-    for block in model.blocks:
-        block.backend = backend
-        if recompute is not None:
-            block.recompute = recompute
+    for module in model.modules():
+        if getattr(module, "is_vpt_block", False):
+            module.backend = backend
+            if recompute is not None:
+                module.recompute = recompute
     return model
 
 

@@ -14,16 +14,11 @@ only; every pair involving a prompt gets zero bias.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-_SQRT_HALF = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
 
 def _expand_prompts(p: Tensor, batch: int) -> Tensor:
     """(Bp, H, P, d) -> (B, H, P, d) view (no copy) in query-batch order."""
@@ -121,40 +116,25 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, pk: Optional[Te
 
 def layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """LayerNorm over the last dim. Returns (y, mean, rstd); mean/rstd float32 of shape x.shape[:-1]."""
-    acc = _acc_dtype(x)
-    xf = x.to(acc)
-    var, mean = torch.var_mean(xf, dim=-1, unbiased=False)
-    rstd = torch.rsqrt(var + eps)
-    y = (xf - mean[..., None]) * rstd[..., None]
-    if weight is not None:
-        y = y * weight.to(acc)
-    if bias is not None:
-        y = y + bias.to(acc)
-    return y.to(x.dtype), mean, rstd
+    """LayerNorm over the last dim. Returns (y, mean, rstd); mean/rstd of shape x.shape[:-1] in the
+    accumulation dtype (float32, float64 for float64 inputs)."""
+    y, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], weight, bias, eps)
+    return y, mean.squeeze(-1), rstd.squeeze(-1)
 
 
 def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor,
                    rstd: Tensor) -> Tensor:
     """dX only: the affine parameters are frozen."""
-    acc = _acc_dtype(x)
-    xhat = (x.to(acc) - mean[..., None]) * rstd[..., None]
-    g = dy.to(acc) if weight is None else dy.to(acc) * weight.to(acc)
-    c1 = (g * xhat).mean(-1, keepdim=True)
-    c2 = g.mean(-1, keepdim=True)
-    return ((g - xhat * c1 - c2) * rstd[..., None]).to(x.dtype)
+    dx, _, _ = torch.ops.aten.native_layer_norm_backward(
+        dy, x, x.shape[-1:], mean.unsqueeze(-1), rstd.unsqueeze(-1), weight, None, [True, False, False])
+    return dx
 
 
 def bias_gelu_fwd(h: Tensor, bias: Optional[Tensor]) -> Tensor:
     """gelu(h + bias), exact erf GELU as timm's default `nn.GELU`."""
-    a = h if bias is None else h + bias
-    return F.gelu(a)
+    return F.gelu(h if bias is None else h + bias)
 
 
 def bias_gelu_bwd(dg: Tensor, h: Tensor, bias: Optional[Tensor]) -> Tensor:
     """d gelu(h + bias) / dh: dX only."""
-    acc = _acc_dtype(h)
-    a = (h if bias is None else h + bias).to(acc)
-    cdf = 0.5 * (1.0 + torch.erf(a * _SQRT_HALF))
-    pdf = torch.exp(-0.5 * a * a) * _INV_SQRT_2PI
-    return (dg.to(acc) * (cdf + a * pdf)).to(h.dtype)
+    return torch.ops.aten.gelu_backward(dg, h if bias is None else h + bias)

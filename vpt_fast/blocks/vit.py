@@ -49,6 +49,8 @@ class ViTBlock(nn.Module):
         recompute: "none", "mlp" or "block" (see `PromptConfig`).
     """
 
+    is_vpt_block = True  # set_backend() switches every module carrying this flag
+
     def __init__(self, block: nn.Module, num_prefix_tokens: int = 1, backend: str = "auto",
                  recompute: str = "none") -> None:
         super().__init__()

@@ -2,7 +2,8 @@
 
 Saves the block's residual input x with its LayerNorm statistics, and the fc1 output (4x the width)
 unless `recompute_fc1` is set, in which case norm and fc1 run again in backward (recompute="mlp").
-fc1's bias is fused into the GELU (`bias_gelu` primitives); the GEMMs stay on cuBLAS/BLAS.
+fc1's bias rides in the GEMM epilogue (addmm); GELU and its dX-only backward are the `bias_gelu`
+primitives; the GEMMs stay on cuBLAS/BLAS.
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ class FrozenNormMlp(torch.autograd.Function):
         ln = resolve(backend, "layer_norm", x.device)
         act = resolve(backend, "bias_gelu", x.device)
         y, mean, rstd = ln.layer_norm_fwd(x, nw, nb, eps)
-        h = F.linear(y, w1)
-        g = act.bias_gelu_fwd(h, None if b1 is None else b1.to(h.dtype))
+        h = F.linear(y, w1, b1)
+        g = act.bias_gelu_fwd(h, None)
         out = F.linear(g, w2, b2)
         ctx.save_for_backward(x, nw, nb, mean, rstd, w1, b1, w2, None if recompute_fc1 else h)
         ctx.eps, ctx.ln, ctx.act, ctx.recompute_fc1 = eps, ln, act, recompute_fc1
@@ -39,10 +40,10 @@ class FrozenNormMlp(torch.autograd.Function):
         if ctx.recompute_fc1:
             cdt = dout.dtype
             y = ctx.ln.layer_norm_fwd(x, nw, nb, ctx.eps)[0]
-            h = F.linear(y.to(cdt), w1.to(cdt))
+            h = F.linear(y.to(cdt), w1.to(cdt), None if b1 is None else b1.to(cdt))
         cdt = h.dtype
         dg = torch.matmul(dout.to(cdt), w2.to(cdt))
-        dh = ctx.act.bias_gelu_bwd(dg, h, None if b1 is None else b1.to(cdt))
+        dh = ctx.act.bias_gelu_bwd(dg, h, None)
         dy = torch.matmul(dh, w1.to(cdt)).to(x.dtype)
         dx = ctx.ln.layer_norm_bwd(dy, x, nw, mean, rstd)
         return dx, None, None, None, None, None, None, None, None, None
