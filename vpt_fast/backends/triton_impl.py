@@ -2,8 +2,9 @@
 kernels in `vpt_fast.kernels` (DESIGN.md §2.4).
 
 Each primitive is a thin Python function that validates its arguments and calls a torch custom op
-(`vpt_fast::triton_<name>`, registered with `torch.library.triton_op`), so `torch.compile` traces the
-kernels without graph breaks and `torch.utils.flop_counter` counts attention FLOPs.
+`vpt_fast::triton_<name>` (a `torch.library.triton_op` on GPU; a `custom_op` with a fake
+implementation under the interpreter), so `torch.compile` traces the kernels without graph breaks
+and `torch.utils.flop_counter` counts attention FLOPs.
 
 Supported: CUDA tensors (or any device under `TRITON_INTERPRET=1`, the CPU interpreter used by the
 tests), dtypes float32 / float16 / bfloat16, attention head dims 16..128 (padded to a power of two),
@@ -155,6 +156,23 @@ def _interp_upcast(*ts):
     return ts
 
 
+def _custom_op(name: str, fake):
+    """Register `fn` as `vpt_fast::<name>`: a `triton_op` (torch.compile sees the Triton kernels and
+    traces the body itself with fake tensors) on GPU; under the interpreter, whose kernels
+    `wrap_triton` cannot trace, an opaque `custom_op` with the explicit fake implementation `fake`."""
+    def register(fn):
+        if INTERPRET:
+            op = torch.library.custom_op(f"vpt_fast::{name}", mutates_args=())(fn)
+            op.register_fake(fake)
+            return op
+        return torch.library.triton_op(f"vpt_fast::{name}", mutates_args=())(fn)
+    return register
+
+
+def _launch(kernel):
+    return kernel if INTERPRET else torch.library.wrap_triton(kernel)
+
+
 def _bh_view(t: Tensor) -> Tensor:
     """Fresh (B, H, N, d) view of a (B, N, H, d) buffer."""
     B, H, N, d = t.shape
@@ -164,7 +182,11 @@ def _bh_view(t: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # attention
 # ----------------------------------------------------------------------------------------------
-@torch.library.triton_op("vpt_fast::triton_attention_fwd", mutates_args=())
+def _attention_fwd_fake(q, k, v, pk, pv, scale, bias):
+    return _bh_view(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@_custom_op("triton_attention_fwd", _attention_fwd_fake)
 def _attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor], pv: Optional[Tensor],
                       scale: float, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     B, H, Nq, d = q.shape
@@ -185,7 +207,7 @@ def _attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor], pv:
     grid = (triton.cdiv(Nq, cfg["BLOCK_M"]), B * H)
     precision = _dot_precision(q.dtype)
     q, k, v, pk_, pv_ = _interp_upcast(q, k, v, pk_, pv_)
-    torch.library.wrap_triton(_attn_k._attention_fwd)[grid](
+    _launch(_attn_k._attention_fwd)[grid](
         q, k, v, pk_, pv_, bias_, out, lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *pk_.stride()[:3], *pv_.stride()[:3],
         *bs, *out.stride()[:3], *lse.stride()[:2],
@@ -194,7 +216,16 @@ def _attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor], pv:
     return out, lse
 
 
-@torch.library.triton_op("vpt_fast::triton_attention_bwd", mutates_args=())
+def _attention_bwd_fake(dout, q, k, v, pk, pv, out, lse, scale, bias):
+    if pk is None:
+        dpk, dpv = q.new_empty((0,)), q.new_empty((0,))
+    else:
+        dpk, dpv = torch.empty_like(pk, memory_format=torch.contiguous_format), \
+            torch.empty_like(pv, memory_format=torch.contiguous_format)
+    return _bh_view(q), _bh_view(k), _bh_view(v), dpk, dpv
+
+
+@_custom_op("triton_attention_bwd", _attention_bwd_fake)
 def _attention_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor],
                       pv: Optional[Tensor], out: Tensor, lse: Tensor, scale: float,
                       bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -237,7 +268,7 @@ def _attention_bwd_launch(dout, q, k, v, pk, pv, out, lse, scale, bias, dq, dk, 
 
     delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     pre_m = 16 if INTERPRET else 64
-    torch.library.wrap_triton(_attn_k._attention_bwd_preprocess)[(triton.cdiv(Nq, pre_m), B * H)](
+    _launch(_attn_k._attention_bwd_preprocess)[(triton.cdiv(Nq, pre_m), B * H)](
         out, dout, delta, *out.stride()[:3], *dout.stride()[:3], *delta.stride()[:2], H, Nq,
         HEAD_DIM=d, BLOCK_M=pre_m, BLOCK_D=block_d)
 
@@ -248,7 +279,7 @@ def _attention_bwd_launch(dout, q, k, v, pk, pv, out, lse, scale, bias, dq, dk, 
     # Own keys: one program per (key block, batch, head).
     grid = (triton.cdiv(Nk, cfg["BLOCK_N"]), B * H, 1)
     if Nk > 0:
-        torch.library.wrap_triton(_attn_k._attention_bwd)[grid](
+        _launch(_attn_k._attention_bwd)[grid](
             q, k, v, dout, lse, delta, bias_, dk, dv,
             *common, *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *lse.stride()[:2], *bs,
             0, *dk.stride()[:3], 0, *dv.stride()[:3],
@@ -269,7 +300,7 @@ def _attention_bwd_launch(dout, q, k, v, pk, pv, out, lse, scale, bias, dq, dk, 
         sk = tk.stride() if split > 1 else (0, *tk.stride())
         sv = tv.stride() if split > 1 else (0, *tv.stride())
         grid = (triton.cdiv(P, cfg["BLOCK_N"]), bp * H, split)
-        torch.library.wrap_triton(_attn_k._attention_bwd)[grid](
+        _launch(_attn_k._attention_bwd)[grid](
             q, pk, pv, dout, lse, delta, q, tk, tv,
             *common, *pk.stride()[:3], *pv.stride()[:3], *dout.stride()[:3], *lse.stride()[:2],
             0, 0, 0, 0, *sk[:4], *sv[:4],
@@ -282,7 +313,7 @@ def _attention_bwd_launch(dout, q, k, v, pk, pv, out, lse, scale, bias, dq, dk, 
     # dQ: one program per (query block, batch, head), both key segments.
     cfg = _attn_config("dq", block_d, q.dtype)
     grid = (triton.cdiv(Nq, cfg["BLOCK_M"]), B * H)
-    torch.library.wrap_triton(_attn_k._attention_bwd_dq)[grid](
+    _launch(_attn_k._attention_bwd_dq)[grid](
         q, k, v, pk_, pv_, dout, lse, delta, bias_, dq,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *pk_.stride()[:3], *pv_.stride()[:3],
         *dout.stride()[:3], *lse.stride()[:2], *bs, *dq.stride()[:3],
@@ -362,7 +393,12 @@ def _rows(x: Tensor) -> Tensor:
     return x2 if x2.stride(-1) == 1 or x2.shape[-1] == 1 else x2.contiguous()
 
 
-@torch.library.triton_op("vpt_fast::triton_layer_norm_fwd", mutates_args=())
+def _layer_norm_fwd_fake(x, weight, bias, eps):
+    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+
+
+@_custom_op("triton_layer_norm_fwd", _layer_norm_fwd_fake)
 def _layer_norm_fwd_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                        eps: float) -> tuple[Tensor, Tensor, Tensor]:
     C = x.shape[-1]
@@ -373,14 +409,18 @@ def _layer_norm_fwd_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     if rows == 0 or C == 0:
         return y, mean, rstd
     x2 = _rows(x)
-    torch.library.wrap_triton(_ln_k._layer_norm_fwd)[(rows,)](
+    _launch(_ln_k._layer_norm_fwd)[(rows,)](
         x2, weight if weight is not None else x2, bias if bias is not None else x2, y, mean, rstd,
         x2.stride(0), C, C, eps, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         **_row_config(C))
     return y, mean, rstd
 
 
-@torch.library.triton_op("vpt_fast::triton_layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd_fake(dy, x, weight, mean, rstd):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@_custom_op("triton_layer_norm_bwd", _layer_norm_bwd_fake)
 def _layer_norm_bwd_op(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor,
                        rstd: Tensor) -> Tensor:
     C = x.shape[-1]
@@ -390,7 +430,7 @@ def _layer_norm_bwd_op(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Te
         return dx
     x2, dy2 = _rows(x), _rows(dy)
     mean, rstd = mean.contiguous(), rstd.contiguous()
-    torch.library.wrap_triton(_ln_k._layer_norm_bwd)[(rows,)](
+    _launch(_ln_k._layer_norm_bwd)[(rows,)](
         dy2, x2, weight if weight is not None else x2, mean, rstd, dx,
         dy2.stride(0), x2.stride(0), C, C, HAS_WEIGHT=weight is not None, **_row_config(C))
     return dx
@@ -444,7 +484,11 @@ def _gelu_config() -> dict:
     return dict(BLOCK_SIZE=1024, num_warps=1) if INTERPRET else dict(BLOCK_SIZE=2048, num_warps=8)
 
 
-@torch.library.triton_op("vpt_fast::triton_bias_gelu_fwd", mutates_args=())
+def _bias_gelu_fwd_fake(h, bias):
+    return torch.empty_like(h, memory_format=torch.contiguous_format)
+
+
+@_custom_op("triton_bias_gelu_fwd", _bias_gelu_fwd_fake)
 def _bias_gelu_fwd_op(h: Tensor, bias: Optional[Tensor]) -> Tensor:
     out = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     n = h.numel()
@@ -452,12 +496,16 @@ def _bias_gelu_fwd_op(h: Tensor, bias: Optional[Tensor]) -> Tensor:
         return out
     hc = h.contiguous()
     cfg = _gelu_config()
-    torch.library.wrap_triton(_gelu_k._bias_gelu_fwd)[(triton.cdiv(n, cfg["BLOCK_SIZE"]),)](
+    _launch(_gelu_k._bias_gelu_fwd)[(triton.cdiv(n, cfg["BLOCK_SIZE"]),)](
         hc, bias if bias is not None else hc, out, n, h.shape[-1], HAS_BIAS=bias is not None, **cfg)
     return out
 
 
-@torch.library.triton_op("vpt_fast::triton_bias_gelu_bwd", mutates_args=())
+def _bias_gelu_bwd_fake(dg, h, bias):
+    return torch.empty_like(h, memory_format=torch.contiguous_format)
+
+
+@_custom_op("triton_bias_gelu_bwd", _bias_gelu_bwd_fake)
 def _bias_gelu_bwd_op(dg: Tensor, h: Tensor, bias: Optional[Tensor]) -> Tensor:
     dh = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     n = h.numel()
@@ -465,7 +513,7 @@ def _bias_gelu_bwd_op(dg: Tensor, h: Tensor, bias: Optional[Tensor]) -> Tensor:
         return dh
     hc, dgc = h.contiguous(), dg.contiguous()
     cfg = _gelu_config()
-    torch.library.wrap_triton(_gelu_k._bias_gelu_bwd)[(triton.cdiv(n, cfg["BLOCK_SIZE"]),)](
+    _launch(_gelu_k._bias_gelu_bwd)[(triton.cdiv(n, cfg["BLOCK_SIZE"]),)](
         dgc, hc, bias if bias is not None else hc, dh, n, h.shape[-1], HAS_BIAS=bias is not None, **cfg)
     return dh
 

@@ -1,0 +1,252 @@
+"""Prompt-aware attention primitives of the triton (and cuda) backends against `torch_impl` in float64.
+
+On the CPU the Triton kernels run in the interpreter (TRITON_INTERPRET=1, set by conftest.py), with
+small shapes; `@pytest.mark.gpu` tests use ViT-B shapes and check bf16/fp16 with FlashAttention's
+rule (error <= 2x the error of eager PyTorch in the same precision, DESIGN.md §5).
+"""
+import importlib
+
+import pytest
+import torch
+
+from tests.utils import assert_close, assert_flash_rule
+from vpt_fast.backends import torch_impl
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def _backend(name):
+    try:
+        module = importlib.import_module(f"vpt_fast.backends.{name}_impl")
+    except ImportError as e:
+        pytest.skip(f"backend {name!r} cannot be imported: {e}")
+    if not getattr(module, "AVAILABLE", False):
+        pytest.skip(f"backend {name!r} is not available on this machine")
+    return module
+
+
+def _call(fn, *args):
+    try:
+        return fn(*args)
+    except NotImplementedError as e:
+        pytest.skip(f"not implemented by this backend: {e}")
+
+
+def _inputs(B, H, Nq, Nk, P, Bp, d, nb, dtype, views=True, device=DEVICE, seed=0):
+    """q, k, v (views into one qkv buffer when Nq == Nk and `views`), pk, pv, bias, dout."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    if views and Nq == Nk:
+        qkv = rnd(B, Nq, 3, H, d).permute(2, 0, 3, 1, 4)  # as timm's Attention: (3, B, H, N, d) view
+        q, k, v = qkv[0], qkv[1], qkv[2]
+    else:
+        q, k, v = rnd(B, H, Nq, d), rnd(B, H, Nk, d), rnd(B, H, Nk, d)
+    pk = pv = None
+    if P:
+        pk, pv = rnd(Bp, P, H, d).transpose(1, 2), rnd(Bp, H, P, d)  # pk non-contiguous too
+    bias = rnd(nb, H, Nq, Nk) if nb else None
+    dout = rnd(B, H, Nq, d)
+    return q, k, v, pk, pv, bias, dout
+
+
+def _f64(*ts):
+    return [None if t is None else t.detach().double() for t in ts]
+
+
+def _run(impl, q, k, v, pk, pv, bias, dout, scale):
+    out, lse = _call(impl.attention_fwd, q, k, v, pk, pv, scale, bias)
+    grads = _call(impl.attention_bwd, dout, q, k, v, pk, pv, out, lse, scale, bias)
+    return out, lse, grads
+
+
+def _reference(q, k, v, pk, pv, bias, dout, scale):
+    q, k, v, pk, pv, bias, dout = _f64(q, k, v, pk, pv, bias, dout)
+    return _run(torch_impl, q, k, v, pk, pv, bias, dout, scale)
+
+
+GRAD_NAMES = ("dq", "dk", "dv", "dpk", "dpv")
+
+
+def _check_exact(impl, args, scale, tol):
+    out, lse, grads = _run(impl, *args, scale)
+    r_out, r_lse, r_grads = _reference(*args, scale)
+    q = args[0]
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
+    assert_close(out, r_out, tol, tol, "out")
+    assert_close(lse, r_lse, tol, tol, "lse")
+    for name, g, r in zip(GRAD_NAMES, grads, r_grads):
+        if r is None:
+            assert g is None, f"{name} must be None without prompts"
+            continue
+        assert g.shape == r.shape and g.dtype == q.dtype, f"{name}: {g.shape} {g.dtype}"
+        assert_close(g, r, tol, tol, name)
+
+
+BACKENDS = ["triton", "cuda"]
+
+
+# B = 4 so that Bp in {1, 2, B} covers batch-shared, per-window-group and per-sample segments.
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("P,Bp", [(0, 1), (1, 1), (7, 1), (7, 2), (7, 4), (1, 4), (20, 2)])
+@pytest.mark.parametrize("nb", [0, 2], ids=["nobias", "bias"])
+def test_attention_fp32(backend, P, Bp, nb):
+    impl = _backend(backend)
+    args = _inputs(4, 2, 13, 13, P, Bp, 16, nb, torch.float32)
+    _check_exact(impl, args, 16 ** -0.5, 2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("Nq,Nk,P,d,nb", [(13, 20, 7, 32, 1), (33, 17, 0, 16, 2), (5, 1, 3, 64, 0),
+                                          (17, 13, 5, 80, 1), (9, 9, 200, 128, 0)])
+def test_attention_shapes_fp32(backend, Nq, Nk, P, d, nb):
+    """Nq != Nk, multi-block queries/keys, single key, padded head dim 80, P = 200."""
+    impl = _backend(backend)
+    args = _inputs(2, 2, Nq, Nk, P, 1, d, nb, torch.float32, views=False, seed=1)
+    _check_exact(impl, args, 0.3, 2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_contiguous_and_views_agree(backend):
+    impl = _backend(backend)
+    q, k, v, pk, pv, bias, dout = _inputs(2, 3, 13, 13, 7, 1, 16, 1, torch.float32)
+    a = _run(impl, q, k, v, pk, pv, bias, dout, 0.25)
+    c = [None if t is None else t.contiguous() for t in (q, k, v, pk, pv, bias, dout)]
+    b = _run(impl, *c, 0.25)
+    assert_close(a[0], b[0], 1e-6, 1e-6, "out")
+    for name, x, y in zip(GRAD_NAMES, a[2], b[2]):
+        assert_close(x, y, 1e-6, 1e-6, name)
+
+
+def _eager_low_precision(q, k, v, pk, pv, bias, dout, scale):
+    """timm-style eager attention on the concatenated keys in the inputs' dtype, with autograd."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    pk_, pv_ = (None, None) if pk is None else (t.detach().clone().requires_grad_() for t in (pk, pv))
+    kk, vv = torch_impl._joint_kv(k, v, pk_, pv_)
+    s = (q * scale) @ kk.transpose(-1, -2)
+    mask = torch_impl._joint_bias(bias, q.shape[0], 0 if pk is None else pk.shape[2])
+    if mask is not None:
+        s = s + mask.to(s.dtype)
+    out = s.softmax(-1) @ vv
+    leaves = [q, k, v] + ([] if pk is None else [pk_, pv_])
+    grads = torch.autograd.grad(out, leaves, dout)
+    return out, list(grads) + ([None, None] if pk is None else [])
+
+
+def _check_flash_rule(impl, args, scale, atol=1e-4):
+    out, lse, grads = _run(impl, *args, scale)
+    r_out, r_lse, r_grads = _reference(*args, scale)
+    e_out, e_grads = _eager_low_precision(*args, scale)
+    # Baseline: the worse of eager low-precision math and torch_impl run in the same precision.
+    t_out, _, t_grads = _run(torch_impl, *args, scale)
+    for name, x, r, e, t in zip(("out",) + GRAD_NAMES, [out, *grads], [r_out, *r_grads],
+                                [e_out, *e_grads], [t_out, *t_grads]):
+        if r is None:
+            continue
+        base = e if (e.double() - r).abs().max() >= (t.double() - r).abs().max() else t
+        assert_flash_rule(x, r, base, name, atol=atol * max(1.0, r.abs().max().item()))
+    assert_close(lse, r_lse, 1e-2, 1e-3, "lse")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_low_precision_small(backend, dtype):
+    impl = _backend(backend)
+    args = _inputs(4, 2, 13, 13, 7, 2, 32, 2, dtype)
+    _check_flash_rule(impl, args, 32 ** -0.5, atol=2e-3)
+
+
+def test_attention_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+    impl = _backend("triton")
+    q, k, v, pk, pv, bias, dout = _inputs(2, 2, 13, 13, 7, 1, 16, 0, torch.float32)
+    with FlopCounterMode(display=False) as counter:
+        out, lse = impl.attention_fwd(q, k, v, pk, pv, 0.25)
+        impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, 0.25)
+    fwd = 4 * 2 * 2 * 13 * (7 + 13) * 16
+    assert counter.get_total_flops() == fwd + fwd * 5 // 2
+
+
+def test_attention_torch_compile_traces_without_graph_breaks():
+    impl = _backend("triton")
+    q, k, v, pk, pv, bias, dout = _inputs(2, 2, 13, 13, 7, 2, 16, 1, torch.float32)
+
+    def f(q, k, v, pk, pv, bias, dout):
+        out, lse = impl.attention_fwd(q, k, v, pk, pv, 0.25, bias)
+        return (out,) + tuple(impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, 0.25, bias))
+
+    torch._dynamo.reset()
+    # "aot_eager" traces the custom ops (fake tensors) without inductor's codegen, so it also runs
+    # under the CPU interpreter; fullgraph=True turns any graph break into an error.
+    compiled = torch.compile(f, backend="inductor" if HAS_CUDA else "aot_eager", fullgraph=True)
+    got, want = compiled(q, k, v, pk, pv, bias, dout), f(q, k, v, pk, pv, bias, dout)
+    for name, x, y in zip(("out",) + GRAD_NAMES, got, want):
+        assert_close(x, y, 1e-5, 1e-5, name)
+
+
+def test_attention_bad_inputs_raise_clear_errors():
+    impl = _backend("triton")
+    q, k, v, pk, pv, bias, dout = _inputs(4, 2, 13, 13, 7, 2, 16, 2, torch.float32, views=False)
+    with pytest.raises(ValueError, match="head dim"):
+        impl.attention_fwd(q[..., :8], k[..., :8], v[..., :8], None, None, 1.0)
+    with pytest.raises(ValueError, match="head dim"):
+        x = torch.zeros(1, 1, 4, 256, device=DEVICE)
+        impl.attention_fwd(x, x, x, None, None, 1.0)
+    with pytest.raises(TypeError, match="dtype"):
+        impl.attention_fwd(q.double(), k.double(), v.double(), None, None, 1.0)
+    with pytest.raises(TypeError, match="k dtype"):
+        impl.attention_fwd(q, k.half(), v, None, None, 1.0)
+    with pytest.raises(ValueError, match="must divide"):
+        impl.attention_fwd(q, k, v, pk[:1].expand(3, -1, -1, -1), pv[:1].expand(3, -1, -1, -1), 1.0)
+    with pytest.raises(ValueError, match="k must be"):
+        impl.attention_fwd(q, k[:, :1], v[:, :1], None, None, 1.0)
+    with pytest.raises(ValueError, match="together"):
+        impl.attention_fwd(q, k, v, pk, None, 1.0)
+    with pytest.raises(ValueError, match="bias must be"):
+        impl.attention_fwd(q, k, v, pk, pv, 1.0, bias[:, :, :5])
+    with pytest.raises(ValueError, match="bias must be"):
+        impl.attention_fwd(q, k, v, pk, pv, 1.0, bias[:1].expand(3, -1, -1, -1))
+    with pytest.raises(ValueError, match="pk must be"):
+        impl.attention_fwd(q, k, v, pk[:, :1], pv[:, :1], 1.0)
+    out, lse = impl.attention_fwd(q, k, v, pk, pv, 1.0)
+    with pytest.raises(ValueError, match="lse must be"):
+        impl.attention_bwd(dout, q, k, v, pk, pv, out, lse.double(), 1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: ViT-B shapes, head dims 32..128, bf16/fp16 with FlashAttention's rule.
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("P,Bp,nb", [(50, 1, 0), (50, 8, 0), (0, 1, 0), (1, 1, 0), (7, 2, 4)])
+def test_attention_gpu_vit_b(backend, dtype, P, Bp, nb):
+    impl = _backend(backend)
+    args = _inputs(8, 12, 197, 197, P, Bp, 64, nb, dtype, device="cuda")
+    _check_flash_rule(impl, args, 64 ** -0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [32, 64, 80, 128])
+def test_attention_gpu_head_dims(backend, dtype, d):
+    impl = _backend(backend)
+    # Swin-like: 49-token windows, 4 windows per image share a per-image prompt segment, with bias.
+    args = _inputs(8, 3, 49, 49, 10, 2, d, 4, dtype, device="cuda", seed=d)
+    _check_flash_rule(impl, args, d ** -0.5)
+    args = _inputs(2, 4, 197, 150, 200, 1, d, 0, dtype, device="cuda", views=False, seed=d)
+    _check_flash_rule(impl, args, d ** -0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d", [32, 80, 128])
+def test_attention_gpu_fp32(backend, d):
+    impl = _backend(backend)
+    args = _inputs(4, 3, 197, 197, 50, 1, d, 2, torch.float32, device="cuda", seed=d)
+    _check_exact(impl, args, d ** -0.5, 1e-4)

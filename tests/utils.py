@@ -1,0 +1,51 @@
+"""Test helpers: comparisons that say where the largest difference is, and FlashAttention's
+tolerance rule (DESIGN.md §5)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def max_error(actual: Tensor, expected: Tensor) -> float:
+    """Largest absolute difference, computed in float64."""
+    if actual.numel() == 0:
+        return 0.0
+    return (actual.detach().double() - expected.detach().double()).abs().max().item()
+
+
+def _where(actual: Tensor, expected: Tensor) -> str:
+    diff = (actual.detach().double() - expected.detach().double()).abs()
+    flat = torch.nan_to_num(diff, nan=float("inf")).reshape(-1).argmax().item()
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape))
+    return (f"max abs error {diff.reshape(-1)[flat].item():.3e} at index {idx} of shape "
+            f"{tuple(diff.shape)}: actual {actual.detach().reshape(-1)[flat].item():.6g}, "
+            f"expected {expected.detach().reshape(-1)[flat].item():.6g}")
+
+
+def assert_close(actual: Tensor, expected: Tensor, atol: float = 1e-5, rtol: float = 1e-5,
+                 name: str = "tensor") -> None:
+    """|actual - expected| <= atol + rtol * |expected| everywhere; on failure report the worst spot."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach().double(), expected.detach().double()
+    bad = ~((a - e).abs() <= atol + rtol * e.abs())  # NaN counts as bad
+    if bad.any():
+        raise AssertionError(f"{name}: {int(bad.sum())} of {bad.numel()} elements out of tolerance "
+                             f"(atol={atol:g}, rtol={rtol:g}); {_where(actual, expected)}")
+
+
+def assert_flash_rule(actual: Tensor, reference: Tensor, baseline: Tensor, name: str = "tensor",
+                      factor: float = 2.0, atol: float = 1e-5) -> None:
+    """FlashAttention's rule: err(actual) <= factor * err(baseline) + atol, both against the high
+    precision `reference`; `baseline` is the eager PyTorch result in the same low precision."""
+    assert actual.shape == reference.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(reference.shape)}"
+    err, base = max_error(actual, reference), max_error(baseline, reference)
+    if not err <= factor * base + atol:  # NaN fails
+        raise AssertionError(f"{name}: error {err:.3e} > {factor:g} x baseline error {base:.3e} + "
+                             f"{atol:g}; {_where(actual, reference)}")
+
+
+def rel_error(actual: Tensor, expected: Tensor, eps: Optional[float] = 1e-12) -> float:
+    """max |actual - expected| / max |expected|."""
+    return max_error(actual, expected) / max(expected.detach().double().abs().max().item(), eps)
