@@ -1,0 +1,3 @@
+from vpt_fast.cli import main
+
+main()

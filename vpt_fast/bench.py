@@ -1,0 +1,279 @@
+"""Measurements behind `vpt-fast bench` / `vpt-fast memory` and the benchmark suite.
+
+Every number is measured, never estimated: FLOPs with `torch.utils.flop_counter.FlopCounterMode`
+(exact, any device), bytes saved for backward with `saved_tensors_hooks` (exact), resident activation
+memory as the RSS growth across a forward pass in a fresh process started with
+MALLOC_MMAP_THRESHOLD_=65536 (CPU) or `torch.cuda.memory_allocated` (CUDA), speed as medians of
+interleaved runs in one process (CUDA: synchronised, after warm-up).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import vpt_fast
+
+aten = torch.ops.aten
+
+
+@dataclass
+class BenchConfig:
+    """One benchmark setting (the embedded default is the `vpt-fast bench` main job)."""
+
+    model: str = "vit_small_patch16_224"
+    batch: int = 8
+    num_prompts: int = 50
+    deep: bool = True
+    dtype: str = "float32"
+    device: str = "cpu"
+    num_classes: int = 100
+    img_size: Optional[int] = None
+    steps: int = 5
+    warmup: int = 1
+    seed: int = 0
+    backends: list[str] = field(default_factory=list)  # empty: every available backend
+    recompute: str = "none"
+    compile: bool = False
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
+
+
+def _sdpa_flops(q_shape, k_shape) -> int:
+    batch, heads, nq, d = q_shape
+    return 4 * batch * heads * nq * k_shape[-2] * d
+
+
+def flop_mapping() -> dict:
+    """FLOP formulas for the CPU flash attention kernels eager timm and the torch backend use, which
+    FlopCounterMode does not count by itself (the formulas receive shapes)."""
+    return {
+        aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *args, out_shape=None, **kwargs: _sdpa_flops(q, k),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda dout, q, k, v, *args, out_shape=None, **kwargs: int(2.5 * _sdpa_flops(q, k)),
+    }
+
+
+def build_model(cfg: BenchConfig, backend: str = "reference", recompute: Optional[str] = None) -> torch.nn.Module:
+    """The prompted model of `cfg` with random weights (identical for every backend: seeded)."""
+    import timm
+    torch.manual_seed(cfg.seed)
+    kwargs = {} if cfg.img_size is None else {"img_size": cfg.img_size}
+    model = timm.create_model(cfg.model, pretrained=False, num_classes=cfg.num_classes, **kwargs)
+    vpt_fast.prompt(model, num_prompts=cfg.num_prompts, deep=cfg.deep, backend=backend,
+                    recompute=recompute or cfg.recompute)
+    with torch.no_grad():  # random, not initial, prompts
+        model.vpt.prompts.normal_(0, 0.5) if hasattr(model.vpt, "prompts") else None
+    return model.to(cfg.device).train()
+
+
+def make_batch(cfg: BenchConfig, model: torch.nn.Module):
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    h, w = model.patch_embed.img_size if hasattr(model.patch_embed, "img_size") else (224, 224)
+    x = torch.randn(cfg.batch, 3, h, w, generator=g).to(cfg.device)
+    y = torch.randint(0, cfg.num_classes, (cfg.batch,), generator=g).to(cfg.device)
+    return x, y
+
+
+def _autocast(cfg: BenchConfig):
+    enabled = cfg.torch_dtype != torch.float32
+    return torch.autocast(device_type=torch.device(cfg.device).type, dtype=cfg.torch_dtype, enabled=enabled)
+
+
+def training_step(model, x, y, cfg: BenchConfig, optimizer=None):
+    with _autocast(cfg):
+        loss = F.cross_entropy(model(x).float(), y)
+    loss.backward()
+    if optimizer is not None:
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
+    return loss
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    with FlopCounterMode(display=False, custom_mapping=flop_mapping()) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def saved_activation_bytes(model, x, cfg: BenchConfig) -> int:
+    """Bytes of the distinct storages autograd saves for backward in one forward (parameters and
+    buffers excluded): exact on any device."""
+    from torch.autograd.graph import saved_tensors_hooks
+    owned = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in owned:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with saved_tensors_hooks(pack, lambda t: t), _autocast(cfg):
+        out = model(x)
+    del out
+    return sum(saved.values())
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def probe_activation_memory(cfg: BenchConfig, backend: str, recompute: str) -> dict:
+    """In this process: memory held by the autograd graph after one training forward."""
+    model = build_model(cfg, backend, recompute)
+    x, y = make_batch(cfg, model)
+    training_step(model, x, y, cfg)  # warm-up: allocator pools, lazy inits
+    if cfg.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with _autocast(cfg):
+            loss = F.cross_entropy(model(x).float(), y)
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated() - before
+        loss.backward()
+        torch.cuda.synchronize()
+        return {"activation_bytes": held, "peak_bytes": torch.cuda.max_memory_allocated() - before}
+    before = _rss_bytes()
+    with _autocast(cfg):
+        loss = F.cross_entropy(model(x).float(), y)
+    held = _rss_bytes() - before
+    return {"activation_bytes": held, "peak_bytes": None}
+
+
+def activation_memory(cfg: BenchConfig, backend: str, recompute: str = "none") -> dict:
+    """`probe_activation_memory` in a fresh process (CPU: MALLOC_MMAP_THRESHOLD_=65536 gives every
+    large tensor its own mapping, so RSS growth is what the graph holds)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    payload = json.dumps({"cfg": asdict(cfg), "backend": backend, "recompute": recompute})
+    proc = subprocess.run([sys.executable, "-m", "vpt_fast.bench", payload], env=env,
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe failed for backend={backend}:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def interleaved_times(fns: dict[str, Callable[[], object]], steps: int, warmup: int, device: str,
+                      progress: Optional[Callable[[str], None]] = None) -> dict[str, list[float]]:
+    """Seconds per call of each fn, measured round-robin so drift hits every fn alike."""
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for step in range(steps):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+        if progress:
+            progress(f"  timing round {step + 1}/{steps}")
+    return times
+
+
+def environment() -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "cpu_threads": torch.get_num_threads(), "vpt_fast": vpt_fast.__version__}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    import timm
+    info["timm"] = timm.__version__
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    else:
+        info["device"] = platform.processor() or "cpu"
+    return info
+
+
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict]:
+    """Eager release-style VPT vs each backend: img/s (train, inference), activation memory, FLOPs,
+    max |logit difference| vs eager. Returns one row per method."""
+    backends = cfg.backends or [b for b in vpt_fast.available_backends() if b != "reference"]
+    if not cfg.device.startswith("cuda"):
+        backends = [b for b in backends if b != "triton"]  # the interpreter is for tests, not timing
+    methods = [("eager", "reference")] + ([("eager+compile", "reference")] if cfg.compile else [])
+    methods += [(f"vpt_fast[{b}]", b) for b in backends]
+    log(f"vpt-fast bench: {cfg.model}, batch {cfg.batch}, {cfg.num_prompts} {'deep' if cfg.deep else 'shallow'}"
+        f" prompts, {cfg.dtype}, {cfg.device}, recompute={cfg.recompute}")
+    models, steps_train, steps_infer, rows = {}, {}, {}, []
+    for name, backend in methods:
+        log(f"[build] {name}")
+        model = build_model(cfg, backend)
+        x, y = make_batch(cfg, model)
+        runner = torch.compile(model) if name == "eager+compile" else model
+        models[name] = (model, runner, x, y)
+        steps_train[name] = (lambda r=runner, m=model, x=x, y=y: training_step(r, x, y, cfg))
+        steps_infer[name] = (lambda r=runner, x=x: _infer(r, x, cfg))
+    log("[time] training steps (forward + backward), interleaved")
+    t_train = interleaved_times(steps_train, cfg.steps, cfg.warmup, cfg.device, log)
+    log("[time] inference, interleaved")
+    t_infer = interleaved_times(steps_infer, cfg.steps, cfg.warmup, cfg.device, log)
+    ref_logits = _infer(models["eager"][1], models["eager"][2], cfg).float()
+    for name, backend in methods:
+        model, runner, x, y = models[name]
+        log(f"[measure] {name}: FLOPs, memory, logits")
+        flops = count_flops(lambda: training_step(model, x, y, cfg)) if name != "eager+compile" else None
+        mem = activation_memory(cfg, backend) if name != "eager+compile" else {}
+        logits = _infer(runner, x, cfg).float()
+        rows.append({
+            "method": name, "backend": backend,
+            "train_img_s": cfg.batch / statistics.median(t_train[name]),
+            "infer_img_s": cfg.batch / statistics.median(t_infer[name]),
+            "activation_bytes": mem.get("activation_bytes"), "peak_bytes": mem.get("peak_bytes"),
+            "train_gflops": None if flops is None else flops / 1e9,
+            "max_logit_diff": (logits - ref_logits).abs().max().item(),
+        })
+    return rows
+
+
+def _infer(model, x, cfg: BenchConfig):
+    with torch.inference_mode(), _autocast(cfg):
+        return model(x)
+
+
+def format_table(rows: list[dict]) -> str:
+    base = rows[0]
+    head = (f"{'method':<18}{'train img/s':>12}{'speedup':>9}{'infer img/s':>12}{'act. MB':>10}{'act. ratio':>11}"
+            f"{'GFLOP/step':>11}{'FLOP ratio':>11}{'max|dlogit|':>12}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        mem = r["activation_bytes"]
+        mem_s = f"{mem / 2**20:10.1f}" if mem is not None else f"{'-':>10}"
+        mem_r = f"{mem / base['activation_bytes']:11.2f}" if mem is not None and base["activation_bytes"] else f"{'-':>11}"
+        fl = r["train_gflops"]
+        fl_s = f"{fl:11.1f}{fl / base['train_gflops']:11.3f}" if fl is not None else f"{'-':>11}{'-':>11}"
+        lines.append(f"{r['method']:<18}{r['train_img_s']:12.2f}{r['train_img_s'] / base['train_img_s']:9.2f}"
+                     f"{r['infer_img_s']:12.2f}{mem_s}{mem_r}{fl_s}{r['max_logit_diff']:12.2e}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # memory probe subprocess (see activation_memory)
+    request = json.loads(sys.argv[1])
+    result = probe_activation_memory(BenchConfig(**request["cfg"]), request["backend"], request["recompute"])
+    print(json.dumps(result))
