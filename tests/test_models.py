@@ -1,0 +1,208 @@
+"""Prompted timm ViT models: every backend against the release-style `reference` backend
+(DESIGN.md §1, §5): logits and the gradients of prompts, projection and head, on fresh random inputs
+and random (not initial) prompts."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import ResPostBlock
+
+import vpt_fast
+from utils import rel_error
+
+TOL = 1e-4  # fp32 on CPU, DESIGN.md §5
+FAST_BACKENDS = [b for b in vpt_fast.available_backends() if b in ("torch", "cuda")]
+KERNEL_BACKENDS = [b for b in vpt_fast.available_backends() if b in ("triton", "cuda")]
+
+VARIANTS = {
+    "cls_token": {},
+    "registers": {"reg_tokens": 2},
+    "avg_pool": {"class_token": False, "global_pool": "avg"},
+    "registers_avg": {"reg_tokens": 3, "class_token": False, "global_pool": "avg"},
+    "layerscale_qknorm": {"init_values": 0.5, "qk_norm": True},
+    "odd_size_no_qkv_bias": {"img_size": 40, "qkv_bias": False},
+}
+
+
+def tiny_vit(**overrides) -> torch.nn.Module:
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=5)
+    kwargs.update(overrides)
+    return timm.create_model("vit_small_patch16_224", pretrained=False, **kwargs)
+
+
+def prompted(seed: int = 0, variant: str = "cls_token", **prompt_kwargs) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = vpt_fast.prompt(tiny_vit(**VARIANTS[variant]), **prompt_kwargs)
+    with torch.no_grad():  # random, not initial, trainable state
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    return model
+
+
+def run(model, backend: str, x, y, seed: int = 1):
+    vpt_fast.set_backend(model, backend)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # the same prompt-dropout masks for every backend
+    logits = model(x)
+    F.cross_entropy(logits, y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return logits.detach(), grads
+
+
+def assert_matches_reference(model, backends, batch: int = 3, seed: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    size = model.patch_embed.img_size
+    x = torch.randn(batch, 3, *size, generator=g)
+    y = torch.randint(0, model.num_classes, (batch,), generator=g)
+    ref_logits, ref_grads = run(model, "reference", x, y)
+    assert ref_grads and all(g.abs().sum() > 0 for g in ref_grads.values())
+    for backend in backends:
+        logits, grads = run(model, backend, x, y)
+        assert rel_error(logits, ref_logits) < TOL, f"{backend}: logits"
+        assert grads.keys() == ref_grads.keys()
+        for name, grad in grads.items():
+            assert rel_error(grad, ref_grads[name]) < TOL, f"{backend}: grad of {name}"
+
+
+@pytest.mark.parametrize("deep", [True, False], ids=["deep", "shallow"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variants_match_reference(variant, deep):
+    model = prompted(variant=variant, num_prompts=7, deep=deep).train()
+    assert_matches_reference(model, FAST_BACKENDS)
+
+
+OPTIONS = [  # (num_prompts, deep, project, train, dropout, recompute)
+    (1, True, None, True, 0.0, "none"),
+    (1, False, None, False, 0.0, "none"),
+    (50, True, None, True, 0.0, "none"),
+    (50, False, 16, True, 0.0, "none"),
+    (7, True, 16, True, 0.0, "mlp"),
+    (7, True, None, True, 0.0, "block"),
+    (7, False, None, True, 0.0, "block"),
+    (7, True, None, True, 0.3, "none"),
+    (7, False, 16, True, 0.3, "mlp"),
+    (7, True, 16, False, 0.3, "none"),
+]
+
+
+@pytest.mark.parametrize("num_prompts,deep,project,train,dropout,recompute", OPTIONS)
+def test_options_match_reference(num_prompts, deep, project, train, dropout, recompute):
+    model = prompted(num_prompts=num_prompts, deep=deep, project=project, dropout=dropout,
+                     recompute=recompute).train(train)
+    assert_matches_reference(model, FAST_BACKENDS)
+
+
+@pytest.mark.skipif(not KERNEL_BACKENDS, reason="no triton/cuda backend on this machine")
+@pytest.mark.parametrize("deep", [True, False], ids=["deep", "shallow"])
+def test_kernel_backends_match_reference(deep):
+    # Small enough for the Triton interpreter; head dim 16.
+    torch.manual_seed(0)
+    model = vpt_fast.prompt(tiny_vit(img_size=16, embed_dim=32, depth=2, num_heads=2), num_prompts=3, deep=deep)
+    with torch.no_grad():
+        model.vpt.prompts.normal_(0, 0.5)
+    assert_matches_reference(model.train(), KERNEL_BACKENDS, batch=2)
+
+
+def test_prompt_dropout_masks_are_per_sample():
+    model = prompted(num_prompts=7, deep=True, dropout=0.5).train()
+    x = torch.randn(1, 3, 32, 32).expand(4, -1, -1, -1)
+    torch.manual_seed(0)
+    logits = model(x)
+    assert (logits[0] - logits[1]).abs().max() > 1e-4  # same image, different masks
+    model.eval()
+    logits = model(x)
+    assert torch.allclose(logits[0], logits[1], atol=1e-6)
+
+
+def test_backbone_frozen_and_in_eval_mode():
+    model = vpt_fast.prompt(tiny_vit(drop_rate=0.5, drop_path_rate=0.5, attn_drop_rate=0.5,
+                                     proj_drop_rate=0.5), num_prompts=5, project=16, dropout=0.2)
+    model.train()
+    assert model.vpt.training and model.vpt.dropout.training
+    others = [name for name, m in model.named_modules() if m.training and not name.startswith("vpt")]
+    assert others == []
+    vpt_fast.set_backend(model, "torch")
+    model.vpt.dropout.p = 0.0  # backbone dropout/drop-path must be off even under train()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(x), model(x))
+    model.eval()
+    assert not model.vpt.training
+
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"vpt.prompts", "vpt.proj.weight", "vpt.proj.bias", "head.weight", "head.bias"}
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9,
+                          weight_decay=1e-3)
+    model.train()
+    for _ in range(2):
+        F.cross_entropy(model(x), torch.tensor([0, 1])).backward()
+        opt.step()
+        opt.zero_grad()
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None, n
+            assert torch.equal(p, frozen[n]), n
+
+
+@pytest.mark.parametrize("deep,expected", [(False, 38_400), (True, 460_800)])
+def test_paper_parameter_counts(deep, expected):
+    model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=100)
+    vpt_fast.prompt(model, num_prompts=50, deep=deep)
+    assert model.vpt.prompts.numel() == expected
+    trainable, total = vpt_fast.trainable_parameters(model)
+    assert trainable == expected + 768 * 100 + 100
+    assert total == 85_875_556 + expected  # timm ViT-B/16 with a 100-class head, plus prompts
+
+
+def test_state_dict_keys_of_backbone_unchanged():
+    model = tiny_vit()
+    keys = set(model.state_dict())
+    vpt_fast.prompt(model, num_prompts=3)
+    assert set(model.state_dict()) - keys == {"vpt.prompts"}
+
+
+def test_vit_block_from_timm_matches_timm_block():
+    torch.manual_seed(0)
+    block = tiny_vit().blocks[0]
+    x, prompts = torch.randn(2, 17, 48), torch.randn(1, 5, 48)
+    expected = torch.cat([x[:, :1], prompts.expand(2, -1, -1), x[:, 1:]], 1)
+    expected = block(expected)
+    vblock = vpt_fast.ViTBlock.from_timm(block, backend="torch")
+    out = vblock(x, prompts)
+    assert rel_error(out, torch.cat([expected[:, :1], expected[:, 6:]], 1)) < TOL
+    assert rel_error(vblock(x), block(x)) < TOL  # no prompts: timm's block
+    per_sample = vblock(x, prompts.expand(2, -1, -1))
+    assert rel_error(per_sample, out) < TOL
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="num_prompts"):
+        vpt_fast.prompt(tiny_vit(), num_prompts=0)
+    with pytest.raises(ValueError, match="dropout"):
+        vpt_fast.prompt(tiny_vit(), num_prompts=2, dropout=1.5)
+    with pytest.raises(ValueError, match="backend"):
+        vpt_fast.prompt(tiny_vit(), num_prompts=2, backend="fastest")
+    with pytest.raises(ValueError, match="recompute"):
+        vpt_fast.prompt(tiny_vit(), num_prompts=2, recompute="all")
+    model = vpt_fast.prompt(tiny_vit(), num_prompts=2)
+    with pytest.raises(ValueError, match="already prompted"):
+        vpt_fast.prompt(model, num_prompts=2)
+    with pytest.raises(TypeError, match="ResNet"):
+        vpt_fast.prompt(timm.create_model("resnet10t", pretrained=False), num_prompts=2)
+    with pytest.raises(TypeError, match="ResPostBlock"):
+        vpt_fast.prompt(tiny_vit(block_fn=ResPostBlock), num_prompts=2)
+    with pytest.raises(TypeError, match="map"):
+        vpt_fast.prompt(tiny_vit(global_pool="map"), num_prompts=2)
+    with pytest.raises(Exception, match="match model"):
+        model(torch.randn(1, 3, 48, 48))
+    with pytest.raises(ValueError, match="not prompted"):
+        vpt_fast.set_backend(tiny_vit(), "torch")
+    if "cuda" not in vpt_fast.available_backends():
+        with pytest.raises(RuntimeError, match="not available"):
+            vpt_fast.set_backend(model, "cuda")
+    block = vpt_fast.ViTBlock.from_timm(tiny_vit().blocks[0], backend="torch")
+    with pytest.raises(ValueError, match="prompts must be"):
+        block(torch.randn(2, 17, 48), torch.randn(3, 5, 48))
