@@ -1,0 +1,68 @@
+"""Prompt checkpoints (DESIGN.md §4): round trip, strictness, and configuration mismatch."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vpt_fast
+from test_models import prompted
+
+
+def test_round_trip_restores_logits(tmp_path):
+    model = prompted(seed=0, num_prompts=4, deep=True, project=16).eval()
+    path = tmp_path / "prompts.safetensors"
+    vpt_fast.save_prompts(model, path)
+    fresh = prompted(seed=0, num_prompts=4, deep=True, project=16).eval()  # same backbone
+    with torch.no_grad():
+        for p in fresh.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(fresh(x), model(x))
+    vpt_fast.load_prompts(fresh, path)
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_state_dict_layout():
+    state = vpt_fast.prompt_state_dict(prompted(num_prompts=4, deep=True, project=16))
+    assert {k: tuple(v.shape) for k, v in state.items()} == {
+        "prompts": (3, 4, 16), "proj.weight": (48, 16), "proj.bias": (48,),
+        "head.weight": (5, 48), "head.bias": (5,)}
+    shallow = vpt_fast.prompt_state_dict(prompted(num_prompts=4, deep=False))
+    assert tuple(shallow["prompts"].shape) == (1, 4, 48) and "proj.weight" not in shallow
+
+
+@pytest.mark.parametrize("other", [dict(num_prompts=5, deep=True), dict(num_prompts=4, deep=False),
+                                   dict(num_prompts=4, deep=True, project=8)])
+def test_mismatched_checkpoint_raises_and_changes_nothing(tmp_path, other):
+    path = tmp_path / "prompts.safetensors"
+    vpt_fast.save_prompts(prompted(num_prompts=4, deep=True), path)
+    model = prompted(seed=3, **other)
+    before = vpt_fast.prompt_state_dict(model)
+    with pytest.raises(ValueError, match="another configuration"):
+        vpt_fast.load_prompts(model, path)
+    after = vpt_fast.prompt_state_dict(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_load_prompt_state_dict_is_strict():
+    model = prompted(num_prompts=4)
+    state = vpt_fast.prompt_state_dict(model)
+    before = vpt_fast.prompt_state_dict(model)
+    bad_shape = dict(state, prompts=torch.zeros(3, 5, 48))
+    with pytest.raises(ValueError, match="shape"):
+        vpt_fast.load_prompt_state_dict(model, bad_shape)
+    with pytest.raises(ValueError, match="missing"):
+        vpt_fast.load_prompt_state_dict(model, {k: v for k, v in state.items() if k != "head.bias"})
+    with pytest.raises(ValueError, match="unexpected"):
+        vpt_fast.load_prompt_state_dict(model, dict(state, extra=torch.zeros(1)))
+    after = vpt_fast.prompt_state_dict(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_not_a_prompt_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+    path = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path))
+    with pytest.raises(ValueError, match="not a vpt_fast prompt checkpoint"):
+        vpt_fast.load_prompts(prompted(num_prompts=4), path)
