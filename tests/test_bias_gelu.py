@@ -1,0 +1,82 @@
+"""Fused bias + exact GELU primitives of the triton backend against `torch_impl` in float64."""
+import pytest
+import torch
+
+try:  # `tests` is a package only when run from the repo root with it on sys.path
+    from tests.utils import assert_close, assert_flash_rule
+except ImportError:
+    from utils import assert_close, assert_flash_rule
+from vpt_fast.backends import torch_impl
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture(scope="module")
+def impl():
+    from vpt_fast.backends import triton_impl
+    if not triton_impl.AVAILABLE:
+        pytest.skip("triton backend not available")
+    return triton_impl
+
+
+def _inputs(shape, dtype, with_bias, device=DEVICE, seed=0, noncontig=False):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(*shape, generator=g) * 3
+    if noncontig:
+        h = torch.randn(*shape[:-1], shape[-1] + 5, generator=g)[..., :shape[-1]] * 3
+    b = torch.randn(shape[-1], generator=g) if with_bias else None
+    dg = torch.randn(*shape, generator=g)
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    return cast(h), cast(b), cast(dg)
+
+
+def _f64(*ts):
+    return [None if t is None else t.double() for t in ts]
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 50), (2049,), (5, 1, 3, 13)])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("noncontig", [False, True])
+def test_bias_gelu_fp32(impl, shape, with_bias, noncontig):
+    h, b, dg = _inputs(shape, torch.float32, with_bias, noncontig=noncontig)
+    hr, br, dgr = _f64(h, b, dg)
+    g = impl.bias_gelu_fwd(h, b)
+    assert g.shape == h.shape and g.dtype == h.dtype
+    assert_close(g, torch_impl.bias_gelu_fwd(hr, br), 1e-6, 1e-5, "gelu")
+    dh = impl.bias_gelu_bwd(dg, h, b)
+    assert dh.shape == h.shape and dh.dtype == h.dtype
+    assert_close(dh, torch_impl.bias_gelu_bwd(dgr, hr, br), 1e-6, 1e-5, "dh")
+
+
+def _check_low_precision(impl, shape, dtype, device, atol=1e-3):
+    h, b, dg = _inputs(shape, dtype, True, device=device, seed=2)
+    hr, br, dgr = _f64(h, b, dg)
+    he = h.detach().clone().requires_grad_()
+    ge = torch.nn.functional.gelu(he + b)  # eager PyTorch in the same precision
+    (dhe,) = torch.autograd.grad(ge, he, dg)
+    assert_flash_rule(impl.bias_gelu_fwd(h, b), torch_impl.bias_gelu_fwd(hr, br), ge, "gelu", atol=atol)
+    assert_flash_rule(impl.bias_gelu_bwd(dg, h, b), torch_impl.bias_gelu_bwd(dgr, hr, br), dhe, "dh",
+                      atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bias_gelu_low_precision_small(impl, dtype):
+    # Triton's interpreter truncates fp32 -> bf16 stores (GPUs round to nearest): allow 1 bf16 ulp.
+    _check_low_precision(impl, (3, 7, 50), dtype, DEVICE, atol=3e-2 if dtype == torch.bfloat16 else 1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bias_gelu_gpu(impl, dtype):
+    _check_low_precision(impl, (8, 197, 3072), dtype, "cuda")
+
+
+def test_bias_gelu_bad_inputs(impl):
+    h = torch.randn(3, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        impl.bias_gelu_fwd(h, torch.ones(3, device=DEVICE))
+    with pytest.raises(TypeError, match="h dtype"):
+        impl.bias_gelu_fwd(h.double(), None)
+    with pytest.raises(ValueError, match="dg must have"):
+        impl.bias_gelu_bwd(h[:1], h, None)

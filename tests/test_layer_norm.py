@@ -1,0 +1,98 @@
+"""LayerNorm primitives of the triton backend against `torch_impl` in float64 (dX only: frozen affine)."""
+import pytest
+import torch
+
+try:  # `tests` is a package only when run from the repo root with it on sys.path
+    from tests.utils import assert_close, assert_flash_rule
+except ImportError:
+    from utils import assert_close, assert_flash_rule
+from vpt_fast.backends import torch_impl
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture(scope="module")
+def impl():
+    from vpt_fast.backends import triton_impl
+    if not triton_impl.AVAILABLE:
+        pytest.skip("triton backend not available")
+    return triton_impl
+
+
+def _inputs(shape, dtype, affine, strided, device=DEVICE, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    C = shape[-1]
+    if strided:  # rows with a stride larger than C: a slice of a wider buffer
+        x = (torch.randn(*shape[:-1], C + 9, generator=g) * 3 + 1)[..., :C]
+    else:
+        x = torch.randn(*shape, generator=g) * 3 + 1
+    w = torch.randn(C, generator=g) if affine in ("w", "wb") else None
+    b = torch.randn(C, generator=g) if affine == "wb" else None
+    dy = torch.randn(*shape, generator=g)
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    return cast(x), cast(w), cast(b), cast(dy)
+
+
+def _f64(*ts):
+    return [None if t is None else t.double() for t in ts]
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 40), (7, 33), (2, 3, 4, 17), (1, 768)])
+@pytest.mark.parametrize("affine", ["none", "w", "wb"])
+@pytest.mark.parametrize("strided", [False, True])
+def test_layer_norm_fp32(impl, shape, affine, strided):
+    x, w, b, dy = _inputs(shape, torch.float32, affine, strided)
+    y, mean, rstd = impl.layer_norm_fwd(x, w, b, 1e-6)
+    xr, wr, br, dyr = _f64(x, w, b, dy)
+    yr, meanr, rstdr = torch_impl.layer_norm_fwd(xr, wr, br, 1e-6)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert mean.shape == x.shape[:-1] and mean.dtype == torch.float32 and rstd.dtype == torch.float32
+    assert_close(y, yr, 1e-5, 1e-5, "y")
+    assert_close(mean, meanr, 1e-5, 1e-5, "mean")
+    assert_close(rstd, rstdr, 1e-5, 1e-5, "rstd")
+    dx = impl.layer_norm_bwd(dy, x, w, mean, rstd)
+    dxr = torch_impl.layer_norm_bwd(dyr, xr, wr, meanr, rstdr)
+    assert dx.shape == x.shape and dx.dtype == x.dtype
+    assert_close(dx, dxr, 1e-5, 1e-5, "dx")
+
+
+def _check_low_precision(impl, shape, dtype, device, atol=1e-3):
+    x, w, b, dy = _inputs(shape, dtype, "wb", True, device=device, seed=1)
+    xr, wr, br, dyr = _f64(x, w, b, dy)
+    yr, meanr, rstdr = torch_impl.layer_norm_fwd(xr, wr, br, 1e-5)
+    dxr = torch_impl.layer_norm_bwd(dyr, xr, wr, meanr, rstdr)
+    # Baseline: eager PyTorch in the same precision (F.layer_norm with autograd).
+    xe = x.detach().clone().requires_grad_()
+    ye = torch.nn.functional.layer_norm(xe, (shape[-1],), w, b, 1e-5)
+    (dxe,) = torch.autograd.grad(ye, xe, dy)
+    y, mean, rstd = impl.layer_norm_fwd(x, w, b, 1e-5)
+    dx = impl.layer_norm_bwd(dy, x, w, mean, rstd)
+    assert_flash_rule(y, yr, ye, "y", atol=atol)
+    assert_flash_rule(dx, dxr, dxe, "dx", atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_layer_norm_low_precision_small(impl, dtype):
+    # Triton's interpreter truncates fp32 -> bf16 stores (GPUs round to nearest): allow 1 bf16 ulp.
+    _check_low_precision(impl, (3, 5, 40), dtype, DEVICE, atol=3e-2 if dtype == torch.bfloat16 else 1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(8, 197, 768), (8, 49, 96), (4, 50, 1024)])
+def test_layer_norm_gpu(impl, dtype, shape):
+    _check_low_precision(impl, shape, dtype, "cuda")
+
+
+def test_layer_norm_bad_inputs(impl):
+    x = torch.randn(3, 8, device=DEVICE)
+    with pytest.raises(TypeError, match="x dtype"):
+        impl.layer_norm_fwd(x.double(), None, None, 1e-5)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        impl.layer_norm_fwd(x, torch.ones(7, device=DEVICE), None, 1e-5)
+    y, mean, rstd = impl.layer_norm_fwd(x, None, None, 1e-5)
+    with pytest.raises(ValueError, match="dy must have"):
+        impl.layer_norm_bwd(x[:2], x, None, mean, rstd)
+    with pytest.raises(ValueError, match="rstd must be"):
+        impl.layer_norm_bwd(x, x, None, mean, rstd[:2])
