@@ -1,0 +1,68 @@
+"""Whole-model VPT: training step (forward + backward + optimizer step on prompts and head) and
+inference, eager release-style vs eager under torch.compile vs each vpt_fast backend (DESIGN.md §6).
+
+extra_info: FLOPs per step (FlopCounterMode), bytes saved for backward, CUDA peak memory, device
+and versions. Ratios: `python benchmarks/summarize.py <json>` (same run only).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import vpt_fast
+from conftest import default_config, run_timed
+from vpt_fast.bench import build_model, count_flops, make_batch, saved_activation_bytes, training_step
+
+_CFG = default_config()
+_BACKENDS = [b for b in vpt_fast.available_backends() if b != "reference"
+             and not (b == "triton" and _CFG.device == "cpu")]  # the interpreter is not timed
+_COMPILE = _CFG.device == "cuda" or os.environ.get("VPT_BENCH_COMPILE") == "1"
+METHODS = (["eager"] + (["eager_compile"] if _COMPILE else []) + _BACKENDS)
+
+
+def _setup(method: str, cfg):
+    backend = "reference" if method.startswith("eager") else method
+    model = build_model(cfg, backend)
+    x, y = make_batch(cfg, model)
+    runner = torch.compile(model) if method == "eager_compile" else model
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    return model, runner, x, y, optimizer
+
+
+def _extra(benchmark, cfg, env_info, method, model, x, y, optimizer):
+    benchmark.extra_info.update(env_info)
+    benchmark.extra_info.update({"method": method, "model": cfg.model, "batch": cfg.batch, "dtype": cfg.dtype,
+                                 "num_prompts": cfg.num_prompts, "deep": cfg.deep})
+    if method != "eager_compile":
+        benchmark.extra_info["train_flops"] = count_flops(lambda: training_step(model, x, y, cfg))
+        benchmark.extra_info["saved_activation_bytes"] = saved_activation_bytes(model, x, cfg)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def bench_training_step(benchmark, cfg, env_info, method):
+    model, runner, x, y, optimizer = _setup(method, cfg)
+    if cfg.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    run_timed(benchmark, lambda: training_step(runner, x, y, cfg, optimizer), cfg)
+    if cfg.device == "cuda":
+        benchmark.extra_info["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    benchmark.extra_info["img_per_s"] = cfg.batch / benchmark.stats.stats.median
+    _extra(benchmark, cfg, env_info, method, model, x, y, optimizer)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def bench_inference(benchmark, cfg, env_info, method):
+    model, runner, x, y, optimizer = _setup(method, cfg)
+
+    def infer():
+        with torch.inference_mode(), torch.autocast(cfg.device, dtype=cfg.torch_dtype,
+                                                    enabled=cfg.torch_dtype != torch.float32):
+            return runner(x)
+
+    run_timed(benchmark, infer, cfg)
+    benchmark.extra_info["img_per_s"] = cfg.batch / benchmark.stats.stats.median
+    benchmark.extra_info.update(env_info)
+    benchmark.extra_info.update({"method": method, "model": cfg.model, "batch": cfg.batch})
