@@ -12,7 +12,7 @@ setup(
     package_dir={"vpt_fast.kernels": "kernels"},
     install_requires=["torch>=2.4", "timm>=1.0", "numpy", "safetensors", "ninja"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark"],
+        "test": ["pytest", "pytest-benchmark", "matplotlib"],
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["vpt-fast=vpt_fast.cli:main"]},

@@ -1,0 +1,33 @@
+"""The `vpt-fast` command end to end on a tiny model (the main job's code path, not its timing)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--prompts", "4"]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vpt_fast", *args], capture_output=True, text=True, check=True)
+
+
+def test_bench_prints_table_and_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = _run("bench", *TINY, "--batch", "2", "--steps", "1", "--backends", "torch", "--json", str(out))
+    assert "[time] training steps" in proc.stderr  # progress output
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].split()[:3] == ["method", "train", "img/s"]
+    assert [line.split()[0] for line in lines[2:]] == ["eager", "vpt_fast[torch]"]
+    rows = json.loads(out.read_text())["rows"]
+    torch_row = rows[1]
+    assert torch_row["max_logit_diff"] < 1e-4
+    assert torch_row["train_gflops"] < rows[0]["train_gflops"]
+    assert torch_row["activation_bytes"] < rows[0]["activation_bytes"]
+
+
+def test_memory_plot(tmp_path):
+    png = tmp_path / "memory.png"
+    proc = _run("memory", *TINY, "--batches", "2", "--plot", str(png))
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert len(proc.stdout.strip().splitlines()) == 3  # header, one batch row, "wrote ..."
