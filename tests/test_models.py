@@ -206,3 +206,35 @@ def test_bad_inputs_raise_clear_errors():
     block = vpt_fast.ViTBlock.from_timm(tiny_vit().blocks[0], backend="torch")
     with pytest.raises(ValueError, match="prompts must be"):
         block(torch.randn(2, 17, 48), torch.randn(3, 5, 48))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deep", [True, False], ids=["deep", "shallow"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_gpu_matches_reference(backend, deep):
+    """fp32: rel. error < 1e-4; bf16 autocast: FlashAttention's rule — error vs the fp32 reference at
+    most 2x (+ tiny atol) the error of eager release-style VPT in bf16, for logits and every gradient."""
+    from utils import assert_flash_rule
+    if backend not in vpt_fast.available_backends():
+        pytest.skip(f"backend {backend} not available")
+    torch.manual_seed(0)
+    model = vpt_fast.prompt(tiny_vit(img_size=224, patch_size=16, embed_dim=384, depth=4, num_heads=6,
+                                     num_classes=10), num_prompts=50, deep=deep).cuda()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    x = torch.randn(4, 3, 224, 224, device="cuda")
+    y = torch.randint(0, 10, (4,), device="cuda")
+
+    def result(name, dtype):
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            out = run(model.train(), name, x, y)
+        return [out[0].float()] + [g.float() for g in out[1].values()]
+
+    reference = result("reference", torch.float32)
+    for got, ref in zip(result(backend, torch.float32), reference):
+        assert rel_error(got, ref) < TOL
+    baseline = result("reference", torch.bfloat16)
+    for i, (got, ref, base) in enumerate(zip(result(backend, torch.bfloat16), reference, baseline)):
+        assert_flash_rule(got, ref, base, name=f"output {i}", atol=1e-4 * ref.abs().max().item())
