@@ -1,0 +1,320 @@
+"""Prompted timm SwinTransformer (DESIGN.md §1 "Swin", §2, §5): every prompt-aware backend against
+the release-style `reference` backend (logits and gradients of prompts, projections and head, on
+fresh random inputs and random, not initial, prompts), the reference against a literal
+transcription of the released per-window code at batch 1, per-sample independence, exact FLOPs."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models.swin_transformer import window_partition, window_reverse
+from torch.utils.flop_counter import FlopCounterMode
+
+import vpt_fast
+from utils import rel_error
+from vpt_fast.blocks.swin import SwinBlock, SwinPatchMerging
+from vpt_fast.config import PromptConfig
+from vpt_fast.prompting_swin import prompt_swin
+
+TOL = 1e-4  # fp32 on CPU, DESIGN.md §5
+FAST_BACKENDS = [b for b in vpt_fast.available_backends() if b in ("torch", "cuda")]
+
+SIZES = {  # image size, window: 56px/7 -> 14x14 grid (4 windows, shifted) then 7x7 (1 window)
+    "w7": (56, 7),
+    "w12": (96, 12),       # 24x24 grid (4 windows, shifted), then 12x12
+    "w7_padded": (40, 7),  # 10x10 grid padded to 14x14 (shifted), then 5x5 (window shrinks to 5)
+}
+
+
+def tiny_swin(size: str = "w7", depths=(2, 2), num_heads=(2, 4), **kwargs) -> torch.nn.Module:
+    img, window = SIZES[size]
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=img, window_size=window,
+                             embed_dim=32, depths=depths, num_heads=num_heads, num_classes=5, **kwargs)
+
+
+def randomize(model: torch.nn.Module) -> torch.nn.Module:
+    with torch.no_grad():  # random, not initial, trainable state
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    return model
+
+
+def prompted(seed: int = 0, size: str = "w7", depths=(2, 2), num_heads=(2, 4), **prompt_kwargs):
+    torch.manual_seed(seed)
+    config = PromptConfig(**{"num_prompts": 5, **prompt_kwargs})
+    return randomize(prompt_swin(tiny_swin(size, depths, num_heads), config))
+
+
+def set_backend(model, backend: str) -> None:
+    for module in model.modules():
+        if getattr(module, "is_vpt_block", False):
+            module.backend = backend
+
+
+def run(model, backend: str, x, y, seed: int = 1):
+    set_backend(model, backend)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # the same prompt-dropout masks for every backend
+    logits = model(x)
+    F.cross_entropy(logits, y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return logits.detach(), grads
+
+
+def inputs(model, batch: int = 3, seed: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, *model.patch_embed.img_size, generator=g)
+    return x, torch.randint(0, model.num_classes, (batch,), generator=g)
+
+
+def assert_matches_reference(model, backends=FAST_BACKENDS, batch: int = 3):
+    x, y = inputs(model, batch)
+    ref_logits, ref_grads = run(model, "reference", x, y)
+    assert ref_grads and all(g.abs().sum() > 0 for g in ref_grads.values())
+    for backend in backends:
+        logits, grads = run(model, backend, x, y)
+        assert rel_error(logits, ref_logits) < TOL, f"{backend}: logits"
+        assert grads.keys() == ref_grads.keys()
+        for name, grad in grads.items():
+            assert rel_error(grad, ref_grads[name]) < TOL, f"{backend}: grad of {name}"
+
+
+@pytest.mark.parametrize("deep", [True, False], ids=["deep", "shallow"])
+@pytest.mark.parametrize("size", list(SIZES))
+def test_matches_reference(size, deep):
+    assert_matches_reference(prompted(size=size, deep=deep).train())
+
+
+OPTIONS = [  # (num_prompts, deep, project, train, dropout, recompute, depths)
+    (1, True, None, True, 0.0, "none", (2, 2)),
+    (3, False, None, False, 0.0, "none", (2, 2)),
+    (4, True, None, True, 0.3, "none", (2, 2)),
+    (4, False, None, True, 0.3, "none", (2, 2)),
+    (4, True, 6, True, 0.0, "mlp", (2, 2)),
+    (4, False, 6, True, 0.0, "block", (2, 2)),
+    (4, True, None, True, 0.2, "block", (1, 2, 1)),
+    (4, False, None, False, 0.0, "mlp", (1, 2, 1)),
+]
+
+
+@pytest.mark.parametrize("num_prompts,deep,project,train,dropout,recompute,depths", OPTIONS)
+def test_options_match_reference(num_prompts, deep, project, train, dropout, recompute, depths):
+    heads = (2,) * (len(depths) - 1) + (4,)
+    model = prompted(num_prompts=num_prompts, deep=deep, project=project, dropout=dropout,
+                     recompute=recompute, depths=depths, num_heads=heads, size="w7_padded")
+    model.train(train)
+    assert model.vpt.training == train and not model.layers.training
+    assert_matches_reference(model)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
+@pytest.mark.parametrize("deep", [True, False], ids=["deep", "shallow"])
+def test_samples_are_independent(backend, deep):
+    """A sample's logits do not change when the other sample of its batch changes."""
+    model = prompted(deep=deep).eval()
+    set_backend(model, backend)
+    x, _ = inputs(model, batch=2)
+    x2 = x.clone()
+    x2[1] = torch.randn_like(x2[1])
+    with torch.no_grad():
+        a, b, alone = model(x), model(x2), model(x[:1])
+    assert rel_error(a[0], b[0]) < TOL and rel_error(a[0], alone[0]) < TOL
+    assert rel_error(a[1], b[1]) > 1e-3
+
+
+# -- a literal transcription of the released per-window code (KMnP/vpt, PromptedSwinTransformer) --
+# It works on (B, P + H*W, C) rows with prompts first, attaches prompts to windows in its own batch
+# order and needs every resolution to be a multiple of the window (no padding).
+
+def released_window_attention(attn, x, mask, num_prompts):
+    b_, n, c = x.shape
+    qkv = attn.qkv(x).reshape(b_, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    q = q * attn.scale
+    scores = q @ k.transpose(-2, -1)
+    rpb = attn.relative_position_bias_table[attn.relative_position_index.view(-1)].view(
+        attn.window_area, attn.window_area, -1).permute(2, 0, 1).contiguous()
+    heads, wa, _ = rpb.shape
+    rpb = torch.cat((torch.zeros(heads, num_prompts, wa), rpb), dim=1)
+    rpb = torch.cat((torch.zeros(heads, wa + num_prompts, num_prompts), rpb), dim=-1)
+    scores = scores + rpb.unsqueeze(0)
+    if mask is not None:
+        nw = mask.shape[0]
+        mask = torch.cat((torch.zeros(nw, num_prompts, wa), mask), dim=1)
+        mask = torch.cat((torch.zeros(nw, wa + num_prompts, num_prompts), mask), dim=-1)
+        scores = scores.view(b_ // nw, nw, attn.num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
+        scores = scores.view(-1, attn.num_heads, n, n)
+    scores = scores.softmax(-1)
+    return attn.proj((scores @ v).transpose(1, 2).reshape(b_, n, c))
+
+
+def released_block(blk, x, num_prompts, height, width):
+    batch, _, c = x.shape
+    ws, shift = blk.window_size[0], blk.shift_size[0]
+    shortcut = x
+    x = blk.norm1(x)
+    prompt_emb, x = x[:, :num_prompts, :], x[:, num_prompts:, :]
+    x = x.view(batch, height, width, c)
+    shifted_x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2)) if shift > 0 else x
+    x_windows = window_partition(shifted_x, (ws, ws)).view(-1, ws * ws, c)
+    num_windows = x_windows.shape[0] // batch
+    prompt_emb = prompt_emb.unsqueeze(0).expand(num_windows, -1, -1, -1).reshape(-1, num_prompts, c)
+    x_windows = torch.cat((prompt_emb, x_windows), dim=1)
+    attn_windows = released_window_attention(blk.attn, x_windows, blk.attn_mask, num_prompts)
+    prompt_emb = attn_windows[:, :num_prompts, :].view(-1, batch, num_prompts, c).mean(0)
+    attn_windows = attn_windows[:, num_prompts:, :].view(-1, ws, ws, c)
+    shifted_x = window_reverse(attn_windows, (ws, ws), height, width)
+    x = torch.roll(shifted_x, shifts=(shift, shift), dims=(1, 2)) if shift > 0 else shifted_x
+    x = torch.cat((prompt_emb, x.reshape(batch, height * width, c)), dim=1)
+    x = shortcut + x
+    return x + blk.mlp(blk.norm2(x))
+
+
+def released_merging(merging, x, num_prompts, height, width):
+    batch, _, c = x.shape
+    prompt_emb, x = x[:, :num_prompts, :], x[:, num_prompts:, :]
+    prompt_emb = torch.cat((prompt_emb, prompt_emb, prompt_emb, prompt_emb), dim=-1)
+    x = x.view(batch, height, width, c)
+    x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+    x = torch.cat((prompt_emb, x.view(batch, -1, 4 * c)), dim=1)
+    return merging.reduction(merging.norm(x))
+
+
+def released_forward(timm_model, prompt_sets, deep, images):
+    num_prompts = prompt_sets[0].shape[1]
+    x = timm_model.patch_embed(images)
+    batch, height, width, c = x.shape
+    x = torch.cat((prompt_sets[0][0].expand(batch, -1, -1), x.reshape(batch, height * width, c)), dim=1)
+    for s, stage in enumerate(timm_model.layers):
+        if s > 0:
+            x = released_merging(stage.downsample, x, num_prompts, height, width)
+            height, width = height // 2, width // 2
+        for i, blk in enumerate(stage.blocks):
+            if deep and (s, i) != (0, 0):
+                x = torch.cat((prompt_sets[s][i].expand(batch, -1, -1), x[:, num_prompts:, :]), dim=1)
+            x = released_block(blk, x, num_prompts, height, width)
+    x = timm_model.norm(x).mean(1)
+    return timm_model.head.fc(x)
+
+
+@pytest.mark.parametrize("deep", [True, False], ids=["deep", "shallow"])
+@pytest.mark.parametrize("size", ["w7", "w12"])
+def test_batch1_equals_released_code(size, deep):
+    torch.manual_seed(0)
+    timm_model = tiny_swin(size).eval()
+    model = randomize(prompt_swin(copy.deepcopy(timm_model), PromptConfig(num_prompts=5, deep=deep))).eval()
+    timm_model.head.fc.load_state_dict(model.head.fc.state_dict())
+    sets = [p.detach() for p in model.vpt.prompts]
+    x, _ = inputs(model, batch=2)
+    x2 = x.clone()
+    x2[1] = torch.randn_like(x2[1])
+    with torch.no_grad():
+        released = released_forward(timm_model, sets, deep, x[:1])
+        for backend in ["reference"] + FAST_BACKENDS:
+            set_backend(model, backend)
+            assert rel_error(model(x[:1]), released) < TOL, backend
+        # The released code's batch-order bug (DESIGN.md §1): at batch 2 sample 0 depends on sample 1
+        # (shallow; deep prompts are the same for every sample, and their mixed-up window means are
+        # thrown away except in the last block, which has one window here).
+        a, b = released_forward(timm_model, sets, deep, x), released_forward(timm_model, sets, deep, x2)
+    err = rel_error(a[0], b[0])
+    assert (err < TOL) if deep else (err > 1e-4), err
+
+
+# -- drop-in behaviour, parameters, errors ---------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
+def test_no_prompts_is_timm(backend):
+    torch.manual_seed(0)
+    timm_model = tiny_swin("w7_padded").eval()
+    x = torch.randn(2, 10, 10, 32)
+    for block in [timm_model.layers[0].blocks[0], timm_model.layers[0].blocks[1]]:
+        ours = SwinBlock.from_timm(copy.deepcopy(block), backend=backend)
+        with torch.no_grad():
+            assert rel_error(ours(x), block(x)) < TOL
+    merging = timm_model.layers[1].downsample
+    ours = SwinPatchMerging.from_timm(copy.deepcopy(merging), backend=backend)
+    with torch.no_grad():
+        assert rel_error(ours(x), merging(x)) < TOL
+
+
+def test_parameters_and_state():
+    torch.manual_seed(0)
+    timm_model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=7)
+    keys = set(timm_model.state_dict())
+    model = prompt_swin(timm_model, PromptConfig(num_prompts=50, deep=True))
+    shapes = {n: tuple(t.shape) for n, t in model.vpt.state_tensors().items()}
+    assert shapes == {"prompts.0": (2, 50, 96), "prompts.1": (2, 50, 192), "prompts.2": (6, 50, 384),
+                      "prompts.3": (2, 50, 768)}
+    assert {k for k in model.state_dict() if not k.startswith("vpt.")} == keys
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"vpt.prompts.{s}" for s in range(4)} | {"head.fc.weight", "head.fc.bias"}
+    bound = (6 / (3 * 16 + 96)) ** 0.5
+    assert all(0 < p.abs().max() <= bound for p in model.vpt.prompts)
+    model.train()
+    assert model.training is False and model.vpt.training and not model.layers[0].blocks[0].training
+
+    shallow = prompt_swin(tiny_swin(), PromptConfig(num_prompts=3, deep=False, project=4))
+    shapes = {n: tuple(t.shape) for n, t in shallow.vpt.state_tensors().items()}
+    assert shapes == {"prompts.0": (1, 3, 4), "proj.0.weight": (32, 4), "proj.0.bias": (32,)}
+
+
+def test_bad_inputs():
+    with pytest.raises(TypeError, match="SwinTransformer"):
+        prompt_swin(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32), PromptConfig())
+    with pytest.raises(TypeError, match="global_pool='avg'"):
+        prompt_swin(tiny_swin(global_pool="max"), PromptConfig())
+    with pytest.raises(ValueError, match="num_prompts"):
+        prompt_swin(tiny_swin(), PromptConfig(num_prompts=0))
+    model = prompt_swin(tiny_swin(), PromptConfig(num_prompts=2))
+    with pytest.raises(ValueError, match="already prompted"):
+        prompt_swin(model, PromptConfig())
+    with pytest.raises(ValueError, match="image size"):
+        model(torch.randn(1, 3, 64, 64))
+    block = model.layers[0].blocks[0]
+    with pytest.raises(ValueError, match="prompts must be"):
+        block(torch.randn(2, 14, 14, 32), torch.randn(3, 2, 32))
+    with pytest.raises(ValueError, match="expected x"):
+        block(torch.randn(2, 196, 32))
+    with pytest.raises(TypeError, match="SwinTransformerBlock"):
+        SwinBlock.from_timm(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="PatchMerging"):
+        SwinPatchMerging.from_timm(torch.nn.Identity())
+
+
+# -- exact FLOPs (DESIGN.md §2) ----------------------------------------------------------------
+
+def _flash_fwd_flops(q, k, v, *args, **kwargs) -> int:  # the mapping receives shapes
+    batch, heads, nq, d = q
+    return 4 * batch * heads * nq * k[2] * d
+
+
+def _flash_bwd_flops(dout, q, k, v, *args, **kwargs) -> int:
+    return int(2.5 * _flash_fwd_flops(q, k, v))
+
+
+FLASH_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _flash_fwd_flops,
+               torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _flash_bwd_flops}
+
+
+def train_step_flops(model, backend: str, x, y) -> int:
+    set_backend(model, backend)
+    with FlopCounterMode(display=False, custom_mapping=FLASH_FLOPS) as counter:
+        F.cross_entropy(model(x), y).backward()
+    return counter.get_total_flops()
+
+
+def test_flops_swin_t_deep():
+    """Swin-T 224px, 50 deep prompts, batch 2: a training step of the prompt-aware path needs at
+    most 0.70x the FLOPs of the eager release-style reference (measured: 41.6 vs 60.4 GFLOP, 0.688)."""
+    torch.manual_seed(0)
+    model = prompt_swin(timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10),
+                        PromptConfig(num_prompts=50, deep=True)).train()
+    x, y = inputs(model, batch=2)
+    reference = train_step_flops(model, "reference", x, y)
+    fast = train_step_flops(model, "torch", x, y)
+    assert fast <= 0.70 * reference, f"torch {fast / 1e9:.2f} GFLOP vs reference {reference / 1e9:.2f} GFLOP"

@@ -1,0 +1,316 @@
+"""SwinBlock, SwinPatchMerging: prompt-aware replacements for timm's Swin `SwinTransformerBlock` and
+`PatchMerging` (VPT, arXiv 2203.12119; Swin, arXiv 2103.14030).
+
+Both keep timm's own submodules (state_dict keys do not change) and take the prompt rows separately
+from the NHWC token grid:
+
+    x = block(x)                                  # timm's block (through the chosen backend)
+    x, p = block(x, prompts, need_prompts=True)   # x (B, H, W, C), prompts (Bp, P, C), Bp in {1, B}
+    x, p = merging(x, prompts)                    # prompts repeated [p, p, p, p], norm, reduction
+
+Semantics (DESIGN.md §1 "Swin"): the prompts of an image go through `norm1`, join every attention
+window of that image as extra keys/values and queries with zero relative-position bias and zero
+shift mask for every pair involving a prompt; a prompt's attention output is the mean over the
+windows of its image; then residual, `norm2` and MLP as for any token. Backends:
+- "reference": release-style eager, per-sample correct: prompts concatenated to every window as
+  extra rows, timm's attention math on the joint rows; prompt outputs are always computed;
+- "torch" / "triton" / "cuda": prompt-aware (DESIGN.md §2): prompt `norm1` and K/V computed once
+  per prompt batch (Bp = 1 for deep prompts shared by the batch) and read by every window through
+  the attention op's prompt segment (query batch b = image * nW + window reads prompt batch
+  b // (B * nW // Bp), no nW copies); relative-position bias and shift mask enter through the op's
+  `bias` hook (own keys only); prompt queries, output projection and MLP run only when
+  `need_prompts` (deep VPT needs them in the last block only), the projection once per image on
+  the window-mean (it is affine, so this equals the mean of the projected windows).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from vpt_fast.blocks.vit import resolve_auto
+from vpt_fast.config import RECOMPUTE, check_backend
+from vpt_fast.ops.attention import prompt_attention
+from vpt_fast.ops.layer_norm import layer_norm
+from vpt_fast.ops.linear import linear
+from vpt_fast.ops.mlp import is_fusable, norm_mlp
+
+# timm SwinTransformerBlock attributes that its window/shift/mask bookkeeping reads.
+_TIMM_ATTRS = ("dim", "input_resolution", "target_shift_size", "always_partition", "dynamic_mask",
+               "window_size", "shift_size", "window_area", "mlp_ratio")
+
+
+def _timm_swin():
+    from timm.models import swin_transformer
+    return swin_transformer
+
+
+def _check_recompute(recompute: str) -> str:
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
+    return recompute
+
+
+def _check_prompts(prompts: Tensor, batch: int, dim: int) -> None:
+    if prompts.dim() != 3 or prompts.shape[0] not in (1, batch) or prompts.shape[2] != dim:
+        raise ValueError(f"prompts must be (1 or B={batch}, P, C={dim}), got {tuple(prompts.shape)}")
+
+
+class SwinBlock(nn.Module):
+    """Prompt-aware timm Swin block (DESIGN.md §1 "Swin", §2).
+
+    Args:
+        block: a timm `swin_transformer.SwinTransformerBlock` whose submodules are taken over.
+        backend: "auto", "reference", "torch", "triton" or "cuda".
+        recompute: "none", "mlp" or "block" (see `PromptConfig`).
+    """
+
+    is_vpt_block = True  # set_backend() switches every module carrying this flag
+
+    def __init__(self, block: nn.Module, backend: str = "auto", recompute: str = "none") -> None:
+        super().__init__()
+        swin = _timm_swin()
+        if type(block) is not swin.SwinTransformerBlock:
+            raise TypeError(f"SwinBlock.from_timm expects timm.models.swin_transformer.SwinTransformerBlock, "
+                            f"got {type(block).__module__}.{type(block).__name__}")
+        if type(block.attn) is not swin.WindowAttention or not isinstance(block.attn.qkv, nn.Linear):
+            raise TypeError(f"expected block.attn to be timm WindowAttention with an nn.Linear qkv, "
+                            f"got {type(block.attn).__name__}")
+        for name in ("norm1", "norm2"):
+            norm = getattr(block, name)
+            if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
+                raise TypeError(f"expected block.{name} to be nn.LayerNorm, got {type(norm).__name__}")
+        for name in _TIMM_ATTRS:
+            setattr(self, name, getattr(block, name))
+        self.norm1, self.attn, self.drop_path1 = block.norm1, block.attn, block.drop_path1
+        self.norm2, self.mlp, self.drop_path2 = block.norm2, block.mlp, block.drop_path2
+        self.register_buffer("attn_mask", block.attn_mask, persistent=False)
+        self.backend = check_backend(backend)
+        self.recompute = _check_recompute(recompute)
+
+    @classmethod
+    def from_timm(cls, block: nn.Module, **kwargs) -> "SwinBlock":
+        return cls(block, **kwargs)
+
+    # timm's window / shift / mask bookkeeping, reused as is (it reads only the attributes above),
+    # so `SwinTransformer.set_input_size` keeps working on a prompted model.
+    def get_attn_mask(self, x: Optional[Tensor] = None, device=None, dtype=None) -> Optional[Tensor]:
+        return _timm_swin().SwinTransformerBlock.get_attn_mask(self, x, device, dtype)
+
+    def _calc_window_shift(self, target_window_size, target_shift_size=None):
+        return _timm_swin().SwinTransformerBlock._calc_window_shift(self, target_window_size, target_shift_size)
+
+    def _init_buffers(self) -> None:
+        _timm_swin().SwinTransformerBlock._init_buffers(self)
+
+    def init_non_persistent_buffers(self) -> None:
+        self._init_buffers()
+
+    def set_input_size(self, feat_size, window_size, always_partition=None) -> None:
+        _timm_swin().SwinTransformerBlock.set_input_size(self, feat_size, window_size, always_partition)
+
+    # -- shared helpers ------------------------------------------------------------------------
+    def _to_windows(self, xn: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """Normalised grid (B, H, W, C) -> (windows (B*nW, N, C), shift mask (nW, N, N) or None),
+        exactly as timm: cyclic shift, zero padding to whole windows, `window_partition`."""
+        swin = _timm_swin()
+        _, height, width, dim = xn.shape
+        if any(self.shift_size):
+            xn = torch.roll(xn, shifts=(-self.shift_size[0], -self.shift_size[1]), dims=(1, 2))
+        pad_h = (self.window_size[0] - height % self.window_size[0]) % self.window_size[0]
+        pad_w = (self.window_size[1] - width % self.window_size[1]) % self.window_size[1]
+        xn = F.pad(xn, (0, 0, 0, pad_w, 0, pad_h))
+        mask = self.get_attn_mask(xn) if self.dynamic_mask else self.attn_mask
+        windows = swin.window_partition(xn, self.window_size).view(-1, self.window_area, dim)
+        return windows, mask
+
+    def _from_windows(self, windows: Tensor, height: int, width: int) -> Tensor:
+        """(B*nW, N, C) -> (B, H, W, C): `window_reverse`, crop the padding, undo the shift."""
+        swin = _timm_swin()
+        wh, ww = self.window_size
+        hp, wp = -(-height // wh) * wh, -(-width // ww) * ww
+        x = swin.window_reverse(windows.view(-1, wh, ww, windows.shape[-1]), self.window_size, hp, wp)
+        x = x[:, :height, :width, :]
+        if any(self.shift_size):
+            x = torch.roll(x, shifts=self.shift_size, dims=(1, 2))
+        return x
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, x: Tensor, prompts: Optional[Tensor] = None, need_prompts: bool = True):
+        """x (B, H, W, C); prompts (1 or B, P, C) or None.
+
+        Returns x (B, H, W, C) when `prompts` is None (timm's block), else (x, prompt outputs): the
+        prompt outputs are (B, P, C), or None when `need_prompts` is False and the backend is
+        prompt-aware (deep VPT replaces them before the next block)."""
+        if x.dim() != 4 or x.shape[-1] != self.dim:
+            raise ValueError(f"expected x of shape (B, H, W, C={self.dim}), got {tuple(x.shape)}")
+        if prompts is not None:
+            _check_prompts(prompts, x.shape[0], self.dim)
+        backend = resolve_auto(self.backend, x.device)
+        if backend == "reference" or self.attn.relative_position_bias_table.requires_grad:
+            # (an unfrozen rel-pos table needs its gradient: the attention op gives none for `bias`)
+            x, p = self.forward_reference(x, prompts)
+        elif self.recompute == "block" and torch.is_grad_enabled() and (
+                x.requires_grad or (prompts is not None and prompts.requires_grad)):
+            x, p = checkpoint(self._forward, x, prompts, need_prompts, backend, use_reentrant=False)
+        else:
+            x, p = self._forward(x, prompts, need_prompts, backend)
+        return x if prompts is None else (x, p)
+
+    def forward_reference(self, x: Tensor, prompts: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+        """Release-style VPT, per-sample correct: each image's prompts are concatenated to every
+        window of that image, timm's attention math runs on the joint rows with zero bias and zero
+        mask for prompt pairs, prompt outputs are averaged over the image's windows."""
+        batch, height, width, dim = x.shape
+        num_prompts = 0 if prompts is None else prompts.shape[1]
+        windows, mask = self._to_windows(self.norm1(x))
+        num_windows = windows.shape[0] // batch
+        if num_prompts:
+            prompts = prompts.expand(batch, -1, -1)
+            pn = self.norm1(prompts)
+            # window w of image b gets image b's prompts (timm's window order is image-major)
+            pn = pn.unsqueeze(1).expand(batch, num_windows, num_prompts, dim).reshape(-1, num_prompts, dim)
+            windows = torch.cat([pn, windows], dim=1)
+        out = self._reference_window_attention(windows, mask, num_prompts)
+        x = x + self.drop_path1(self._from_windows(out[:, num_prompts:], height, width))
+        tokens = x.reshape(batch, height * width, dim)
+        if num_prompts:
+            p_attn = out[:, :num_prompts].reshape(batch, num_windows, num_prompts, dim).mean(1)
+            tokens = torch.cat([prompts + self.drop_path1(p_attn), tokens], dim=1)
+        tokens = tokens + self.drop_path2(self.mlp(self.norm2(tokens)))
+        x = tokens[:, num_prompts:].reshape(batch, height, width, dim)
+        return x, (tokens[:, :num_prompts] if num_prompts else None)
+
+    def _reference_window_attention(self, x: Tensor, mask: Optional[Tensor], num_prompts: int) -> Tensor:
+        """timm's WindowAttention math on [prompts, window] rows, bias and mask zero-padded."""
+        attn = self.attn
+        bw, n, _ = x.shape
+        qkv = attn.qkv(x).reshape(bw, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        scores = (q * attn.scale) @ k.transpose(-2, -1)
+        pad = (num_prompts, 0, num_prompts, 0)
+        scores = scores + F.pad(attn._get_rel_pos_bias(), pad)
+        if mask is not None:
+            nw = mask.shape[0]
+            scores = scores.view(-1, nw, attn.num_heads, n, n) + F.pad(mask, pad).unsqueeze(1).unsqueeze(0)
+            scores = scores.view(-1, attn.num_heads, n, n)
+        probs = attn.attn_drop(attn.softmax(scores))
+        out = (probs @ v).transpose(1, 2).reshape(bw, n, -1)
+        return attn.proj_drop(attn.proj(out))
+
+    def _forward(self, x: Tensor, prompts: Optional[Tensor], need_prompts: bool,
+                 backend: str) -> tuple[Tensor, Optional[Tensor]]:
+        batch, height, width, dim = x.shape
+        pn = None if prompts is None else layer_norm(prompts, self.norm1, backend)
+        a, pa = self._attention(layer_norm(x, self.norm1, backend), pn, need_prompts, backend)
+        x = (x + self.drop_path1(a)).reshape(batch, height * width, dim)
+        x = (x + self.drop_path2(self._mlp(x, backend))).reshape(batch, height, width, dim)
+        if pa is None:
+            return x, None
+        p = prompts + self.drop_path1(pa)
+        return x, p + self.drop_path2(self._mlp(p, backend))
+
+    def _mlp(self, x: Tensor, backend: str) -> Tensor:
+        if is_fusable(self.norm2, self.mlp):
+            return norm_mlp(x, self.norm2, self.mlp, self.recompute == "mlp", backend)
+        return self.mlp(layer_norm(x, self.norm2, backend))
+
+    def _bias(self, mask: Optional[Tensor]) -> Tensor:
+        """Relative-position bias (1, H, N, N), plus the shift mask: (nW, H, N, N)."""
+        bias = self.attn._get_rel_pos_bias()
+        return bias if mask is None else bias + mask.unsqueeze(1).to(bias.dtype)
+
+    def _attention(self, xn: Tensor, pn: Optional[Tensor], need_prompts: bool,
+                   backend: str) -> tuple[Tensor, Optional[Tensor]]:
+        """Window attention of the normalised grid `xn` with the normalised prompts `pn`
+        (Bp, P, C): (token outputs (B, H, W, C), prompt outputs (B, P, C) or None)."""
+        attn = self.attn
+        batch, height, width, dim = xn.shape
+        heads = attn.num_heads
+        attn_dim = attn.qkv.out_features // 3
+        head_dim = attn_dim // heads
+        windows, mask = self._to_windows(xn)
+        bw, n, _ = windows.shape
+        qkv = linear(windows, attn.qkv.weight, attn.qkv.bias)
+        q, k, v = qkv.view(bw, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        pk = pv = None
+        if pn is not None:
+            bp, num_prompts = pn.shape[:2]
+            kv_bias = None if attn.qkv.bias is None else attn.qkv.bias[attn_dim:]
+            kv = linear(pn, attn.qkv.weight[attn_dim:], kv_bias)
+            pk, pv = kv.view(bp, num_prompts, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+        o = prompt_attention(q, k, v, pk, pv, scale=attn.scale, bias=self._bias(mask), backend=backend)
+        o = linear(o.transpose(1, 2).reshape(bw, n, attn_dim), attn.proj.weight, attn.proj.bias)
+        out = self._from_windows(o, height, width)
+        if pn is None or not need_prompts:
+            return out, None
+        # Prompt queries attend, in every window of their image, to [prompts, window] with no bias.
+        num_windows = bw // batch
+        q_bias = None if attn.qkv.bias is None else attn.qkv.bias[:attn_dim]
+        qp = linear(pn, attn.qkv.weight[:attn_dim], q_bias).view(bp, num_prompts, heads, head_dim).transpose(1, 2)
+        if bp == 1:
+            qp = qp.expand(bw, -1, -1, -1)  # a view: one query set read by every window
+        else:
+            qp = qp.unsqueeze(1).expand(bp, num_windows, heads, num_prompts, head_dim).reshape(bw, heads, num_prompts, head_dim)
+        op = prompt_attention(qp, k, v, pk, pv, scale=attn.scale, backend=backend)
+        op = op.view(batch, num_windows, heads, num_prompts, head_dim).mean(1)
+        op = op.transpose(1, 2).reshape(batch, num_prompts, attn_dim)
+        return out, linear(op, attn.proj.weight, attn.proj.bias)
+
+
+class SwinPatchMerging(nn.Module):
+    """Prompt-aware timm Swin `PatchMerging`: tokens merge 2x2 as in timm; prompts are repeated
+    along channels ([p, p, p, p]) and go through the same norm and reduction (DESIGN.md §1).
+
+    Args:
+        merging: a timm `swin_transformer.PatchMerging` whose norm and reduction are taken over.
+        backend: "auto", "reference", "torch", "triton" or "cuda".
+        recompute: kept for `set_backend`; merging saves only LayerNorm inputs and statistics.
+    """
+
+    is_vpt_block = True
+
+    def __init__(self, merging: nn.Module, backend: str = "auto", recompute: str = "none") -> None:
+        super().__init__()
+        if type(merging) is not _timm_swin().PatchMerging:
+            raise TypeError(f"SwinPatchMerging.from_timm expects timm.models.swin_transformer.PatchMerging, "
+                            f"got {type(merging).__module__}.{type(merging).__name__}")
+        if not isinstance(merging.norm, nn.LayerNorm) or len(merging.norm.normalized_shape) != 1:
+            raise TypeError(f"expected merging.norm to be nn.LayerNorm, got {type(merging.norm).__name__}")
+        self.dim, self.out_dim = merging.dim, merging.out_dim
+        self.norm, self.reduction = merging.norm, merging.reduction
+        self.backend = check_backend(backend)
+        self.recompute = _check_recompute(recompute)
+
+    @classmethod
+    def from_timm(cls, merging: nn.Module, **kwargs) -> "SwinPatchMerging":
+        return cls(merging, **kwargs)
+
+    def forward(self, x: Tensor, prompts: Optional[Tensor] = None):
+        """x (B, H, W, C), prompts (1 or B, P, C) or None -> merged x (B, ceil(H/2), ceil(W/2),
+        out_dim), and the merged prompts (Bp, P, out_dim) when prompts are given."""
+        if x.dim() != 4 or x.shape[-1] != self.dim:
+            raise ValueError(f"expected x of shape (B, H, W, C={self.dim}), got {tuple(x.shape)}")
+        batch, height, width, dim = x.shape
+        x = F.pad(x, (0, 0, 0, width % 2, 0, height % 2))
+        h2, w2 = x.shape[1] // 2, x.shape[2] // 2
+        x = x.reshape(batch, h2, 2, w2, 2, dim).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        if prompts is None:
+            return self._reduce(x, resolve_auto(self.backend, x.device))
+        _check_prompts(prompts, batch, dim)
+        p = prompts.repeat(1, 1, 4)
+        backend = resolve_auto(self.backend, x.device)
+        if backend == "reference":  # release-style: prompts joined to the token rows
+            num_prompts = p.shape[1]
+            rows = torch.cat([p.expand(batch, -1, -1), x.reshape(batch, h2 * w2, 4 * dim)], dim=1)
+            rows = self.reduction(self.norm(rows))
+            return rows[:, num_prompts:].reshape(batch, h2, w2, -1), rows[:, :num_prompts]
+        return self._reduce(x, backend), self._reduce(p, backend)
+
+    def _reduce(self, x: Tensor, backend: str) -> Tensor:
+        if backend == "reference":
+            return self.reduction(self.norm(x))
+        return linear(layer_norm(x, self.norm, backend), self.reduction.weight, self.reduction.bias)
