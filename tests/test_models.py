@@ -238,3 +238,14 @@ def test_gpu_matches_reference(backend, deep):
     baseline = result("reference", torch.bfloat16)
     for i, (got, ref, base) in enumerate(zip(result(backend, torch.bfloat16), reference, baseline)):
         assert_flash_rule(got, ref, base, name=f"output {i}", atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("deep", [True, False], ids=["deep", "shallow"])
+def test_torch_compile_traces_without_graph_breaks(deep):
+    model = prompted(num_prompts=3, deep=deep, backend="torch").train()
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)  # dynamo tracing, no codegen
+    logits = compiled(x)
+    logits.sum().backward()
+    assert rel_error(logits, model(x)) < TOL
+    assert model.vpt.prompts.grad is not None

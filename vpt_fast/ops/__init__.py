@@ -17,13 +17,22 @@ _MODULES = {
 }
 
 
-def backend_module(name: str) -> ModuleType | None:
-    """The backend's primitives module, or None when it cannot be used on this machine."""
+def _load(name: str) -> ModuleType | None:
     try:
         module = importlib.import_module(_MODULES[name])
     except ImportError:
         return None
     return module if getattr(module, "AVAILABLE", True) else None
+
+
+# Loaded once at import, so that resolving a backend inside a traced forward is a dict lookup
+# (torch.compile does not trace importlib).
+_LOADED = {name: _load(name) for name in _MODULES}
+
+
+def backend_module(name: str) -> ModuleType | None:
+    """The backend's primitives module, or None when it cannot be used on this machine."""
+    return _LOADED[name]
 
 
 def resolve(backend: str, op: str, device: torch.device) -> ModuleType:
