@@ -21,11 +21,13 @@ from vpt_fast.prompting_swin import prompt_swin
 
 TOL = 1e-4  # fp32 on CPU, DESIGN.md §5
 FAST_BACKENDS = [b for b in vpt_fast.available_backends() if b in ("torch", "cuda")]
+KERNEL_BACKENDS = [b for b in vpt_fast.available_backends() if b in ("triton", "cuda")]
 
 SIZES = {  # image size, window: 56px/7 -> 14x14 grid (4 windows, shifted) then 7x7 (1 window)
     "w7": (56, 7),
     "w12": (96, 12),       # 24x24 grid (4 windows, shifted), then 12x12
     "w7_padded": (40, 7),  # 10x10 grid padded to 14x14 (shifted), then 5x5 (window shrinks to 5)
+    "w4": (32, 4),         # 8x8 grid (4 windows, shifted), then 4x4: small enough for the Triton interpreter
 }
 
 
@@ -87,6 +89,13 @@ def assert_matches_reference(model, backends=FAST_BACKENDS, batch: int = 3):
 @pytest.mark.parametrize("size", list(SIZES))
 def test_matches_reference(size, deep):
     assert_matches_reference(prompted(size=size, deep=deep).train())
+
+
+@pytest.mark.skipif(not KERNEL_BACKENDS, reason="no triton/cuda backend on this machine")
+@pytest.mark.parametrize("deep", [True, False], ids=["deep", "shallow"])
+def test_kernel_backends_match_reference(deep):
+    model = prompted(size="w4", num_prompts=3, deep=deep).train()  # head dim 16
+    assert_matches_reference(model, KERNEL_BACKENDS, batch=2)
 
 
 OPTIONS = [  # (num_prompts, deep, project, train, dropout, recompute, depths)
@@ -284,6 +293,59 @@ def test_bad_inputs():
         SwinBlock.from_timm(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="PatchMerging"):
         SwinPatchMerging.from_timm(torch.nn.Identity())
+
+
+def test_backbone_frozen_and_in_eval_mode():
+    torch.manual_seed(0)
+    model = prompt_swin(tiny_swin(drop_rate=0.5, drop_path_rate=0.5, attn_drop_rate=0.5, proj_drop_rate=0.5),
+                        PromptConfig(num_prompts=3, project=8, dropout=0.2))
+    model.train()
+    assert [n for n, m in model.named_modules() if m.training and not n.startswith("vpt")] == []
+    set_backend(model, "torch")
+    model.vpt.dropout.p = 0.0  # backbone dropout/drop-path must be off even under train()
+    x, y = inputs(model, batch=2)
+    assert torch.equal(model(x), model(x))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(trainable, lr=0.1, momentum=0.9, weight_decay=1e-3)
+    before = [p.detach().clone() for p in trainable]
+    for _ in range(2):
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(not torch.equal(p, b) for p, b in zip(trainable, before))
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None and torch.equal(p, frozen[n]), n
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deep", [True, False], ids=["deep", "shallow"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_gpu_matches_reference(backend, deep):
+    """fp32: rel. error < 1e-4; bf16 autocast: FlashAttention's rule against the fp32 reference,
+    at most 2x (+ tiny atol) the error of eager release-style VPT in bf16, logits and every gradient."""
+    from utils import assert_flash_rule
+    if backend not in vpt_fast.available_backends():
+        pytest.skip(f"backend {backend} not available")
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10,
+                              depths=(2, 2, 2, 2))
+    model = randomize(prompt_swin(model, PromptConfig(num_prompts=50, deep=deep))).cuda()
+    x = torch.randn(4, 3, 224, 224, device="cuda")
+    y = torch.randint(0, 10, (4,), device="cuda")
+
+    def result(name, dtype):
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            out = run(model.train(), name, x, y)
+        return [out[0].float()] + [g.float() for g in out[1].values()]
+
+    reference = result("reference", torch.float32)
+    for i, (got, ref) in enumerate(zip(result(backend, torch.float32), reference)):
+        assert rel_error(got, ref) < TOL, f"output {i}"
+    baseline = result("reference", torch.bfloat16)
+    for i, (got, ref, base) in enumerate(zip(result(backend, torch.bfloat16), reference, baseline)):
+        assert_flash_rule(got, ref, base, name=f"output {i}", atol=1e-4 * ref.abs().max().item())
 
 
 # -- exact FLOPs (DESIGN.md §2) ----------------------------------------------------------------
