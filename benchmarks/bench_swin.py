@@ -1,0 +1,67 @@
+"""Prompted Swin-T (DESIGN.md §1 "Swin", §6): a training step (forward + backward of the
+cross-entropy on prompts and head), eager release-style VPT (`reference`) vs each vpt_fast backend.
+
+CPU: Swin-T 224px, 50 deep prompts, batch 2, fp32. CUDA: batch 64, bf16 autocast. Override with
+VPT_BENCH_SWIN_MODEL / VPT_BENCH_SWIN_BATCH / VPT_BENCH_DTYPE. extra_info: FLOPs per step
+(FlopCounterMode, CPU flash attention counted by `vpt_fast.bench.flop_mapping`), bytes saved for
+backward, CUDA peak memory, device and versions. Compare ratios within one run only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import timm
+import torch
+
+import vpt_fast
+from conftest import default_config, run_timed
+from vpt_fast.bench import count_flops, make_batch, saved_activation_bytes, training_step
+from vpt_fast.config import PromptConfig
+from vpt_fast.prompting_swin import prompt_swin
+
+
+def swin_config():
+    cfg = default_config()
+    cuda = cfg.device == "cuda"
+    return dataclasses.replace(
+        cfg, model=os.environ.get("VPT_BENCH_SWIN_MODEL", "swin_tiny_patch4_window7_224"),
+        batch=int(os.environ.get("VPT_BENCH_SWIN_BATCH", 64 if cuda else 2)), num_prompts=50, deep=True)
+
+
+_CFG = swin_config()
+_BACKENDS = [b for b in vpt_fast.available_backends() if b != "reference"
+             and (b == "torch" or _CFG.device == "cuda")]  # triton/cuda: timed on a CUDA device only
+METHODS = ["eager"] + _BACKENDS
+
+
+def build_swin(cfg, backend: str) -> torch.nn.Module:
+    torch.manual_seed(cfg.seed)
+    model = timm.create_model(cfg.model, pretrained=False, num_classes=cfg.num_classes)
+    model = prompt_swin(model, PromptConfig(num_prompts=cfg.num_prompts, deep=cfg.deep, backend=backend))
+    with torch.no_grad():  # random, not initial, prompts
+        for p in model.vpt.prompts:
+            p.normal_(0, 0.5)
+    return model.to(cfg.device).train()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def bench_swin_training_step(benchmark, env_info, method):
+    cfg = _CFG
+    model = build_swin(cfg, "reference" if method == "eager" else method)
+    x, y = make_batch(cfg, model)
+    if cfg.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    run_timed(benchmark, lambda: training_step(model, x, y, cfg), cfg)
+    if cfg.device == "cuda":
+        benchmark.extra_info["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    benchmark.extra_info.update(env_info)
+    benchmark.extra_info.update({
+        "method": method, "model": cfg.model, "batch": cfg.batch, "dtype": cfg.dtype,
+        "num_prompts": cfg.num_prompts, "deep": cfg.deep,
+        "img_per_s": cfg.batch / benchmark.stats.stats.median,
+        "train_flops": count_flops(lambda: training_step(model, x, y, cfg)),
+        "saved_activation_bytes": saved_activation_bytes(model, x, cfg),
+    })
