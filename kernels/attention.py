@@ -70,6 +70,7 @@ def _attention_fwd(Q, K, V, PK, PV, BIAS, OUT, LSE,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Grid (cdiv(Nq, BLOCK_M), B * H). qk_scale = scale * log2(e)."""
+    qk_scale = tl.cast(qk_scale, tl.float32)  # torch.compile passes Python floats as fp64
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // num_heads).to(tl.int64)
@@ -178,6 +179,8 @@ def _attention_bwd(Q, K, V, DOUT, LSE, DELTA, BIAS, DK, DV,
     KB = Bp, group = B // Bp, split s covers query batches [s * batches_per_split, ...) of the group
     and writes its partial sum to DK[s], DV[s] (the launcher sums over s).
     """
+    scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64
+    qk_scale = tl.cast(qk_scale, tl.float32)
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -253,6 +256,8 @@ def _attention_bwd_dq(Q, K, V, PK, PV, DOUT, LSE, DELTA, BIAS, DQ,
                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dQ of one query block over both key segments. Grid (cdiv(Nq, BLOCK_M), B * H)."""
+    scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64
+    qk_scale = tl.cast(qk_scale, tl.float32)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // num_heads).to(tl.int64)

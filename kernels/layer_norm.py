@@ -14,6 +14,7 @@ import triton.language as tl
 def _layer_norm_fwd(X, W, B, Y, MEAN, RSTD, stride_x_row, n_cols, stride_y_row, eps,
                     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """Grid (rows,). Y is contiguous (rows, n_cols); MEAN/RSTD are (rows,) float32."""
+    eps = tl.cast(eps, tl.float32)  # torch.compile passes Python floats as fp64
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_SIZE)
     mask = cols < n_cols

@@ -80,3 +80,15 @@ def test_bias_gelu_bad_inputs(impl):
         impl.bias_gelu_fwd(h.double(), None)
     with pytest.raises(ValueError, match="dg must have"):
         impl.bias_gelu_bwd(h[:1], h, None)
+
+
+def test_bias_gelu_torch_compile(impl):
+    h, b, dg = _inputs((3, 7, 50), torch.float32, True)
+
+    def f(h, b, dg):
+        return impl.bias_gelu_fwd(h, b), impl.bias_gelu_bwd(dg, h, b)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="inductor" if HAS_CUDA else "aot_eager", fullgraph=True)
+    for name, got, want in zip(("gelu", "dh"), compiled(h, b, dg), f(h, b, dg)):
+        assert_close(got, want, 1e-6, 1e-6, name)

@@ -96,3 +96,16 @@ def test_layer_norm_bad_inputs(impl):
         impl.layer_norm_bwd(x[:2], x, None, mean, rstd)
     with pytest.raises(ValueError, match="rstd must be"):
         impl.layer_norm_bwd(x, x, None, mean, rstd[:2])
+
+
+def test_layer_norm_torch_compile(impl):
+    x, w, b, dy = _inputs((3, 5, 40), torch.float32, "wb", False)
+
+    def f(x, w, b, dy):
+        y, mean, rstd = impl.layer_norm_fwd(x, w, b, 1e-6)
+        return y, impl.layer_norm_bwd(dy, x, w, mean, rstd)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="inductor" if HAS_CUDA else "aot_eager", fullgraph=True)
+    for name, got, want in zip(("y", "dx"), compiled(x, w, b, dy), f(x, w, b, dy)):
+        assert_close(got, want, 1e-6, 1e-6, name)
