@@ -84,9 +84,10 @@ def _swin_forward_features(self, x: Tensor) -> Tensor:
     pool (timm's head) runs over prompts and patches together (DESIGN.md §1)."""
     if x.dim() != 4:
         raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(x.shape)}")
-    if not self.dynamic_img_size and tuple(x.shape[-2:]) != tuple(self.patch_embed.img_size):
+    img_size = getattr(self.patch_embed, "img_size", None)
+    if getattr(self.patch_embed, "strict_img_size", False) and tuple(x.shape[-2:]) != tuple(img_size):
         raise ValueError(f"image size {tuple(x.shape[-2:])} does not match the model's "
-                         f"{tuple(self.patch_embed.img_size)} (create the model with that img_size, "
+                         f"{tuple(img_size)} (create the model with that img_size, "
                          f"or strict_img_size=False)")
     x = self.patch_embed(x)
     vpt: SwinPrompts = self.vpt
