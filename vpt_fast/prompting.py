@@ -107,7 +107,8 @@ def prompt(model: nn.Module, num_prompts: int = 50, deep: bool = True, dropout: 
     mode even under `model.train()`) and leaves prompts, projection and classifier head trainable.
 
     Args:
-        model: a timm `VisionTransformer` (class and/or register tokens, 'token' or 'avg' pooling).
+        model: a timm `VisionTransformer` (class and/or register tokens, 'token' or 'avg' pooling)
+            or `SwinTransformer` (DESIGN.md §1 "Swin").
         num_prompts: P, prompt tokens per prompted block.
         deep: VPT-Deep (a prompt set per block) or VPT-Shallow (input only).
         dropout: prompt dropout.
@@ -119,6 +120,10 @@ def prompt(model: nn.Module, num_prompts: int = 50, deep: bool = True, dropout: 
         raise ValueError("model is already prompted (it has a `vpt` module); create a fresh model")
     config = PromptConfig(num_prompts=num_prompts, deep=deep, dropout=dropout, project=project,
                           backend=backend, recompute=recompute)
+    from timm.models.swin_transformer import SwinTransformer
+    if isinstance(model, SwinTransformer):
+        from vpt_fast.prompting_swin import prompt_swin
+        return prompt_swin(model, config)
     _check_vit(model)
     blocks = [ViTBlock.from_timm(b, num_prefix_tokens=model.num_prefix_tokens, backend=config.backend,
                                  recompute=config.recompute) for b in model.blocks]
@@ -139,9 +144,9 @@ def prompt(model: nn.Module, num_prompts: int = 50, deep: bool = True, dropout: 
     return model
 
 
-def _prompted(model: nn.Module) -> VisualPrompts:
+def _prompted(model: nn.Module) -> nn.Module:
     vpt = getattr(model, "vpt", None)
-    if not isinstance(vpt, VisualPrompts):
+    if not hasattr(vpt, "state_tensors"):
         raise ValueError("model is not prompted: call vpt_fast.prompt(model, ...) first")
     return vpt
 
