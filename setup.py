@@ -1,5 +1,170 @@
-"""Build and install vpt_fast (see README.md for the supported install command)."""
+"""Build and install vpt_fast (see README.md for the supported install command).
+
+The C++/CUDA extension `vpt_fast._C` (csrc/) is built with the package:
+- CUDAExtension (ninja) when a CUDA toolkit (nvcc) is found and torch is a CUDA build: CPU and CUDA
+  kernels. A compile or link error then fails the install; there is no silent fallback.
+- CppExtension (CPU kernels only) when there is no toolkit or torch is a CPU build.
+- nothing when VPT_FAST_NO_EXT=1 (the package then runs on its torch/triton backends).
+
+Environment:
+  VPT_FAST_NO_EXT=1        skip the extension
+  VPT_FAST_FORCE_CPU_EXT=1 build the CPU-only extension even when CUDA is available
+  TORCH_CUDA_ARCH_LIST     CUDA architectures, default "8.0;9.0a" (sm_80 and sm_90a cubins)
+  CUDA_HOME / CUDA_PATH    toolkit root; otherwise found from `nvcc` on PATH (wrapper scripts that
+                           `exec` the real nvcc are resolved) or standard install locations
+  MAX_JOBS                 parallel compile jobs (ninja); NVCC_THREADS: nvcc --threads (default 2)
+"""
+import glob
+import os
+import re
+import shutil
+import sys
+
 from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0a"
+
+
+def _env_flag(name):
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _is_toolkit(root):
+    """A CUDA toolkit root: bin/nvcc is a real nvcc binary next to include/cuda_runtime.h."""
+    if not root:
+        return False
+    nvcc = os.path.join(root, "bin", "nvcc")
+    return (os.path.isfile(nvcc) and os.access(nvcc, os.X_OK) and not _is_script(nvcc)
+            and os.path.isfile(os.path.join(root, "include", "cuda_runtime.h")))
+
+
+def _is_script(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read(2) == b"#!"
+    except OSError:
+        return False
+
+
+def _resolve_nvcc(path, depth=0):
+    """Follow symlinks and `exec /path/to/nvcc` wrapper scripts to the real nvcc binary."""
+    path = os.path.realpath(path)
+    if depth > 4 or not _is_script(path):
+        return path
+    try:
+        with open(path, errors="ignore") as f:
+            text = f.read(65536)
+    except OSError:
+        return None
+    for m in re.finditer(r"""(?:^|[\s;'"])(/[^\s'"]*/nvcc)(?=[\s'"]|$)""", text):
+        target = m.group(1)
+        if os.path.isfile(target) and os.path.realpath(target) != path:
+            return _resolve_nvcc(target, depth + 1)
+    return None
+
+
+def find_cuda_home():
+    """The CUDA toolkit root, or None. Never raises."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if _is_toolkit(os.environ.get(var)):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = _resolve_nvcc(nvcc)
+        if real:
+            root = os.path.dirname(os.path.dirname(real))
+            if _is_toolkit(root):
+                return root
+    candidates = ["/usr/local/cuda"]
+    try:
+        candidates += sorted((os.path.join("/usr/local", n) for n in os.listdir("/usr/local")
+                              if n.startswith("cuda-")), reverse=True)
+    except OSError:
+        pass
+    candidates += ["/opt/cuda", "/usr/lib/cuda"]
+    for root in candidates:
+        if _is_toolkit(root):
+            return os.path.realpath(root)
+    return None
+
+
+def _gencode_flags(arch_list):
+    """"8.0;9.0a" -> ['-gencode=arch=compute_80,code=sm_80', '-gencode=arch=compute_90a,code=sm_90a'].
+    "+PTX" also embeds PTX for the last listed architecture."""
+    flags, archs = [], []
+    for item in re.split(r"[;,\s]+", arch_list.strip()):
+        if not item:
+            continue
+        ptx = item.endswith("+PTX")
+        item = item[:-4] if ptx else item
+        m = re.fullmatch(r"(\d+)\.(\d+)([af]?)", item)
+        if not m:
+            raise ValueError(f"TORCH_CUDA_ARCH_LIST: cannot parse architecture {item!r}")
+        num = f"{m.group(1)}{m.group(2)}{m.group(3)}"
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+        archs.append(f"sm_{num}")
+    if not flags:
+        raise ValueError("TORCH_CUDA_ARCH_LIST is empty")
+    return flags, archs
+
+
+def build_extensions():
+    """(ext_modules, cmdclass) for vpt_fast._C, or ([], {}) when skipped."""
+    if _env_flag("VPT_FAST_NO_EXT"):
+        print("vpt_fast: VPT_FAST_NO_EXT=1, not building the C++/CUDA extension", file=sys.stderr)
+        return [], {}
+    cuda_home = None if _env_flag("VPT_FAST_FORCE_CPU_EXT") else find_cuda_home()
+    if cuda_home:
+        # torch.utils.cpp_extension reads CUDA_HOME when imported: set it first.
+        os.environ["CUDA_HOME"] = cuda_home
+        os.environ["CUDA_PATH"] = cuda_home
+        os.environ["PATH"] = os.path.join(cuda_home, "bin") + os.pathsep + os.environ.get("PATH", "")
+    try:
+        import torch
+        from torch.utils import cpp_extension as ce
+    except ImportError:
+        print("vpt_fast: torch is not importable at build time (use pip's --no-build-isolation); "
+              "not building the C++/CUDA extension", file=sys.stderr)
+        return [], {}
+
+    csrc = "csrc"
+    sources = [f"{csrc}/bindings.cpp", f"{csrc}/attention/attention_cpu.cpp"]
+    cxx = ["-O3"]
+    define_macros = []
+    with_cuda = (bool(cuda_home) and torch.version.cuda is not None
+                 and bool(glob.glob(f"{csrc}/**/*.cu", recursive=True)))
+    if cuda_home and torch.version.cuda is None:
+        print("vpt_fast: torch is a CPU build; building the CPU-only extension", file=sys.stderr)
+    if not cuda_home and not _env_flag("VPT_FAST_FORCE_CPU_EXT"):
+        print("vpt_fast: no CUDA toolkit found; building the CPU-only extension", file=sys.stderr)
+
+    if with_cuda:
+        arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or DEFAULT_ARCHS
+        gencode, archs = _gencode_flags(arch_list)
+        # Our own -gencode flags are authoritative; keep torch from adding its arch flags.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+        sources += sorted(glob.glob(f"{csrc}/**/*.cu", recursive=True))
+        define_macros += [("VPT_FAST_WITH_CUDA", "1"), ("VPT_FAST_ARCHS", f'"{" ".join(archs)}"')]
+        nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+                "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+                f"--threads={os.environ.get('NVCC_THREADS', '2')}"] + gencode
+        print(f"vpt_fast: building the CUDA extension with {cuda_home} for {' '.join(archs)}",
+              file=sys.stderr)
+        ext = ce.CUDAExtension("vpt_fast._C", sources, define_macros=define_macros,
+                               extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+    else:
+        define_macros += [("VPT_FAST_ARCHS", '""')]
+        ext = ce.CppExtension("vpt_fast._C", sources, define_macros=define_macros,
+                              extra_compile_args={"cxx": cxx})
+    build_ext = ce.BuildExtension.with_options(use_ninja=True)
+    return [ext], {"build_ext": build_ext}
+
+
+ext_modules, cmdclass = build_extensions()
 
 setup(
     name="vpt_fast",
@@ -16,4 +181,6 @@ setup(
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["vpt-fast=vpt_fast.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

@@ -1,0 +1,137 @@
+"""CUDA backend: the attention primitives of `torch_impl` run by the C++/CUDA extension `vpt_fast._C`
+(csrc/): a prompt-aware FlashAttention (DESIGN.md §2.1, §2.4) and its exact multi-threaded CPU twin.
+
+The extension is optional (timm `fast_norm` pattern): `AVAILABLE` says whether `vpt_fast._C`
+imported; `ext_info()` says how it was built. The primitives call the torch operators
+`torch.ops.vpt_fast.attention_fwd/attention_bwd` (defined in C++ with `TORCH_LIBRARY(vpt_fast)`);
+fake (meta) implementations and FLOP formulas are registered here, so `torch.compile` traces them
+without graph breaks and `torch.utils.flop_counter` counts them.
+
+Supported: CUDA tensors (sm_80+ for float16/bfloat16 on tensor cores, float32 on any GPU the
+extension was compiled for; head dims 32, 64, 80, 128; any sequence lengths; bias supported) and CPU
+tensors (float32/float16/bfloat16/float64, any head dim). Inputs may be any strided views with
+stride(-1) == 1, e.g. q, k, v sliced out of `qkv.view(B, N, 3, H, d).permute(2, 0, 3, 1, 4)`.
+Outputs out/dq/dk/dv/dpk/dpv are (B, H, N, d) views of (B, N, H, d) buffers. lse is float32
+(float64 for float64 CPU inputs), like `torch_impl`.
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+try:
+    from vpt_fast import _C
+    _IMPORT_ERROR: Optional[BaseException] = None
+except ImportError as e:  # extension not built (VPT_FAST_NO_EXT=1, no compiler, ...)
+    _C = None
+    _IMPORT_ERROR = e
+
+AVAILABLE: bool = _C is not None
+"""True when `vpt_fast._C` imported (its CPU twin then always works; CUDA needs `WITH_CUDA`)."""
+WITH_CUDA: bool = bool(getattr(_C, "with_cuda", False))
+"""True when the extension was compiled with its CUDA kernels."""
+
+
+def ext_info() -> dict:
+    """How the extension was built: {'built', 'cuda', 'archs', 'torch', 'torch_cuda', 'cuda',
+    'compiled_torch', 'path', 'error'}."""
+    info = {
+        "built": AVAILABLE,
+        "cuda": WITH_CUDA,
+        "archs": [a for a in re.split(r"[\s;]+", getattr(_C, "archs", "") or "") if a],
+        "compiled_cuda": getattr(_C, "cuda_version", None),
+        "compiled_torch": getattr(_C, "torch_version", None),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "path": getattr(_C, "__file__", None),
+        "error": None if _IMPORT_ERROR is None else f"{type(_IMPORT_ERROR).__name__}: {_IMPORT_ERROR}",
+    }
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        info["device"] = torch.cuda.get_device_name()
+        info["device_arch"] = f"sm_{major}{minor}"
+    return info
+
+
+def _check_available(q: Tensor):
+    if not AVAILABLE:
+        raise RuntimeError(f"cuda backend unavailable: vpt_fast._C did not import ({_IMPORT_ERROR}); "
+                           "reinstall with `pip install --no-build-isolation -e .`")
+    if isinstance(q, Tensor) and q.device.type == "cuda" and not WITH_CUDA:
+        raise RuntimeError("cuda backend: vpt_fast._C was built without CUDA kernels (no nvcc or a CPU "
+                           "build of torch at install time); got a CUDA tensor")
+
+
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor], pv: Optional[Tensor],
+                  scale: float, bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Prompt-aware attention forward; same contract as `torch_impl.attention_fwd`.
+    Returns (out (B, H, Nq, d) in q's dtype, lse (B, H, Nq) float32, natural log)."""
+    _check_available(q)
+    return tuple(torch.ops.vpt_fast.attention_fwd(q, k, v, pk, pv, float(scale), bias))
+
+
+def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor],
+                  pv: Optional[Tensor], out: Tensor, lse: Tensor, scale: float,
+                  bias: Optional[Tensor] = None):
+    """Input gradients (dq, dk, dv, dpk, dpv); dpk/dpv have pk's shape (summed over the query batches
+    sharing a prompt batch), None without prompts."""
+    _check_available(q)
+    dq, dk, dv, dpk, dpv = torch.ops.vpt_fast.attention_bwd(dout, q, k, v, pk, pv, out, lse,
+                                                             float(scale), bias)
+    if pk is None:
+        return dq, dk, dv, None, None
+    return dq, dk, dv, dpk, dpv
+
+
+# ----------------------------------------------------------------------------------------------
+# fake (meta) implementations and FLOP formulas: shapes, dtypes and layouts of the C++ operators
+# ----------------------------------------------------------------------------------------------
+def _empty_bnhd(B, H, N, d, like: Tensor) -> Tensor:
+    return like.new_empty((B, N, H, d)).transpose(1, 2)
+
+
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _attention_fwd_fake(q, k, v, pk, pv, scale, bias=None):
+    B, H, Nq, d = q.shape
+    return _empty_bnhd(B, H, Nq, d, q), q.new_empty((B, H, Nq), dtype=_lse_dtype(q))
+
+
+def _attention_bwd_fake(dout, q, k, v, pk, pv, out, lse, scale, bias=None):
+    B, H, Nq, d = q.shape
+    Nk = k.shape[2]
+    dq, dk, dv = _empty_bnhd(B, H, Nq, d, q), _empty_bnhd(B, H, Nk, d, k), _empty_bnhd(B, H, Nk, d, v)
+    if pk is None:
+        return dq, dk, dv, q.new_empty((0,)), q.new_empty((0,))
+    Bp, _, P, _ = pk.shape
+    return dq, dk, dv, _empty_bnhd(Bp, H, P, d, pk), _empty_bnhd(Bp, H, P, d, pv)
+
+
+def _attn_flops(q_shape, k_shape, pk_shape) -> int:
+    B, H, Nq, d = q_shape
+    P = 0 if pk_shape is None else pk_shape[2]
+    return 4 * B * H * Nq * (P + k_shape[2]) * d
+
+
+if AVAILABLE:
+    torch.library.register_fake("vpt_fast::attention_fwd")(_attention_fwd_fake)
+    torch.library.register_fake("vpt_fast::attention_bwd")(_attention_bwd_fake)
+    try:
+        from torch.utils.flop_counter import register_flop_formula
+
+        @register_flop_formula(torch.ops.vpt_fast.attention_fwd)
+        def _attention_fwd_flop(q_shape, k_shape, v_shape, pk_shape, pv_shape, *args, **kwargs) -> int:
+            """4 * B * H * Nq * (P + Nk) * d: QK^T and PV over both key segments."""
+            return _attn_flops(q_shape, k_shape, pk_shape)
+
+        @register_flop_formula(torch.ops.vpt_fast.attention_bwd)
+        def _attention_bwd_flop(dout_shape, q_shape, k_shape, v_shape, pk_shape, *args, **kwargs) -> int:
+            """2.5x the forward (FlashAttention's convention)."""
+            return _attn_flops(q_shape, k_shape, pk_shape) * 5 // 2
+    except (ImportError, AttributeError):  # pragma: no cover - old torch
+        pass
