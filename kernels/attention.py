@@ -6,12 +6,11 @@
 # mask, batch b % nB) is added. Prompt pairs get zero bias. fp32 accumulation, exp2 domain; LSE is
 # stored as natural log, float32.
 #
-# Backward (FlashAttention-2): `_attention_bwd_preprocess` computes delta = rowsum(dO * O);
-# `_attention_bwd` runs one program per key block and accumulates dK, dV over all query rows that
-# read it -- for own keys the sample's own queries, for prompt keys the queries of every batch that
-# shares the prompt batch (split over SPLIT programs that write fp32 partials, summed by the launcher:
-# exact, deterministic, no atomics); `_attention_bwd_dq` runs one program per query block and
-# recomputes P to get dQ.
+# Backward (FlashAttention-2), three launches: `_attention_bwd_dq` (one program per query block)
+# computes delta = rowsum(dO * O) and dQ, recomputing P; `_attention_bwd` (one program per key block)
+# accumulates dK, dV over all query rows that read the block -- for own keys the sample's own
+# queries, for prompt keys the queries of every batch sharing the prompt batch, split over SPLIT
+# programs writing fp32 partials that `_attention_bwd_reduce` sums (exact, deterministic, no atomics).
 #
 # Tuned shape, ViT-B/16 deep VPT: B=128, H=12, Nq=Nk=197, P=50 (Bp=1), d=64, bf16.
 #   forward : 4*B*H*Nq*(P+Nk)*d = 19.1 GFLOP; bytes: q, k, v, out = 4 x 38.7 MB + lse 1.2 MB = 156 MB
@@ -104,28 +103,6 @@ def _attention_fwd(Q, K, V, PK, PV, BIAS, OUT, LSE,
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
              acc.to(OUT.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
     tl.store(LSE + b * stride_lb + h * stride_lh + offs_m, lse, mask=m_mask)
-
-
-@triton.jit
-def _attention_bwd_preprocess(OUT, DOUT, DELTA,
-                              stride_ob, stride_oh, stride_om,
-                              stride_dob, stride_doh, stride_dom,
-                              stride_db, stride_dh,
-                              num_heads, n_queries,
-                              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """delta = rowsum(dO * O) in fp32. Grid (cdiv(Nq, BLOCK_M), B * H)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = (pid_bh % num_heads).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < n_queries) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-                 mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + b * stride_db + h * stride_dh + offs_m, tl.sum(o * do, 1), mask=offs_m < n_queries)
 
 
 @triton.jit
@@ -242,12 +219,13 @@ def _attn_bwd_dq_segment(dq, q, do, lse, delta, k_base, v_base, stride_kn, strid
 
 
 @triton.jit
-def _attention_bwd_dq(Q, K, V, PK, PV, DOUT, LSE, DELTA, BIAS, DQ,
+def _attention_bwd_dq(Q, K, V, PK, PV, OUT, DOUT, LSE, DELTA, BIAS, DQ,
                       stride_qb, stride_qh, stride_qm,
                       stride_kb, stride_kh, stride_kn,
                       stride_vb, stride_vh, stride_vn,
                       stride_pkb, stride_pkh, stride_pkn,
                       stride_pvb, stride_pvh, stride_pvn,
+                      stride_ob, stride_oh, stride_om,
                       stride_dob, stride_doh, stride_dom,
                       stride_lb, stride_lh,
                       stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
@@ -255,7 +233,8 @@ def _attention_bwd_dq(Q, K, V, PK, PV, DOUT, LSE, DELTA, BIAS, DQ,
                       num_heads, n_queries, n_keys, n_prompts, prompt_group, n_bias, scale, qk_scale,
                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dQ of one query block over both key segments. Grid (cdiv(Nq, BLOCK_M), B * H)."""
+    """dQ of one query block over both key segments; also computes and stores
+    delta = rowsum(dO * O) (fp32) for `_attention_bwd`, which runs after it. Grid (cdiv(Nq, BLOCK_M), B * H)."""
     scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64
     qk_scale = tl.cast(qk_scale, tl.float32)
     pid_m = tl.program_id(0)
@@ -271,7 +250,10 @@ def _attention_bwd_dq(Q, K, V, PK, PV, DOUT, LSE, DELTA, BIAS, DQ,
     do = tl.load(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
                  mask=md_mask, other=0.0)
     lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + b * stride_lb + h * stride_lh + offs_m, mask=m_mask, other=0.0)
+    o = tl.load(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+                mask=md_mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + b * stride_lb + h * stride_lh + offs_m, delta, mask=m_mask)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     pb = b // prompt_group
@@ -288,3 +270,18 @@ def _attention_bwd_dq(Q, K, V, PK, PV, DOUT, LSE, DELTA, BIAS, DQ,
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=md_mask)
+
+
+@triton.jit
+def _attention_bwd_reduce(WK, WV, DK, DV, n_split, n_elements, BLOCK_SIZE: tl.constexpr):
+    """DK = sum_s WK[s], DV = sum_s WV[s] (fp32 partials of the prompt grads, contiguous (n_split, n));
+    stored in DK's dtype. Grid (cdiv(n_elements, BLOCK_SIZE),)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < n_elements
+    acc_k = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    acc_v = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    for i in range(0, n_split):
+        acc_k += tl.load(WK + i * n_elements + offs, mask=mask, other=0.0)
+        acc_v += tl.load(WV + i * n_elements + offs, mask=mask, other=0.0)
+    tl.store(DK + offs, acc_k.to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + offs, acc_v.to(DV.dtype.element_ty), mask=mask)

@@ -130,11 +130,13 @@ def _attn_config(kind: str, block_d: int, dtype: torch.dtype) -> dict:
     if dtype == torch.float32:
         bm, bn = (32, 32) if wide else (64, 32)
         return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=2)
+    # d <= 64 measured on H100 (ViT-B/16 shape, bf16; benchmarks/bench_attention.py); d > 64 kept
+    # smaller for registers / shared memory.
     if kind == "fwd":
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if wide else 4, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=64 if wide else 32, num_warps=8 if wide else 4, num_stages=3)
     if kind == "dkdv":
-        return dict(BLOCK_M=32 if wide else 64, BLOCK_N=64, num_warps=8 if wide else 4, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=64 if not wide else 32, num_warps=8 if wide else 4, num_stages=2)
+        return dict(BLOCK_M=32 if wide else 128, BLOCK_N=64, num_warps=8 if wide else 4, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8 if wide else 4, num_stages=2 if wide else 3)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -256,7 +258,7 @@ def _attention_bwd_launch(dout, q, k, v, pk, pv, out, lse, scale, bias, dq, dk, 
     Nk = k.shape[2]
     block_d = _block_d(d)
     precision = _dot_precision(q.dtype)
-    dout, q, k, v, pk, pv = _interp_upcast(dout, q, k, v, pk, pv)
+    dout, q, k, v, pk, pv, out = _interp_upcast(dout, q, k, v, pk, pv, out)
     has_bias = bias is not None
     bias_ = bias if has_bias else q
     bs = bias.stride() if has_bias else (0, 0, 0, 0)
@@ -265,60 +267,60 @@ def _attention_bwd_launch(dout, q, k, v, pk, pv, out, lse, scale, bias, dq, dk, 
     pk_, pv_ = (pk, pv) if has_prompt else (k, v)
     P = pk.shape[2] if has_prompt else 0
     group = B // pk.shape[0] if has_prompt else B
-
+    lse = lse.contiguous()  # lse and delta share strides in the kernels
     delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
-    pre_m = 16 if INTERPRET else 64
-    _launch(_attn_k._attention_bwd_preprocess)[(triton.cdiv(Nq, pre_m), B * H)](
-        out, dout, delta, *out.stride()[:3], *dout.stride()[:3], *delta.stride()[:2], H, Nq,
-        HEAD_DIM=d, BLOCK_M=pre_m, BLOCK_D=block_d)
 
-    lse = lse if lse.stride() == delta.stride() else lse.contiguous()  # kernels share lse/delta strides
-    cfg = _attn_config("dkdv", block_d, q.dtype)
-    meta = dict(HEAD_DIM=d, BLOCK_D=block_d, DOT_PRECISION=precision, **cfg)
-    common = (*q.stride()[:3],)
-    # Own keys: one program per (key block, batch, head).
-    grid = (triton.cdiv(Nk, cfg["BLOCK_N"]), B * H, 1)
-    if Nk > 0:
-        _launch(_attn_k._attention_bwd)[grid](
-            q, k, v, dout, lse, delta, bias_, dk, dv,
-            *common, *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *lse.stride()[:2], *bs,
-            0, *dk.stride()[:3], 0, *dv.stride()[:3],
-            H, Nq, Nk, nb, 1, 1, scale, scale * _LOG2E, HAS_BIAS=has_bias, **meta)
-    # Prompt keys: the query batches sharing a prompt batch are split over `split` programs, each
-    # writing an fp32 partial that is summed here (exact and deterministic, no atomics).
-    if has_prompt and P > 0:
-        bp = pk.shape[0]
-        base = triton.cdiv(P, cfg["BLOCK_N"]) * bp * H
-        want = max(1, triton.cdiv(4 * _num_sms(q.device), base))
-        per = triton.cdiv(group, min(group, want))
-        split = triton.cdiv(group, per)
-        if split == 1:
-            tk, tv = dpk, dpv
-        else:
-            tk = torch.empty((split, *pk.shape), dtype=torch.float32, device=q.device)
-            tv = torch.empty((split, *pv.shape), dtype=torch.float32, device=q.device)
-        sk = tk.stride() if split > 1 else (0, *tk.stride())
-        sv = tv.stride() if split > 1 else (0, *tv.stride())
-        grid = (triton.cdiv(P, cfg["BLOCK_N"]), bp * H, split)
-        _launch(_attn_k._attention_bwd)[grid](
-            q, pk, pv, dout, lse, delta, q, tk, tv,
-            *common, *pk.stride()[:3], *pv.stride()[:3], *dout.stride()[:3], *lse.stride()[:2],
-            0, 0, 0, 0, *sk[:4], *sv[:4],
-            H, Nq, P, 1, group, per, scale, scale * _LOG2E, HAS_BIAS=False, **meta)
-        if split > 1:
-            dpk.copy_(tk.sum(0))
-            dpv.copy_(tv.sum(0))
-    elif has_prompt:
-        dpk.zero_(), dpv.zero_()
-    # dQ: one program per (query block, batch, head), both key segments.
+    # 1. dQ (and delta = rowsum(dO * O)): one program per (query block, batch, head), both segments.
     cfg = _attn_config("dq", block_d, q.dtype)
     grid = (triton.cdiv(Nq, cfg["BLOCK_M"]), B * H)
     _launch(_attn_k._attention_bwd_dq)[grid](
-        q, k, v, pk_, pv_, dout, lse, delta, bias_, dq,
+        q, k, v, pk_, pv_, out, dout, lse, delta, bias_, dq,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *pk_.stride()[:3], *pv_.stride()[:3],
-        *dout.stride()[:3], *lse.stride()[:2], *bs, *dq.stride()[:3],
+        *out.stride()[:3], *dout.stride()[:3], *lse.stride()[:2], *bs, *dq.stride()[:3],
         H, Nq, Nk, P, group, nb, scale, scale * _LOG2E,
         HEAD_DIM=d, BLOCK_D=block_d, HAS_BIAS=has_bias, DOT_PRECISION=precision, **cfg)
+
+    # 2. dK, dV of own keys: one program per (key block, batch, head).
+    cfg = _attn_config("dkdv", block_d, q.dtype)
+    meta = dict(HEAD_DIM=d, BLOCK_D=block_d, DOT_PRECISION=precision, **cfg)
+    if Nk > 0:
+        grid = (triton.cdiv(Nk, cfg["BLOCK_N"]), B * H, 1)
+        _launch(_attn_k._attention_bwd)[grid](
+            q, k, v, dout, lse, delta, bias_, dk, dv,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *lse.stride()[:2], *bs,
+            0, *dk.stride()[:3], 0, *dv.stride()[:3],
+            H, Nq, Nk, nb, 1, 1, scale, scale * _LOG2E, HAS_BIAS=has_bias, **meta)
+    if not has_prompt:
+        return
+    if P == 0:
+        dpk.zero_(), dpv.zero_()
+        return
+    # 3. dK, dV of prompt keys: the `group` query batches sharing a prompt batch are split over
+    # `split` programs, each writing an fp32 partial; `_attention_bwd_reduce` sums them (exact,
+    # deterministic, no atomics). split == 1 writes dpk/dpv directly.
+    bp = pk.shape[0]
+    base = triton.cdiv(P, cfg["BLOCK_N"]) * bp * H
+    want = max(1, triton.cdiv(4 * _num_sms(q.device), base))
+    per = triton.cdiv(group, min(group, want))
+    split = triton.cdiv(group, per)
+    if split == 1:
+        tk, tv = dpk, dpv
+        sk, sv = (0, *dpk.stride()), (0, *dpv.stride())
+    else:
+        tk = torch.empty((split, *pk.shape), dtype=torch.float32, device=q.device)
+        tv = torch.empty((split, *pv.shape), dtype=torch.float32, device=q.device)
+        sk, sv = tk.stride(), tv.stride()
+    grid = (triton.cdiv(P, cfg["BLOCK_N"]), bp * H, split)
+    _launch(_attn_k._attention_bwd)[grid](
+        q, pk, pv, dout, lse, delta, q, tk, tv,
+        *q.stride()[:3], *pk.stride()[:3], *pv.stride()[:3], *dout.stride()[:3], *lse.stride()[:2],
+        0, 0, 0, 0, *sk[:4], *sv[:4],
+        H, Nq, P, 1, group, per, scale, scale * _LOG2E, HAS_BIAS=False, **meta)
+    if split > 1:
+        n = dpk.numel()
+        block = 1024
+        _launch(_attn_k._attention_bwd_reduce)[(triton.cdiv(n, block),)](
+            tk, tv, dpk, dpv, split, n, BLOCK_SIZE=block, num_warps=1 if INTERPRET else 4)
 
 
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor], pv: Optional[Tensor],
