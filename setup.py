@@ -149,8 +149,6 @@ def build_extensions():
         sources += sorted(glob.glob(f"{csrc}/**/*.cu", recursive=True))
         define_macros += [("VPT_FAST_WITH_CUDA", "1"), ("VPT_FAST_ARCHS", f'"{" ".join(archs)}"')]
         nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
-                "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
-                "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
                 f"--threads={os.environ.get('NVCC_THREADS', '2')}"] + gencode
         print(f"vpt_fast: building the CUDA extension with {cuda_home} for {' '.join(archs)}",
               file=sys.stderr)

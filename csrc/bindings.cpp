@@ -22,6 +22,7 @@
 #include "attention/attention.h"
 
 #ifdef VPT_FAST_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
 #include <cuda_runtime_api.h>
 #endif
 
