@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (no package registry; torch, triton, nvcc, ninja, timm preinstalled):
+# install this checkout without dependencies (building vpt_fast._C), print versions and ext_info,
+# run the GPU tests, then the benchmark suite; the results JSON and a short table land in
+# benchmarks/results/<device-name>/ (and are copied to $OUT when set).
+#
+#   bash benchmarks/run_gpu.sh                 # everything
+#   SKIP_TESTS=1 bash benchmarks/run_gpu.sh    # benchmarks only
+#   SKIP_BENCH=1 bash benchmarks/run_gpu.sh    # build + tests only
+#   PYTEST_ARGS="-k cuda" BENCH_ARGS="-k attention" bash benchmarks/run_gpu.sh
+# Env: RESULTS_DIR (default benchmarks/results/<device>), OUT_JSON (default $RESULTS_DIR/bench.json),
+# TORCH_CUDA_ARCH_LIST (default: setup.py's "8.0;9.0a"), MAX_JOBS (default: nproc), PYTHON.
+# Exit status: the tests' status if they failed, else the benchmarks' (the benchmarks run either way).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+
+device=$($PYTHON -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" \
+         | tr -c 'A-Za-z0-9._-\n' '_' | sed 's/__*/_/g; s/_$//')
+RESULTS_DIR=${RESULTS_DIR:-benchmarks/results/$device}
+OUT_JSON=${OUT_JSON:-$RESULTS_DIR/bench.json}
+mkdir -p "$RESULTS_DIR" "$(dirname "$OUT_JSON")"
+log() { printf '\n=== %s ===\n' "$*"; }
+
+log "install (pip install --no-deps --no-build-isolation -e .)"
+start=$(date +%s)
+build_status=0
+$PYTHON -m pip install --no-deps --no-build-isolation -e . 2>&1 | tail -n 25 || build_status=$?
+build_s=$(( $(date +%s) - start ))
+echo "build status: $build_status, build time: ${build_s}s"
+
+log "versions"
+$PYTHON - <<'PY' || true
+import json, platform, subprocess
+import torch
+info = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda}
+try:
+    import triton; info["triton"] = triton.__version__
+except ImportError as e:
+    info["triton"] = f"missing: {e}"
+try:
+    import timm; info["timm"] = timm.__version__
+except ImportError as e:
+    info["timm"] = f"missing: {e}"
+if torch.cuda.is_available():
+    info["device"] = torch.cuda.get_device_name()
+    info["capability"] = torch.cuda.get_device_capability()
+try:
+    info["nvcc"] = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+except Exception as e:  # noqa: BLE001
+    info["nvcc"] = f"missing: {e}"
+print(json.dumps(info, indent=1))
+from vpt_fast.backends import cuda_impl
+print("ext_info:", json.dumps(cuda_impl.ext_info(), indent=1))
+PY
+
+test_status=0
+if [[ "${SKIP_TESTS:-0}" != "1" ]]; then
+  log "GPU tests (pytest tests/ -m gpu -x -q)"
+  # shellcheck disable=SC2086
+  $PYTHON -m pytest tests/ -m gpu -x -q ${PYTEST_ARGS:-} 2>&1 | tee "$RESULTS_DIR/tests.log" | tail -n 40 \
+    || test_status=$?
+  echo "tests status: $test_status"
+fi
+
+bench_status=0
+if [[ "${SKIP_BENCH:-0}" != "1" ]]; then
+  log "benchmarks (pytest benchmarks/ --benchmark-only)"
+  # shellcheck disable=SC2086
+  $PYTHON -m pytest benchmarks/ --benchmark-only --benchmark-json="$OUT_JSON" -q ${BENCH_ARGS:-} 2>&1 \
+    | tee "$RESULTS_DIR/bench.log" | tail -n 60 || bench_status=$?
+  echo "benchmarks status: $bench_status"
+  if [[ -f "$OUT_JSON" ]]; then
+    $PYTHON benchmarks/summarize.py "$OUT_JSON" --markdown "$RESULTS_DIR/summary.md" || true
+    [[ -f "$RESULTS_DIR/summary.md" ]] && cat "$RESULTS_DIR/summary.md"
+  fi
+fi
+
+printf '{"device": "%s", "build_status": %d, "build_seconds": %d, "tests_status": %d, "bench_status": %d}\n' \
+  "$device" "$build_status" "$build_s" "$test_status" "$bench_status" | tee "$RESULTS_DIR/status.json"
+
+if [[ -n "${OUT:-}" ]]; then
+  mkdir -p "$OUT/results"
+  cp -r "$RESULTS_DIR"/. "$OUT/results/"
+  [[ -f "$OUT_JSON" ]] && cp "$OUT_JSON" "$OUT/" || true
+fi
+
+if (( build_status != 0 )); then exit "$build_status"; fi
+if (( test_status != 0 )); then exit "$test_status"; fi
+exit "$bench_status"
