@@ -113,6 +113,7 @@ def test_prompt_attention(benchmark, backend, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("sdpa_backend", ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"])
+@pytest.mark.parametrize("sdpa_backend",
+                         ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"])
 def test_sdpa_concatenated(benchmark, sdpa_backend, mode):
     _bench(benchmark, f"sdpa-{sdpa_backend.lower()}", mode, _sdpa_fn(sdpa_backend, mode))

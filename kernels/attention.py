@@ -233,8 +233,8 @@ def _attention_bwd_dq(Q, K, V, PK, PV, OUT, DOUT, LSE, DELTA, BIAS, DQ,
                       num_heads, n_queries, n_keys, n_prompts, prompt_group, n_bias, scale, qk_scale,
                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dQ of one query block over both key segments; also computes and stores
-    delta = rowsum(dO * O) (fp32) for `_attention_bwd`, which runs after it. Grid (cdiv(Nq, BLOCK_M), B * H)."""
+    """dQ of one query block over both key segments; also computes and stores delta = rowsum(dO * O)
+    (fp32) for `_attention_bwd`, which runs after it. Grid (cdiv(Nq, BLOCK_M), B * H)."""
     scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64
     qk_scale = tl.cast(qk_scale, tl.float32)
     pid_m = tl.program_id(0)

@@ -171,8 +171,20 @@ def _custom_op(name: str, fake):
     return register
 
 
+def _eager() -> bool:
+    """No torch.compile tracing and no dispatch mode (fake tensors, functionalization, FlopCounterMode)
+    active: the primitives then call their implementations and launch kernels directly, skipping the
+    dispatcher (saves ~100 us of host time per call on H100); otherwise they go through the ops."""
+    return not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+
+
+def _call(impl, op_name: str, *args):
+    """`impl(*args)` directly in plain eager mode, else the registered op `vpt_fast::<op_name>`."""
+    return impl(*args) if _eager() else getattr(torch.ops.vpt_fast, op_name)(*args)
+
+
 def _launch(kernel):
-    return kernel if INTERPRET else torch.library.wrap_triton(kernel)
+    return kernel if INTERPRET or _eager() else torch.library.wrap_triton(kernel)
 
 
 def _bh_view(t: Tensor) -> Tensor:
@@ -188,8 +200,7 @@ def _attention_fwd_fake(q, k, v, pk, pv, scale, bias):
     return _bh_view(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@_custom_op("triton_attention_fwd", _attention_fwd_fake)
-def _attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor], pv: Optional[Tensor],
+def _attention_fwd_impl(q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor], pv: Optional[Tensor],
                       scale: float, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     B, H, Nq, d = q.shape
     Nk = k.shape[2]
@@ -218,6 +229,9 @@ def _attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor], pv:
     return out, lse
 
 
+_attention_fwd_op = _custom_op("triton_attention_fwd", _attention_fwd_fake)(_attention_fwd_impl)
+
+
 def _attention_bwd_fake(dout, q, k, v, pk, pv, out, lse, scale, bias):
     if pk is None:
         dpk, dpv = q.new_empty((0,)), q.new_empty((0,))
@@ -227,8 +241,7 @@ def _attention_bwd_fake(dout, q, k, v, pk, pv, out, lse, scale, bias):
     return _bh_view(q), _bh_view(k), _bh_view(v), dpk, dpv
 
 
-@_custom_op("triton_attention_bwd", _attention_bwd_fake)
-def _attention_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor],
+def _attention_bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor],
                       pv: Optional[Tensor], out: Tensor, lse: Tensor, scale: float,
                       bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dpk, dpv); dpk/dpv are empty (0,) tensors when pk is None."""
@@ -251,6 +264,9 @@ def _attention_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, pk: Optiona
         dpk = q.new_empty((0,))
         dpv = q.new_empty((0,))
     return dq, dk, dv, dpk, dpv
+
+
+_attention_bwd_op = _custom_op("triton_attention_bwd", _attention_bwd_fake)(_attention_bwd_impl)
 
 
 def _attention_bwd_launch(dout, q, k, v, pk, pv, out, lse, scale, bias, dq, dk, dv, dpk, dpv):
@@ -331,7 +347,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor], pv: Opt
     """
     _check_attention(q, k, v, pk, pv, bias)
     q, k, v, pk, pv, bias = map(_last_dim_unit, (q, k, v, pk, pv, bias))
-    return torch.ops.vpt_fast.triton_attention_fwd(q, k, v, pk, pv, float(scale), bias)
+    return _call(_attention_fwd_impl, "triton_attention_fwd", q, k, v, pk, pv, float(scale), bias)
 
 
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor],
@@ -350,7 +366,7 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, pk: Optional[Te
                          f"{lse.dtype} {tuple(lse.shape)}")
     _check_same_device(q, dout=dout, out=out, lse=lse)
     q, k, v, pk, pv, bias, dout, out = map(_last_dim_unit, (q, k, v, pk, pv, bias, dout, out))
-    dq, dk, dv, dpk, dpv = torch.ops.vpt_fast.triton_attention_bwd(
+    dq, dk, dv, dpk, dpv = _call(_attention_bwd_impl, "triton_attention_bwd",
         dout, q, k, v, pk, pv, out, lse, float(scale), bias)
     if pk is None:
         return dq, dk, dv, None, None
@@ -400,8 +416,7 @@ def _layer_norm_fwd_fake(x, weight, bias, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
 
 
-@_custom_op("triton_layer_norm_fwd", _layer_norm_fwd_fake)
-def _layer_norm_fwd_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+def _layer_norm_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                        eps: float) -> tuple[Tensor, Tensor, Tensor]:
     C = x.shape[-1]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -418,12 +433,14 @@ def _layer_norm_fwd_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     return y, mean, rstd
 
 
+_layer_norm_fwd_op = _custom_op("triton_layer_norm_fwd", _layer_norm_fwd_fake)(_layer_norm_fwd_impl)
+
+
 def _layer_norm_bwd_fake(dy, x, weight, mean, rstd):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@_custom_op("triton_layer_norm_bwd", _layer_norm_bwd_fake)
-def _layer_norm_bwd_op(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor,
+def _layer_norm_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor,
                        rstd: Tensor) -> Tensor:
     C = x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -436,6 +453,9 @@ def _layer_norm_bwd_op(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Te
         dy2, x2, weight if weight is not None else x2, mean, rstd, dx,
         dy2.stride(0), x2.stride(0), C, C, HAS_WEIGHT=weight is not None, **_row_config(C))
     return dx
+
+
+_layer_norm_bwd_op = _custom_op("triton_layer_norm_bwd", _layer_norm_bwd_fake)(_layer_norm_bwd_impl)
 
 
 def _check_affine(name: str, t: Optional[Tensor], x: Tensor):
@@ -458,7 +478,7 @@ def layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     _check_affine("weight", weight, x)
     _check_affine("bias", bias, x)
     weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
-    return torch.ops.vpt_fast.triton_layer_norm_fwd(x, weight, bias, float(eps))
+    return _call(_layer_norm_fwd_impl, "triton_layer_norm_fwd", x, weight, bias, float(eps))
 
 
 def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor,
@@ -476,7 +496,7 @@ def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor
     _check_affine("weight", weight, x)
     _check_same_device(x, dy=dy, mean=mean, rstd=rstd)
     weight = None if weight is None else weight.contiguous()
-    return torch.ops.vpt_fast.triton_layer_norm_bwd(dy, x, weight, mean, rstd)
+    return _call(_layer_norm_bwd_impl, "triton_layer_norm_bwd", dy, x, weight, mean, rstd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,8 +510,7 @@ def _bias_gelu_fwd_fake(h, bias):
     return torch.empty_like(h, memory_format=torch.contiguous_format)
 
 
-@_custom_op("triton_bias_gelu_fwd", _bias_gelu_fwd_fake)
-def _bias_gelu_fwd_op(h: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _bias_gelu_fwd_impl(h: Tensor, bias: Optional[Tensor]) -> Tensor:
     out = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     n = h.numel()
     if n == 0:
@@ -503,12 +522,14 @@ def _bias_gelu_fwd_op(h: Tensor, bias: Optional[Tensor]) -> Tensor:
     return out
 
 
+_bias_gelu_fwd_op = _custom_op("triton_bias_gelu_fwd", _bias_gelu_fwd_fake)(_bias_gelu_fwd_impl)
+
+
 def _bias_gelu_bwd_fake(dg, h, bias):
     return torch.empty_like(h, memory_format=torch.contiguous_format)
 
 
-@_custom_op("triton_bias_gelu_bwd", _bias_gelu_bwd_fake)
-def _bias_gelu_bwd_op(dg: Tensor, h: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _bias_gelu_bwd_impl(dg: Tensor, h: Tensor, bias: Optional[Tensor]) -> Tensor:
     dh = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     n = h.numel()
     if n == 0:
@@ -518,6 +539,9 @@ def _bias_gelu_bwd_op(dg: Tensor, h: Tensor, bias: Optional[Tensor]) -> Tensor:
     _launch(_gelu_k._bias_gelu_bwd)[(triton.cdiv(n, cfg["BLOCK_SIZE"]),)](
         dgc, hc, bias if bias is not None else hc, dh, n, h.shape[-1], HAS_BIAS=bias is not None, **cfg)
     return dh
+
+
+_bias_gelu_bwd_op = _custom_op("triton_bias_gelu_bwd", _bias_gelu_bwd_fake)(_bias_gelu_bwd_impl)
 
 
 def _check_gelu(h: Tensor, bias: Optional[Tensor]):
@@ -531,7 +555,8 @@ def _check_gelu(h: Tensor, bias: Optional[Tensor]):
 def bias_gelu_fwd(h: Tensor, bias: Optional[Tensor]) -> Tensor:
     """gelu(h + bias), exact erf GELU as timm's default `nn.GELU`; computed in fp32."""
     _check_gelu(h, bias)
-    return torch.ops.vpt_fast.triton_bias_gelu_fwd(h, None if bias is None else bias.contiguous())
+    bias = None if bias is None else bias.contiguous()
+    return _call(_bias_gelu_fwd_impl, "triton_bias_gelu_fwd", h, bias)
 
 
 def bias_gelu_bwd(dg: Tensor, h: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -541,4 +566,5 @@ def bias_gelu_bwd(dg: Tensor, h: Tensor, bias: Optional[Tensor]) -> Tensor:
     if dg.shape != h.shape:
         raise ValueError(f"triton backend: dg must have h's shape {tuple(h.shape)}, got {tuple(dg.shape)}")
     _check_same_device(h, dg=dg)
-    return torch.ops.vpt_fast.triton_bias_gelu_bwd(dg, h, None if bias is None else bias.contiguous())
+    bias = None if bias is None else bias.contiguous()
+    return _call(_bias_gelu_bwd_impl, "triton_bias_gelu_bwd", dg, h, bias)
