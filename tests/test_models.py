@@ -249,3 +249,23 @@ def test_torch_compile_traces_without_graph_breaks(deep):
     logits.sum().backward()
     assert rel_error(logits, model(x)) < TOL
     assert model.vpt.prompts.grad is not None
+
+
+@pytest.mark.parametrize("deep", [True, False], ids=["deep", "shallow"])
+@pytest.mark.parametrize("variant", ["cls_token", "layerscale_qknorm"])
+def test_bf16_autocast_follows_flash_rule(variant, deep):
+    """Under bf16 autocast (CPU here; the GPU test repeats it on CUDA) every backend's error against
+    the fp32 reference is at most 2x that of eager release-style VPT in bf16."""
+    from utils import assert_flash_rule
+    model = prompted(variant=variant, num_prompts=7, deep=deep).train()
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])
+
+    def result(backend, dtype):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            logits, grads = run(model, backend, x, y)
+        return [logits.float()] + list(grads.values())
+
+    reference, baseline = result("reference", torch.float32), result("reference", torch.bfloat16)
+    for backend in FAST_BACKENDS + KERNEL_BACKENDS:
+        for i, (got, ref, base) in enumerate(zip(result(backend, torch.bfloat16), reference, baseline)):
+            assert_flash_rule(got, ref, base, name=f"{backend} output {i}", atol=1e-3 * ref.abs().max().item())

@@ -35,6 +35,13 @@ def backend_module(name: str) -> ModuleType | None:
     return _LOADED[name]
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The low-precision dtype autocast would run matmul-class ops in on `device`, or None."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
 def resolve(backend: str, op: str, device: torch.device) -> ModuleType:
     """Module whose `<op>_fwd/<op>_bwd` run `op` for `backend` on `device`.
 

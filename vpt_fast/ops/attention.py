@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from vpt_fast.ops import resolve
+from vpt_fast.ops import autocast_dtype, resolve
 
 
 class PromptAttention(torch.autograd.Function):
@@ -59,5 +59,12 @@ def prompt_attention(q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor] = Non
         if q.shape[0] % pk.shape[0]:
             raise ValueError(f"prompt batch Bp={pk.shape[0]} must divide the query batch B={q.shape[0]}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    low = autocast_dtype(q.device)
+    if low is not None:  # as autocast does for scaled_dot_product_attention
+        q, k, v = q.to(low), k.to(low), v.to(low)
+        pk, pv = (None, None) if pk is None else (pk.to(low), pv.to(low))
+    elif len({t.dtype for t in (q, k, v, pk, pv) if t is not None}) > 1:
+        raise TypeError(f"q, k, v, pk, pv must share one dtype, got "
+                        f"{[t.dtype for t in (q, k, v, pk, pv) if t is not None]}")
     out, _ = PromptAttention.apply(q, k, v, pk, pv, bias, scale, backend)
     return out

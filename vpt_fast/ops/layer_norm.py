@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from vpt_fast.ops import resolve
+from vpt_fast.ops import autocast_dtype, resolve
 
 
 class FrozenLayerNorm(torch.autograd.Function):
@@ -30,4 +30,12 @@ def layer_norm(x: Tensor, norm: torch.nn.Module, backend: str) -> Tensor:
         raise TypeError(f"expected nn.LayerNorm over the last dim, got {type(norm).__name__}")
     if any(p.requires_grad for p in norm.parameters()):
         return norm(x)  # unfrozen affine: autograd's own path computes its gradients
+    x = upcast_for_autocast(x)
     return FrozenLayerNorm.apply(x, norm.weight, norm.bias, norm.eps, backend)
+
+
+def upcast_for_autocast(x: Tensor) -> Tensor:
+    """Autocast runs LayerNorm in float32 (as timm's eager blocks do under autocast): match it."""
+    if autocast_dtype(x.device) is not None and x.dtype in (torch.float16, torch.bfloat16):
+        return x.float()
+    return x

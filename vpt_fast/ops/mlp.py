@@ -12,13 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vpt_fast.ops import resolve
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
+from vpt_fast.ops.layer_norm import upcast_for_autocast
 
 
 class FrozenNormMlp(torch.autograd.Function):
@@ -62,5 +56,5 @@ def is_fusable(norm: nn.Module, mlp: nn.Module) -> bool:
 
 def norm_mlp(x: Tensor, norm: nn.LayerNorm, mlp: nn.Module, recompute_fc1: bool, backend: str) -> Tensor:
     """mlp(norm(x)) for a frozen pre-norm timm MLP (see `is_fusable`)."""
-    return FrozenNormMlp.apply(x, norm.weight, norm.bias, norm.eps, mlp.fc1.weight, mlp.fc1.bias,
+    return FrozenNormMlp.apply(upcast_for_autocast(x), norm.weight, norm.bias, norm.eps, mlp.fc1.weight, mlp.fc1.bias,
                                mlp.fc2.weight, mlp.fc2.bias, recompute_fc1, backend)
