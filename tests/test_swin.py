@@ -70,7 +70,9 @@ def run(model, backend: str, x, y, seed: int = 1):
 def inputs(model, batch: int = 3, seed: int = 2):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, *model.patch_embed.img_size, generator=g)
-    return x, torch.randint(0, model.num_classes, (batch,), generator=g)
+    y = torch.randint(0, model.num_classes, (batch,), generator=g)
+    device = next(model.parameters()).device
+    return x.to(device), y.to(device)
 
 
 def assert_matches_reference(model, backends=FAST_BACKENDS, batch: int = 3):
@@ -95,7 +97,7 @@ def test_matches_reference(size, deep):
 @pytest.mark.parametrize("deep", [True, False], ids=["deep", "shallow"])
 def test_kernel_backends_match_reference(deep):
     model = prompted(size="w4", num_prompts=3, deep=deep).train()  # head dim 16
-    assert_matches_reference(model, KERNEL_BACKENDS, batch=2)
+    assert_matches_reference(model.to("cuda" if torch.cuda.is_available() else "cpu"), KERNEL_BACKENDS, batch=2)
 
 
 OPTIONS = [  # (num_prompts, deep, project, train, dropout, recompute, depths)
