@@ -268,4 +268,5 @@ def test_bf16_autocast_follows_flash_rule(variant, deep):
     reference, baseline = result("reference", torch.float32), result("reference", torch.bfloat16)
     for backend in FAST_BACKENDS + KERNEL_BACKENDS:
         for i, (got, ref, base) in enumerate(zip(result(backend, torch.bfloat16), reference, baseline)):
-            assert_flash_rule(got, ref, base, name=f"{backend} output {i}", atol=1e-3 * ref.abs().max().item())
+            # atol: one bf16 ulp at the tensor's scale; small tensors (the head's) are otherwise noise-bound
+            assert_flash_rule(got, ref, base, name=f"{backend} output {i}", atol=2**-7 * ref.abs().max().item())
