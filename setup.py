@@ -22,7 +22,6 @@ import sys
 
 from setuptools import find_packages, setup
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;9.0a"
 
 

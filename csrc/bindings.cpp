@@ -30,6 +30,14 @@
 #define VPT_FAST_ARCHS ""
 #endif
 
+#ifdef TORCH_VERSION
+#define VPT_FAST_TORCH_VERSION std::string(TORCH_VERSION)
+#else
+#define VPT_FAST_TORCH_VERSION                                                              \
+  (std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." + \
+   std::to_string(TORCH_VERSION_PATCH))
+#endif
+
 namespace vpt_fast {
 namespace {
 
@@ -251,5 +259,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("cuda_version") = pybind11::none();
 #endif
   m.attr("archs") = std::string(VPT_FAST_ARCHS);
-  m.attr("torch_version") = std::string(TORCH_VERSION);
+  m.attr("torch_version") = VPT_FAST_TORCH_VERSION;
 }
