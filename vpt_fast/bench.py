@@ -76,7 +76,9 @@ def build_model(cfg: BenchConfig, backend: str = "reference", recompute: Optiona
     vpt_fast.prompt(model, num_prompts=cfg.num_prompts, deep=cfg.deep, backend=backend,
                     recompute=recompute or cfg.recompute)
     with torch.no_grad():  # random, not initial, prompts
-        model.vpt.prompts.normal_(0, 0.5) if hasattr(model.vpt, "prompts") else None
+        for name, tensor in model.vpt.state_tensors().items():
+            if name.startswith("prompts"):
+                tensor.normal_(0, 0.5)
     return model.to(cfg.device).train()
 
 

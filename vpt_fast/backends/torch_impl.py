@@ -125,8 +125,11 @@ def layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
 def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor,
                    rstd: Tensor) -> Tensor:
     """dX only: the affine parameters are frozen."""
+    if weight is not None and weight.dtype != x.dtype:  # e.g. bf16 rows, fp32 affine: the aten kernel wants one dtype
+        acc = _acc_dtype(x)
+        return layer_norm_bwd(dy.to(acc), x.to(acc), weight.to(acc), mean, rstd).to(x.dtype)
     dx, _, _ = torch.ops.aten.native_layer_norm_backward(
-        dy, x, x.shape[-1:], mean.unsqueeze(-1), rstd.unsqueeze(-1), weight, None, [True, False, False])
+        dy.to(x.dtype), x, x.shape[-1:], mean.unsqueeze(-1), rstd.unsqueeze(-1), weight, None, [True, False, False])
     return dx
 
 
