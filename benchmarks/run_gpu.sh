@@ -7,8 +7,9 @@
 #   bash benchmarks/run_gpu.sh                 # everything
 #   SKIP_TESTS=1 bash benchmarks/run_gpu.sh    # benchmarks only
 #   SKIP_BENCH=1 bash benchmarks/run_gpu.sh    # build + tests only
-#   PYTEST_ARGS="-k cuda" BENCH_ARGS="-k attention" bash benchmarks/run_gpu.sh
-# Env: RESULTS_DIR (default benchmarks/results/<device>), OUT_JSON (default $RESULTS_DIR/bench.json),
+#   TESTS=tests/test_ext.py TEST_K="cuda" BENCH_K="attention" bash benchmarks/run_gpu.sh
+# Env: TESTS (test paths, default tests/), TEST_K / BENCH_K (pytest -k expressions),
+# RESULTS_DIR (default benchmarks/results/<device>), OUT_JSON (default $RESULTS_DIR/bench.json),
 # TORCH_CUDA_ARCH_LIST (default: setup.py's "8.0;9.0a"), MAX_JOBS (default: nproc), PYTHON.
 # Exit status: the tests' status if they failed, else the benchmarks' (the benchmarks run either way).
 set -euo pipefail
@@ -18,7 +19,7 @@ PYTHON=${PYTHON:-python}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 
 device=$($PYTHON -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" \
-         | tr -c 'A-Za-z0-9._-\n' '_' | sed 's/__*/_/g; s/_$//')
+         | tr -c 'A-Za-z0-9._\n-' '_' | sed 's/__*/_/g; s/_$//')
 RESULTS_DIR=${RESULTS_DIR:-benchmarks/results/$device}
 OUT_JSON=${OUT_JSON:-$RESULTS_DIR/bench.json}
 mkdir -p "$RESULTS_DIR" "$(dirname "$OUT_JSON")"
@@ -58,9 +59,9 @@ PY
 
 test_status=0
 if [[ "${SKIP_TESTS:-0}" != "1" ]]; then
-  log "GPU tests (pytest tests/ -m gpu -x -q)"
+  log "GPU tests (pytest ${TESTS:-tests/} -m gpu -x -q)"
   # shellcheck disable=SC2086
-  $PYTHON -m pytest tests/ -m gpu -x -q ${PYTEST_ARGS:-} 2>&1 | tee "$RESULTS_DIR/tests.log" | tail -n 40 \
+  $PYTHON -m pytest ${TESTS:-tests/} -m gpu -x -q -k "${TEST_K:-}" 2>&1 | tee "$RESULTS_DIR/tests.log" | tail -n 40 \
     || test_status=$?
   echo "tests status: $test_status"
 fi
@@ -69,7 +70,7 @@ bench_status=0
 if [[ "${SKIP_BENCH:-0}" != "1" ]]; then
   log "benchmarks (pytest benchmarks/ --benchmark-only)"
   # shellcheck disable=SC2086
-  $PYTHON -m pytest benchmarks/ --benchmark-only --benchmark-json="$OUT_JSON" -q ${BENCH_ARGS:-} 2>&1 \
+  $PYTHON -m pytest benchmarks/ --benchmark-only --benchmark-json="$OUT_JSON" -q -k "${BENCH_K:-}" 2>&1 \
     | tee "$RESULTS_DIR/bench.log" | tail -n 60 || bench_status=$?
   echo "benchmarks status: $bench_status"
   if [[ -f "$OUT_JSON" ]]; then
