@@ -2,10 +2,7 @@
 import pytest
 import torch
 
-try:  # `tests` is a package only when run from the repo root with it on sys.path
-    from tests.utils import assert_close, assert_flash_rule
-except ImportError:
-    from utils import assert_close, assert_flash_rule
+from utils import assert_close, assert_flash_rule
 from vpt_fast.backends import torch_impl
 
 HAS_CUDA = torch.cuda.is_available()

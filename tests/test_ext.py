@@ -13,10 +13,7 @@ import os
 import pytest
 import torch
 
-try:  # `tests` is a package only when run from the repo root with it on sys.path
-    from tests.utils import assert_close, assert_flash_rule
-except ImportError:
-    from utils import assert_close, assert_flash_rule
+from utils import assert_close, assert_flash_rule
 from vpt_fast.backends import torch_impl
 
 cuda_impl = pytest.importorskip("vpt_fast.backends.cuda_impl")

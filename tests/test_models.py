@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import ResPostBlock
 
 import vpt_fast
-from utils import rel_error
+import utils
+from utils import rel_error, training_results as run
 
 TOL = 1e-4  # fp32 on CPU, DESIGN.md §5
 FAST_BACKENDS = [b for b in vpt_fast.available_backends() if b in ("torch", "cuda")]
@@ -42,29 +43,15 @@ def prompted(seed: int = 0, variant: str = "cls_token", **prompt_kwargs) -> torc
     return model
 
 
-def run(model, backend: str, x, y, seed: int = 1):
-    vpt_fast.set_backend(model, backend)
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)  # the same prompt-dropout masks for every backend
-    logits = model(x)
-    F.cross_entropy(logits, y).backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    return logits.detach(), grads
-
-
-def assert_matches_reference(model, backends, batch: int = 3, seed: int = 2):
+def random_batch(model, batch: int = 3, seed: int = 2):
     g = torch.Generator().manual_seed(seed)
-    size = model.patch_embed.img_size
-    x = torch.randn(batch, 3, *size, generator=g)
+    x = torch.randn(batch, 3, *model.patch_embed.img_size, generator=g)
     y = torch.randint(0, model.num_classes, (batch,), generator=g)
-    ref_logits, ref_grads = run(model, "reference", x, y)
-    assert ref_grads and all(g.abs().sum() > 0 for g in ref_grads.values())
-    for backend in backends:
-        logits, grads = run(model, backend, x, y)
-        assert rel_error(logits, ref_logits) < TOL, f"{backend}: logits"
-        assert grads.keys() == ref_grads.keys()
-        for name, grad in grads.items():
-            assert rel_error(grad, ref_grads[name]) < TOL, f"{backend}: grad of {name}"
+    return x, y
+
+
+def assert_matches_reference(model, backends, batch: int = 3):
+    utils.assert_matches_reference(model, backends, *random_batch(model, batch), tol=TOL)
 
 
 @pytest.mark.parametrize("deep", [True, False], ids=["deep", "shallow"])

@@ -14,7 +14,10 @@ from timm.models.swin_transformer import window_partition, window_reverse
 from torch.utils.flop_counter import FlopCounterMode
 
 import vpt_fast
-from utils import rel_error
+import utils
+from utils import rel_error, training_results as run
+from vpt_fast import set_backend
+from vpt_fast.bench import flop_mapping
 from vpt_fast.blocks.swin import SwinBlock, SwinPatchMerging
 from vpt_fast.config import PromptConfig
 from vpt_fast.prompting_swin import prompt_swin
@@ -51,22 +54,6 @@ def prompted(seed: int = 0, size: str = "w7", depths=(2, 2), num_heads=(2, 4), *
     return randomize(prompt_swin(tiny_swin(size, depths, num_heads), config))
 
 
-def set_backend(model, backend: str) -> None:
-    for module in model.modules():
-        if getattr(module, "is_vpt_block", False):
-            module.backend = backend
-
-
-def run(model, backend: str, x, y, seed: int = 1):
-    set_backend(model, backend)
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)  # the same prompt-dropout masks for every backend
-    logits = model(x)
-    F.cross_entropy(logits, y).backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    return logits.detach(), grads
-
-
 def inputs(model, batch: int = 3, seed: int = 2):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, *model.patch_embed.img_size, generator=g)
@@ -76,15 +63,7 @@ def inputs(model, batch: int = 3, seed: int = 2):
 
 
 def assert_matches_reference(model, backends=FAST_BACKENDS, batch: int = 3):
-    x, y = inputs(model, batch)
-    ref_logits, ref_grads = run(model, "reference", x, y)
-    assert ref_grads and all(g.abs().sum() > 0 for g in ref_grads.values())
-    for backend in backends:
-        logits, grads = run(model, backend, x, y)
-        assert rel_error(logits, ref_logits) < TOL, f"{backend}: logits"
-        assert grads.keys() == ref_grads.keys()
-        for name, grad in grads.items():
-            assert rel_error(grad, ref_grads[name]) < TOL, f"{backend}: grad of {name}"
+    utils.assert_matches_reference(model, backends, *inputs(model, batch), tol=TOL)
 
 
 @pytest.mark.parametrize("deep", [True, False], ids=["deep", "shallow"])
@@ -352,22 +331,9 @@ def test_gpu_matches_reference(backend, deep):
 
 # -- exact FLOPs (DESIGN.md §2) ----------------------------------------------------------------
 
-def _flash_fwd_flops(q, k, v, *args, **kwargs) -> int:  # the mapping receives shapes
-    batch, heads, nq, d = q
-    return 4 * batch * heads * nq * k[2] * d
-
-
-def _flash_bwd_flops(dout, q, k, v, *args, **kwargs) -> int:
-    return int(2.5 * _flash_fwd_flops(q, k, v))
-
-
-FLASH_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _flash_fwd_flops,
-               torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _flash_bwd_flops}
-
-
 def train_step_flops(model, backend: str, x, y) -> int:
     set_backend(model, backend)
-    with FlopCounterMode(display=False, custom_mapping=FLASH_FLOPS) as counter:
+    with FlopCounterMode(display=False, custom_mapping=flop_mapping()) as counter:
         F.cross_entropy(model(x), y).backward()
     return counter.get_total_flops()
 

@@ -49,3 +49,30 @@ def assert_flash_rule(actual: Tensor, reference: Tensor, baseline: Tensor, name:
 def rel_error(actual: Tensor, expected: Tensor, eps: Optional[float] = 1e-12) -> float:
     """max |actual - expected| / max |expected|."""
     return max_error(actual, expected) / max(expected.detach().double().abs().max().item(), eps)
+
+
+def training_results(model, backend: str, x: Tensor, y: Tensor, seed: int = 1):
+    """Logits and the gradients of every trainable parameter after one cross-entropy backward,
+    with the model switched to `backend` and the RNG seeded (same prompt-dropout masks for all)."""
+    import torch.nn.functional as F
+
+    import vpt_fast
+    vpt_fast.set_backend(model, backend)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    logits = model(x)
+    F.cross_entropy(logits.float(), y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return logits.detach(), grads
+
+
+def assert_matches_reference(model, backends, x: Tensor, y: Tensor, tol: float = 1e-4) -> None:
+    """Every backend's logits and trainable gradients within `tol` (relative) of the reference."""
+    ref_logits, ref_grads = training_results(model, "reference", x, y)
+    assert ref_grads and all(g.abs().sum() > 0 for g in ref_grads.values())
+    for backend in backends:
+        logits, grads = training_results(model, backend, x, y)
+        assert rel_error(logits, ref_logits) < tol, f"{backend}: logits"
+        assert grads.keys() == ref_grads.keys()
+        for name, grad in grads.items():
+            assert rel_error(grad, ref_grads[name]) < tol, f"{backend}: grad of {name}"

@@ -133,12 +133,18 @@ def prompt(model: nn.Module, num_prompts: int = 50, deep: bool = True, dropout: 
         model.blocks[i] = block
     patch_size = tuple(model.patch_embed.patch_size)
     param = next(model.parameters())
-    model.vpt = VisualPrompts(len(blocks) if deep else 1, num_prompts, model.embed_dim, patch_size,
-                              project, dropout).to(device=param.device, dtype=param.dtype)
+    prompts = VisualPrompts(len(blocks) if deep else 1, num_prompts, model.embed_dim, patch_size, project, dropout)
+    return install_prompts(model, prompts.to(device=param.device, dtype=param.dtype), config, _vit_forward_features)
+
+
+def install_prompts(model: nn.Module, prompts: nn.Module, config: PromptConfig, forward_features) -> nn.Module:
+    """Attach the prompt module as `model.vpt`, make the classifier head trainable, and route the
+    model's `forward_features` and `train` through VPT (the backbone is already frozen)."""
+    model.vpt = prompts
     model.vpt_config = config
     for p in model.get_classifier().parameters():
         p.requires_grad_(True)
-    model.forward_features = MethodType(_vit_forward_features, model)
+    model.forward_features = MethodType(forward_features, model)
     model.train = MethodType(_train_prompts_only, model)
     model.train(model.training)
     return model

@@ -20,7 +20,6 @@ sample). The released Swin code drops out deep sets before expanding (one mask p
 from __future__ import annotations
 
 import math
-from types import MethodType
 from typing import Optional, Sequence
 
 import torch
@@ -28,7 +27,7 @@ from torch import Tensor, nn
 
 from vpt_fast.blocks.swin import SwinBlock, SwinPatchMerging
 from vpt_fast.config import PromptConfig
-from vpt_fast.prompting import _train_prompts_only
+from vpt_fast.prompting import install_prompts
 
 
 class SwinPrompts(nn.Module):
@@ -155,13 +154,6 @@ def prompt_swin(model: nn.Module, config: PromptConfig) -> nn.Module:
     stage_dims = [stage_blocks[0].dim for stage_blocks in blocks]
     num_sets = [len(stage_blocks) for stage_blocks in blocks] if config.deep else [1]
     param = next(model.parameters())
-    model.vpt = SwinPrompts(num_sets, config.num_prompts, stage_dims[:len(num_sets)],
-                            tuple(model.patch_embed.patch_size), config.project,
-                            config.dropout).to(device=param.device, dtype=param.dtype)
-    model.vpt_config = config
-    for p in model.get_classifier().parameters():
-        p.requires_grad_(True)
-    model.forward_features = MethodType(_swin_forward_features, model)
-    model.train = MethodType(_train_prompts_only, model)
-    model.train(model.training)
-    return model
+    prompts = SwinPrompts(num_sets, config.num_prompts, stage_dims[:len(num_sets)],
+                          tuple(model.patch_embed.patch_size), config.project, config.dropout)
+    return install_prompts(model, prompts.to(device=param.device, dtype=param.dtype), config, _swin_forward_features)
