@@ -13,18 +13,20 @@ import torch
 
 import vpt_fast
 from conftest import default_config, run_timed
+from vpt_fast.blocks.vit import resolve_auto
 from vpt_fast.bench import build_model, count_flops, make_batch, saved_activation_bytes, training_step
 
 _CFG = default_config()
 _BACKENDS = [b for b in vpt_fast.available_backends() if b != "reference"
              and not (b == "triton" and _CFG.device == "cpu")]  # the interpreter is not timed
 _COMPILE = _CFG.device == "cuda" or os.environ.get("VPT_BENCH_COMPILE") == "1"
-METHODS = (["eager"] + (["eager_compile"] if _COMPILE else []) + _BACKENDS)
+# "<backend>_mlp": the same backend with recompute="mlp" (norm2 + fc1 recomputed in backward)
+METHODS = (["eager"] + (["eager_compile"] if _COMPILE else []) + _BACKENDS + [f"{resolve_auto('auto', torch.device(_CFG.device))}_mlp"])
 
 
 def _setup(method: str, cfg):
-    backend = "reference" if method.startswith("eager") else method
-    model = build_model(cfg, backend)
+    backend = "reference" if method.startswith("eager") else method.removesuffix("_mlp")
+    model = build_model(cfg, backend, "mlp" if method.endswith("_mlp") else "none")
     x, y = make_batch(cfg, model)
     runner = torch.compile(model) if method == "eager_compile" else model
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)

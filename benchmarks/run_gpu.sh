@@ -15,7 +15,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-python3}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 
 device=$($PYTHON -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" \
@@ -59,9 +59,9 @@ PY
 
 test_status=0
 if [[ "${SKIP_TESTS:-0}" != "1" ]]; then
-  log "GPU tests (pytest ${TESTS:-tests/} -m gpu -x -q)"
+  log "GPU tests (pytest ${TESTS:-tests/} -m gpu --maxfail=25 -q)"
   # shellcheck disable=SC2086
-  $PYTHON -m pytest ${TESTS:-tests/} -m gpu -x -q -k "${TEST_K:-}" 2>&1 | tee "$RESULTS_DIR/tests.log" | tail -n 40 \
+  $PYTHON -m pytest ${TESTS:-tests/} -m gpu --maxfail=25 -q -k "${TEST_K:-}" 2>&1 | tee "$RESULTS_DIR/tests.log" | tail -n 40 \
     || test_status=$?
   echo "tests status: $test_status"
 fi
