@@ -250,3 +250,32 @@ def test_attention_gpu_fp32(backend, d):
     impl = _backend(backend)
     args = _inputs(4, 3, 197, 197, 50, 1, d, 2, torch.float32, device="cuda", seed=d)
     _check_exact(impl, args, d ** -0.5, 1e-4)
+
+
+@pytest.mark.parametrize("math_path", [False, True], ids=["cpu_flash", "math"])
+@pytest.mark.parametrize("bp", [1, 2, 4])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_torch_impl_matches_naive_attention(bp, math_path, with_bias, monkeypatch):
+    """The executable spec itself against a literal softmax over [expanded prompts; own keys]."""
+    monkeypatch.setattr(torch_impl, "_FORCE_MATH", math_path)
+    g = torch.Generator().manual_seed(bp)
+    B, H, N, P, d, nb = 4, 3, 11, 5, 16, 2
+    q, k, v = (torch.randn(B, H, N, d, generator=g, dtype=torch.float64) for _ in range(3))
+    pk, pv = (torch.randn(bp, H, P, d, generator=g, dtype=torch.float64) for _ in range(2))
+    bias = torch.randn(nb, H, N, N, generator=g, dtype=torch.float64) if with_bias else None
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, pk, pv)]
+    lq, lk, lv, lpk, lpv = leaves
+    owner = torch.arange(B) // (B // bp)  # query batch b reads prompt batch b // (B // Bp)
+    keys, values = torch.cat([lpk[owner], lk], 2), torch.cat([lpv[owner], lv], 2)
+    scores = lq @ keys.transpose(-1, -2) / d ** 0.5
+    if bias is not None:
+        scores = scores + torch.nn.functional.pad(bias[torch.arange(B) % nb], (P, 0))
+    expected = torch.softmax(scores, -1) @ values
+    dout = torch.randn(expected.shape, generator=g, dtype=torch.float64)
+    expected.backward(dout)
+    out, lse = torch_impl.attention_fwd(q, k, v, pk, pv, d ** -0.5, bias)
+    assert_close(out, expected, atol=1e-6, rtol=1e-6, name="out")
+    assert_close(lse, torch.logsumexp(scores, -1).detach(), atol=1e-6, rtol=1e-6, name="lse")
+    grads = torch_impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, d ** -0.5, bias)
+    for name, got, leaf in zip(("dq", "dk", "dv", "dpk", "dpv"), grads, leaves):
+        assert_close(got, leaf.grad, atol=1e-6, rtol=1e-6, name=name)

@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+
 def _expand_prompts(p: Tensor, batch: int) -> Tensor:
-    """(Bp, H, P, d) -> (B, H, P, d) view (no copy) in query-batch order."""
+    """(Bp, H, P, d) -> (B, H, P, d) in query-batch order (a view when Bp is 1 or B)."""
     bp = p.shape[0]
-    return p[:, None].expand(bp, batch // bp, *p.shape[1:]).reshape(batch, *p.shape[1:]) if bp > 1 and bp < batch \
-        else p.expand(batch, *p.shape[1:])
+    return p[:, None].expand(bp, batch // bp, *p.shape[1:]).reshape(batch, *p.shape[1:])
 
 
 def _joint_kv(k: Tensor, v: Tensor, pk: Optional[Tensor], pv: Optional[Tensor]):
