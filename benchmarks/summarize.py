@@ -20,7 +20,7 @@ def summarize(data: dict) -> str:
         base = methods.get("eager") or next(iter(methods.values()))
         base_median = base["stats"]["median"]
         lines.append(f"\n{group}  (ratios vs {base['param'] or base['name']})")
-        lines.append(f"| method | median ms | speedup | img/s | peak MiB | peak ratio | GFLOP | FLOP ratio |")
+        lines.append("| method | median ms | speedup | img/s | peak MiB | peak ratio | GFLOP | FLOP ratio |")
         lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
         for method, b in methods.items():
             med, info, binfo = b["stats"]["median"], b.get("extra_info", {}), base.get("extra_info", {})

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _memory(args: argparse.Namespace) -> None:
     batches = [int(b) for b in args.batches.split(",") if b]
-    series = {f"eager": ("reference", "none"), f"vpt_fast[{args.backend}]": (args.backend, "none"),
+    series = {"eager": ("reference", "none"), f"vpt_fast[{args.backend}]": (args.backend, "none"),
               f"vpt_fast[{args.backend}, recompute=mlp]": (args.backend, "mlp"),
               f"vpt_fast[{args.backend}, recompute=block]": (args.backend, "block")}
     results = {name: [] for name in series}

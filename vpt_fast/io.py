@@ -2,7 +2,6 @@
 metadata that identifies the configuration it was trained for."""
 from __future__ import annotations
 
-import json
 import os
 from typing import Mapping
 
@@ -87,6 +86,3 @@ def load_prompts(model: nn.Module, path: str | os.PathLike) -> None:
         raise ValueError(f"checkpoint {os.fspath(path)} was made for another configuration ({detail})")
     load_prompt_state_dict(model, state)
 
-
-def dumps_metadata(model: nn.Module) -> str:
-    return json.dumps(metadata(model), indent=2)

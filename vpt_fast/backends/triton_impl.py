@@ -246,7 +246,6 @@ def _attention_bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, pk: Optio
                       bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dpk, dpv); dpk/dpv are empty (0,) tensors when pk is None."""
     B, H, Nq, d = q.shape
-    Nk = k.shape[2]
     dq, dk, dv = _bh_view(q), _bh_view(k), _bh_view(v)
     has_prompt = pk is not None
     if has_prompt:
