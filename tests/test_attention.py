@@ -9,7 +9,7 @@ import importlib
 import pytest
 import torch
 
-from utils import assert_close, assert_flash_rule
+from utils import assert_close, assert_flash_rule, eager_attention_low_precision
 from vpt_fast.backends import torch_impl
 
 HAS_CUDA = torch.cuda.is_available()
@@ -122,25 +122,10 @@ def test_attention_contiguous_and_views_agree(backend):
         assert_close(x, y, 1e-6, 1e-6, name)
 
 
-def _eager_low_precision(q, k, v, pk, pv, bias, dout, scale):
-    """timm-style eager attention on the concatenated keys in the inputs' dtype, with autograd."""
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    pk_, pv_ = (None, None) if pk is None else (t.detach().clone().requires_grad_() for t in (pk, pv))
-    kk, vv = torch_impl._joint_kv(k, v, pk_, pv_)
-    s = (q * scale) @ kk.transpose(-1, -2)
-    mask = torch_impl._joint_bias(bias, q.shape[0], 0 if pk is None else pk.shape[2])
-    if mask is not None:
-        s = s + mask.to(s.dtype)
-    out = s.softmax(-1) @ vv
-    leaves = [q, k, v] + ([] if pk is None else [pk_, pv_])
-    grads = torch.autograd.grad(out, leaves, dout)
-    return out, list(grads) + ([None, None] if pk is None else [])
-
-
 def _check_flash_rule(impl, args, scale, atol=1e-4):
     out, lse, grads = _run(impl, *args, scale)
     r_out, r_lse, r_grads = _reference(*args, scale)
-    e_out, e_grads = _eager_low_precision(*args, scale)
+    e_out, e_grads = eager_attention_low_precision(*args, scale)
     # Baseline: the worse of eager low-precision math and torch_impl run in the same precision.
     t_out, _, t_grads = _run(torch_impl, *args, scale)
     for name, x, r, e, t in zip(("out",) + GRAD_NAMES, [out, *grads], [r_out, *r_grads],

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from utils import assert_close, assert_flash_rule
+from utils import assert_close, assert_flash_rule, eager_attention_low_precision
 from vpt_fast.backends import torch_impl
 
 cuda_impl = pytest.importorskip("vpt_fast.backends.cuda_impl")
@@ -287,26 +287,11 @@ def _cuda_ready():
         pytest.skip("vpt_fast._C built without CUDA kernels")
 
 
-def _eager_low_precision(q, k, v, pk, pv, bias, dout, scale):
-    """timm-style eager attention on the concatenated keys in the inputs' dtype, with autograd."""
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    pk_, pv_ = (None, None) if pk is None else (t.detach().clone().requires_grad_() for t in (pk, pv))
-    kk, vv = torch_impl._joint_kv(k, v, pk_, pv_)
-    s = (q * scale) @ kk.transpose(-1, -2)
-    mask = torch_impl._joint_bias(bias, q.shape[0], 0 if pk is None else pk.shape[2])
-    if mask is not None:
-        s = s + mask.to(s.dtype)
-    out = s.softmax(-1) @ vv
-    leaves = [q, k, v] + ([] if pk is None else [pk_, pv_])
-    grads = torch.autograd.grad(out, leaves, dout)
-    return out, list(grads) + ([None, None] if pk is None else [])
-
-
 def _check_flash_rule(args, scale, atol=1e-4):
     out, lse, grads = _run(cuda_impl, *args, scale)
     torch.cuda.synchronize()
     r_out, r_lse, r_grads = _reference(*args, scale)
-    e_out, e_grads = _eager_low_precision(*args, scale)
+    e_out, e_grads = eager_attention_low_precision(*args, scale)
     q = args[0]
     assert out.dtype == q.dtype and lse.dtype == torch.float32
     for name, x, r, e in zip(("out",) + GRADS, [out, *grads], [r_out, *r_grads], [e_out, *e_grads]):

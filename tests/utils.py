@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from vpt_fast.backends import torch_impl
+
 
 def max_error(actual: Tensor, expected: Tensor) -> float:
     """Largest absolute difference, computed in float64."""
@@ -76,3 +78,18 @@ def assert_matches_reference(model, backends, x: Tensor, y: Tensor, tol: float =
         assert grads.keys() == ref_grads.keys()
         for name, grad in grads.items():
             assert rel_error(grad, ref_grads[name]) < tol, f"{backend}: grad of {name}"
+
+
+def eager_attention_low_precision(q, k, v, pk, pv, bias, dout, scale):
+    """timm-style eager attention on the concatenated keys in the inputs' dtype, with autograd."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    pk_, pv_ = (None, None) if pk is None else (t.detach().clone().requires_grad_() for t in (pk, pv))
+    kk, vv = torch_impl._joint_kv(k, v, pk_, pv_)
+    s = (q * scale) @ kk.transpose(-1, -2)
+    mask = torch_impl._joint_bias(bias, q.shape[0], 0 if pk is None else pk.shape[2])
+    if mask is not None:
+        s = s + mask.to(s.dtype)
+    out = s.softmax(-1) @ vv
+    leaves = [q, k, v] + ([] if pk is None else [pk_, pv_])
+    grads = torch.autograd.grad(out, leaves, dout)
+    return out, list(grads) + ([None, None] if pk is None else [])
