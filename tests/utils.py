@@ -93,3 +93,25 @@ def eager_attention_low_precision(q, k, v, pk, pv, bias, dout, scale):
     leaves = [q, k, v] + ([] if pk is None else [pk_, pv_])
     grads = torch.autograd.grad(out, leaves, dout)
     return out, list(grads) + ([None, None] if pk is None else [])
+
+
+def assert_follows_reference_in_low_precision(model, backend: str, x: Tensor, y: Tensor, device_type: str,
+                                              fp32_tol: Optional[float] = 1e-4,
+                                              dtype: torch.dtype = torch.bfloat16) -> None:
+    """Logits and every trainable gradient of `backend`: in fp32 within `fp32_tol` (relative) of the
+    reference backend; under `dtype` autocast, FlashAttention's rule against that fp32 reference —
+    at most 2x the error of eager release-style VPT under the same autocast, plus one `dtype` ulp at
+    the tensor's scale (small tensors such as the head's are otherwise rounding-noise bound)."""
+    def result(name: str, precision: torch.dtype):
+        with torch.autocast(device_type, dtype=precision, enabled=precision != torch.float32):
+            logits, grads = training_results(model, name, x, y)
+        return [logits.float()] + [g.float() for g in grads.values()]
+
+    reference = result("reference", torch.float32)
+    if fp32_tol is not None:
+        for i, (got, ref) in enumerate(zip(result(backend, torch.float32), reference)):
+            assert rel_error(got, ref) < fp32_tol, f"{backend} fp32 output {i}"
+    baseline = result("reference", dtype)
+    ulp = torch.finfo(dtype).eps
+    for i, (got, ref, base) in enumerate(zip(result(backend, dtype), reference, baseline)):
+        assert_flash_rule(got, ref, base, name=f"{backend} {dtype} output {i}", atol=ulp * ref.abs().max().item())
