@@ -164,6 +164,17 @@ optional<Tensor> nonempty(const optional<Tensor>& p) {
   return p;
 }
 
+using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// P == 0 ran as "no prompts": give back zero-size prompt gradients of pk's shape.
+Grads with_prompt_grad_shapes(Grads r, const optional<Tensor>& pk, const optional<Tensor>& pv) {
+  if (pk.has_value() && pk->size(2) == 0) {
+    std::get<3>(r) = at::zeros_like(*pk);
+    std::get<4>(r) = at::zeros_like(*pv);
+  }
+  return r;
+}
+
 std::tuple<Tensor, Tensor> attention_fwd_cpu_op(const Tensor& q, const Tensor& k, const Tensor& v,
                                                 const optional<Tensor>& pk,
                                                 const optional<Tensor>& pv, double scale,
@@ -179,12 +190,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu_op(
   const char* fn = "vpt_fast.attention_bwd";
   check_attention(fn, q, k, v, pk, pv, bias);
   check_backward(fn, dout, q, out, lse);
-  auto r = attention_bwd_cpu(dout, q, k, v, nonempty(pk), nonempty(pv), out, lse, scale, bias);
-  if (pk.has_value() && pk->size(2) == 0) {  // P == 0: zero-size prompt gradients of pk's shape
-    std::get<3>(r) = at::zeros_like(*pk);
-    std::get<4>(r) = at::zeros_like(*pv);
-  }
-  return r;
+  return with_prompt_grad_shapes(
+      attention_bwd_cpu(dout, q, k, v, nonempty(pk), nonempty(pv), out, lse, scale, bias), pk, pv);
 }
 
 #ifdef VPT_FAST_WITH_CUDA
@@ -215,12 +222,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd_cuda_op(
   check_attention(fn, q, k, v, pk, pv, bias);
   check_backward(fn, dout, q, out, lse);
   check_cuda_capability(fn, q);
-  auto r = attention_bwd_cuda(dout, q, k, v, nonempty(pk), nonempty(pv), out, lse, scale, bias);
-  if (pk.has_value() && pk->size(2) == 0) {
-    std::get<3>(r) = at::zeros_like(*pk);
-    std::get<4>(r) = at::zeros_like(*pv);
-  }
-  return r;
+  return with_prompt_grad_shapes(
+      attention_bwd_cuda(dout, q, k, v, nonempty(pk), nonempty(pv), out, lse, scale, bias), pk, pv);
 }
 #endif
 
