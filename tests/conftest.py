@@ -22,3 +22,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def impl():
+    """The triton backend's primitives module (skips when triton cannot run here)."""
+    from vpt_fast.backends import triton_impl
+    if not triton_impl.AVAILABLE:
+        pytest.skip("triton backend not available")
+    return triton_impl

@@ -7,14 +7,7 @@ from vpt_fast.backends import torch_impl
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
-
-
-@pytest.fixture(scope="module")
-def impl():
-    from vpt_fast.backends import triton_impl
-    if not triton_impl.AVAILABLE:
-        pytest.skip("triton backend not available")
-    return triton_impl
+# `impl` (the triton backend module) comes from conftest.py
 
 
 def _inputs(shape, dtype, with_bias, device=DEVICE, seed=0, noncontig=False):
