@@ -1,5 +1,6 @@
 # LayerNorm over the last dim, one program per row (rows = all leading dims flattened).
-# Forward writes y (input dtype) and fp32 mean / rstd; backward gives dX only (the affine is frozen,
+# Forward writes y (Y's dtype: under autocast the fp32 residual stream is normalised straight into the
+# bf16/fp16 the next GEMM reads) and fp32 mean / rstd; backward gives dX only (the affine is frozen,
 # DESIGN.md §2.3): dx = rstd * (g - xhat * mean(g * xhat) - mean(g)), g = dy * weight.
 #
 # Tuned shape, ViT-B/16 deep VPT block norm: rows = B*N = 128*197 = 25,216, C = 768, bf16.

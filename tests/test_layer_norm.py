@@ -99,3 +99,63 @@ def test_layer_norm_torch_compile(impl):
     compiled = torch.compile(f, backend="inductor" if HAS_CUDA else "aot_eager", fullgraph=True)
     for name, got, want in zip(("y", "dx"), compiled(x, w, b, dy), f(x, w, b, dy)):
         assert_close(got, want, 1e-6, 1e-6, name)
+
+
+def _out_dtype_case(impl, dtype, device):
+    x, w, b, dy = _inputs((3, 5, 40), torch.float32, "wb", True, device=device, seed=2)
+    y_low, mean, rstd = impl.layer_norm_fwd(x, w, b, 1e-6, dtype)
+    y = impl.layer_norm_fwd(x, w, b, 1e-6)[0]
+    assert y_low.dtype == dtype and y_low.shape == x.shape
+    dy_low = dy.to(dtype)
+    dx_low = impl.layer_norm_bwd(dy_low, x, w, mean, rstd)
+    assert dx_low.dtype == torch.float32
+    # dy read in its own dtype equals dy upcast first: the same values enter the fp32 math
+    assert torch.equal(dx_low, impl.layer_norm_bwd(dy_low.float(), x, w, mean, rstd))
+    return y_low, y.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_layer_norm_out_dtype(impl, dtype):
+    """fp32 rows normalised straight into the low dtype equal the fp32 result cast once (the
+    interpreter truncates instead of rounding bf16 stores: 1 ulp there; exact on GPU below)."""
+    got, want = _out_dtype_case(impl, dtype, DEVICE)
+    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
+    assert_close(got.float(), want.float(), 0.0, ulp * 1.01, "y")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_layer_norm_out_dtype_gpu(impl, dtype):
+    got, want = _out_dtype_case(impl, dtype, "cuda")
+    assert torch.equal(got, want)
+
+
+def test_layer_norm_out_dtype_torch():
+    got, want = _out_dtype_case(torch_impl, torch.bfloat16, "cpu")
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_layer_norm_feeding_matmul_under_autocast(backend):
+    """layer_norm(feeds_matmul=True) under autocast: output in the autocast dtype with the values of
+    the float32 LayerNorm cast once (what the consuming linear would do), same input gradient."""
+    from vpt_fast.ops import backend_module
+    from vpt_fast.ops.layer_norm import layer_norm
+    if backend_module(backend) is None:
+        pytest.skip(f"{backend} backend not available")
+    torch.manual_seed(3)
+    norm = torch.nn.LayerNorm(40).requires_grad_(False)
+    torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+    x = (torch.randn(4, 7, 40) * 2 + 1).requires_grad_()
+    dy = torch.randn(4, 7, 40).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_low = layer_norm(x, norm, backend, feeds_matmul=True)
+        y = layer_norm(x, norm, backend)
+    assert y_low.dtype == torch.bfloat16 and y.dtype == torch.float32
+    (dx_low,) = torch.autograd.grad(y_low, x, dy)
+    (dx,) = torch.autograd.grad(y.bfloat16(), x, dy)
+    assert torch.equal(dx_low, dx)
+    if backend == "torch":
+        assert torch.equal(y_low, y.bfloat16())
+    else:  # the interpreter truncates bf16 stores
+        assert_close(y_low.float(), y.bfloat16().float(), 0.0, 2.0 ** -7 * 1.01, "y")

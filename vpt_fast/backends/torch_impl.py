@@ -114,17 +114,20 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, pk: Optional[Te
     return dq, dkk[:, :, num_prompts:], dvv[:, :, num_prompts:], dpk, dpv
 
 
-def layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                   eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """LayerNorm over the last dim. Returns (y, mean, rstd); mean/rstd of shape x.shape[:-1] in the
-    accumulation dtype (float32, float64 for float64 inputs)."""
+def layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                   out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm over the last dim. Returns (y, mean, rstd): y in `out_dtype` (default x's dtype),
+    rounded once from the accumulation dtype; mean/rstd of shape x.shape[:-1] in the accumulation
+    dtype (float32, float64 for float64 inputs)."""
     y, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], weight, bias, eps)
+    if out_dtype is not None:
+        y = y.to(out_dtype)
     return y, mean.squeeze(-1), rstd.squeeze(-1)
 
 
 def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor,
                    rstd: Tensor) -> Tensor:
-    """dX only: the affine parameters are frozen."""
+    """dX only (in x's dtype; dy may be in another dtype): the affine parameters are frozen."""
     if weight is not None and weight.dtype != x.dtype:  # e.g. bf16 rows, fp32 affine: the aten kernel wants one dtype
         acc = _acc_dtype(x)
         return layer_norm_bwd(dy.to(acc), x.to(acc), weight.to(acc), mean, rstd).to(x.dtype)

@@ -410,15 +410,16 @@ def _rows(x: Tensor) -> Tensor:
     return x2 if x2.stride(-1) == 1 or x2.shape[-1] == 1 else x2.contiguous()
 
 
-def _layer_norm_fwd_fake(x, weight, bias, eps):
+def _layer_norm_fwd_fake(x, weight, bias, eps, out_dtype):
     stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+    y = torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=torch.contiguous_format)
+    return y, stats, torch.empty_like(stats)
 
 
-def _layer_norm_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                       eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def _layer_norm_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                         out_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor]:
     C = x.shape[-1]
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
     mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     rows = mean.numel()
@@ -467,22 +468,25 @@ def _check_affine(name: str, t: Optional[Tensor], x: Tensor):
                          f"got {tuple(t.shape)}")
 
 
-def layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                   eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """LayerNorm over the last dim. Returns (y, mean, rstd); mean/rstd float32 of shape x.shape[:-1]."""
+def layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                   out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm over the last dim. Returns (y, mean, rstd): y in `out_dtype` (default x's dtype),
+    rounded once from fp32; mean/rstd float32 of shape x.shape[:-1]."""
     _check_available()
     _check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError("triton backend: x must have at least 1 dim")
+    if out_dtype is not None and out_dtype not in _DTYPES:
+        raise TypeError(f"triton backend: out_dtype must be one of float32/float16/bfloat16, got {out_dtype}")
     _check_affine("weight", weight, x)
     _check_affine("bias", bias, x)
     weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
-    return _call(_layer_norm_fwd_impl, "triton_layer_norm_fwd", x, weight, bias, float(eps))
+    return _call(_layer_norm_fwd_impl, "triton_layer_norm_fwd", x, weight, bias, float(eps), out_dtype)
 
 
 def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor,
                    rstd: Tensor) -> Tensor:
-    """dX only: the affine parameters are frozen."""
+    """dX only (in x's dtype; dy may be in another dtype): the affine parameters are frozen."""
     _check_available()
     _check_tensor("x", x)
     _check_tensor("dy", dy)

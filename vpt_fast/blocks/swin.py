@@ -204,8 +204,9 @@ class SwinBlock(nn.Module):
     def _forward(self, x: Tensor, prompts: Optional[Tensor], need_prompts: bool,
                  backend: str) -> tuple[Tensor, Optional[Tensor]]:
         batch, height, width, dim = x.shape
-        pn = None if prompts is None else layer_norm(prompts, self.norm1, backend)
-        a, pa = self._attention(layer_norm(x, self.norm1, backend), pn, need_prompts, backend)
+        # norm1's outputs feed only the qkv GEMMs (window partition in between moves data only)
+        pn = None if prompts is None else layer_norm(prompts, self.norm1, backend, feeds_matmul=True)
+        a, pa = self._attention(layer_norm(x, self.norm1, backend, feeds_matmul=True), pn, need_prompts, backend)
         x = (x + self.drop_path1(a)).reshape(batch, height * width, dim)
         x = (x + self.drop_path2(self._mlp(x, backend))).reshape(batch, height, width, dim)
         if pa is None:
@@ -313,4 +314,4 @@ class SwinPatchMerging(nn.Module):
     def _reduce(self, x: Tensor, backend: str) -> Tensor:
         if backend == "reference":
             return self.reduction(self.norm(x))
-        return linear(layer_norm(x, self.norm, backend), self.reduction.weight, self.reduction.bias)
+        return linear(layer_norm(x, self.norm, backend, feeds_matmul=True), self.reduction.weight, self.reduction.bias)

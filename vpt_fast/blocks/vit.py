@@ -115,7 +115,7 @@ class ViTBlock(nn.Module):
         attn = self.attn
         batch, num_tokens, dim = x.shape
         heads, head_dim = attn.num_heads, attn.head_dim
-        qkv = linear(layer_norm(x, self.norm1, backend), attn.qkv.weight, attn.qkv.bias)
+        qkv = linear(layer_norm(x, self.norm1, backend, feeds_matmul=True), attn.qkv.weight, attn.qkv.bias)
         q, k, v = qkv.view(batch, num_tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
         q, k = self._qk_norm(q, attn.q_norm, backend), self._qk_norm(k, attn.k_norm, backend)
         pk = pv = None
@@ -123,15 +123,15 @@ class ViTBlock(nn.Module):
             # Prompt rows need keys and values only: their queries and outputs are discarded.
             kv_weight = attn.qkv.weight[attn.attn_dim:]
             kv_bias = None if attn.qkv.bias is None else attn.qkv.bias[attn.attn_dim:]
-            kv = linear(layer_norm(prompts, self.norm1, backend), kv_weight, kv_bias)
+            kv = linear(layer_norm(prompts, self.norm1, backend, feeds_matmul=True), kv_weight, kv_bias)
             pk, pv = kv.view(prompts.shape[0], prompts.shape[1], 2, heads, head_dim).permute(2, 0, 3, 1, 4)
             pk = self._qk_norm(pk, attn.k_norm, backend)
         o = prompt_attention(q, k, v, pk, pv, scale=attn.scale, backend=backend)
         o = o.transpose(1, 2).reshape(batch, num_tokens, attn.attn_dim)
         if not isinstance(attn.norm, nn.Identity):
-            o = layer_norm(o, attn.norm, backend)
+            o = layer_norm(o, attn.norm, backend, feeds_matmul=True)
         return linear(o, attn.proj.weight, attn.proj.bias)
 
     @staticmethod
     def _qk_norm(t: Tensor, norm: nn.Module, backend: str) -> Tensor:
-        return t if isinstance(norm, nn.Identity) else layer_norm(t, norm, backend)
+        return t if isinstance(norm, nn.Identity) else layer_norm(t, norm, backend, feeds_matmul=True)

@@ -11,9 +11,10 @@ from vpt_fast.ops import autocast_dtype, resolve
 
 class FrozenLayerNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, backend: str):
+    def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                out_dtype: Optional[torch.dtype], backend: str):
         impl = resolve(backend, "layer_norm", x.device)
-        y, mean, rstd = impl.layer_norm_fwd(x, weight, bias, eps)
+        y, mean, rstd = impl.layer_norm_fwd(x, weight, bias, eps, out_dtype)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.impl = impl
         return y
@@ -21,17 +22,24 @@ class FrozenLayerNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, weight, mean, rstd = ctx.saved_tensors
-        return ctx.impl.layer_norm_bwd(dy.contiguous(), x, weight, mean, rstd), None, None, None, None
+        return ctx.impl.layer_norm_bwd(dy.contiguous(), x, weight, mean, rstd), None, None, None, None, None
 
 
-def layer_norm(x: Tensor, norm: torch.nn.Module, backend: str) -> Tensor:
-    """Apply a frozen `nn.LayerNorm` (over the last dim) with the given backend's kernels."""
+def layer_norm(x: Tensor, norm: torch.nn.Module, backend: str, feeds_matmul: bool = False) -> Tensor:
+    """Apply a frozen `nn.LayerNorm` (over the last dim) with the given backend's kernels.
+
+    Under autocast LayerNorm runs in float32, as in timm's eager blocks. With `feeds_matmul` (the
+    output goes straight into a linear or attention, which autocast would cast to its low dtype) the
+    result is written once in that low dtype: the same values as float32 then a cast, without the
+    float32 round trip through memory.
+    """
     if not isinstance(norm, torch.nn.LayerNorm) or len(norm.normalized_shape) != 1:
         raise TypeError(f"expected nn.LayerNorm over the last dim, got {type(norm).__name__}")
     if any(p.requires_grad for p in norm.parameters()):
         return norm(x)  # unfrozen affine: autograd's own path computes its gradients
     x = upcast_for_autocast(x)
-    return FrozenLayerNorm.apply(x, norm.weight, norm.bias, norm.eps, backend)
+    out_dtype = matmul_input_dtype(x) if feeds_matmul else None
+    return FrozenLayerNorm.apply(x, norm.weight, norm.bias, norm.eps, out_dtype, backend)
 
 
 def upcast_for_autocast(x: Tensor) -> Tensor:
@@ -39,3 +47,9 @@ def upcast_for_autocast(x: Tensor) -> Tensor:
     if autocast_dtype(x.device) is not None and x.dtype in (torch.float16, torch.bfloat16):
         return x.float()
     return x
+
+
+def matmul_input_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast casts `x` to when it enters a matmul-class op, or None (no cast)."""
+    low = autocast_dtype(x.device)
+    return low if low is not None and x.dtype == torch.float32 else None

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vpt_fast.ops import resolve
-from vpt_fast.ops.layer_norm import upcast_for_autocast
+from vpt_fast.ops.layer_norm import matmul_input_dtype, upcast_for_autocast
 
 
 class FrozenNormMlp(torch.autograd.Function):
@@ -20,7 +20,7 @@ class FrozenNormMlp(torch.autograd.Function):
     def forward(ctx, x, nw, nb, eps, w1, b1, w2, b2, recompute_fc1: bool, backend: str):
         ln = resolve(backend, "layer_norm", x.device)
         act = resolve(backend, "bias_gelu", x.device)
-        y, mean, rstd = ln.layer_norm_fwd(x, nw, nb, eps)
+        y, mean, rstd = ln.layer_norm_fwd(x, nw, nb, eps, matmul_input_dtype(x))
         h = F.linear(y, w1, b1)
         g = act.bias_gelu_fwd(h, None)
         out = F.linear(g, w2, b2)
@@ -33,12 +33,12 @@ class FrozenNormMlp(torch.autograd.Function):
         x, nw, nb, mean, rstd, w1, b1, w2, h = ctx.saved_tensors
         if ctx.recompute_fc1:
             cdt = dout.dtype
-            y = ctx.ln.layer_norm_fwd(x, nw, nb, ctx.eps)[0]
-            h = F.linear(y.to(cdt), w1.to(cdt), None if b1 is None else b1.to(cdt))
+            y = ctx.ln.layer_norm_fwd(x, nw, nb, ctx.eps, cdt)[0]
+            h = F.linear(y, w1.to(cdt), None if b1 is None else b1.to(cdt))
         cdt = h.dtype
         dg = torch.matmul(dout.to(cdt), w2.to(cdt))
         dh = ctx.act.bias_gelu_bwd(dg, h, None)
-        dy = torch.matmul(dh, w1.to(cdt)).to(x.dtype)
+        dy = torch.matmul(dh, w1.to(cdt))  # LayerNorm's backward reads it in this dtype
         dx = ctx.ln.layer_norm_bwd(dy, x, nw, mean, rstd)
         return dx, None, None, None, None, None, None, None, None, None
 
