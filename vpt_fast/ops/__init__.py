@@ -37,7 +37,7 @@ def backend_module(name: str) -> ModuleType | None:
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The low-precision dtype autocast would run matmul-class ops in on `device`, or None."""
-    if torch.is_autocast_enabled(device.type):
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
 
