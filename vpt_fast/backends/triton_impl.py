@@ -122,10 +122,18 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _attn_config(kind: str, block_d: int, dtype: torch.dtype) -> dict:
-    """Block sizes per kernel ("fwd", "dkdv", "dq") for H100; one small fixed config when interpreted."""
+def _attn_config(kind: str, block_d: int, dtype: torch.dtype, n_queries: int) -> dict:
+    """Block sizes per kernel ("fwd", "dkdv", "dq") for H100; one small fixed config when interpreted.
+    BLOCK_M, the query tile in every kernel, shrinks to cover short query sets without padding them
+    to twice their size (Swin windows: 49 queries take a 64-row tile, not 128)."""
     if INTERPRET:
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    cfg = _attn_config_h100(kind, block_d, dtype)
+    cfg["BLOCK_M"] = min(cfg["BLOCK_M"], max(64, triton.next_power_of_2(n_queries)))  # 64: tiles in use
+    return cfg
+
+
+def _attn_config_h100(kind: str, block_d: int, dtype: torch.dtype) -> dict:
     wide = block_d > 64
     if dtype == torch.float32:
         bm, bn = (32, 32) if wide else (64, 32)
@@ -216,7 +224,7 @@ def _attention_fwd_impl(q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor], p
     bias_ = bias if has_bias else q
     bs = bias.stride() if has_bias else (0, 0, 0, 0)
     nb = bias.shape[0] if has_bias else 1
-    cfg = _attn_config("fwd", _block_d(d), q.dtype)
+    cfg = _attn_config("fwd", _block_d(d), q.dtype, Nq)
     grid = (triton.cdiv(Nq, cfg["BLOCK_M"]), B * H)
     precision = _dot_precision(q.dtype)
     q, k, v, pk_, pv_ = _interp_upcast(q, k, v, pk_, pv_)
@@ -286,7 +294,7 @@ def _attention_bwd_launch(dout, q, k, v, pk, pv, out, lse, scale, bias, dq, dk, 
     delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
 
     # 1. dQ (and delta = rowsum(dO * O)): one program per (query block, batch, head), both segments.
-    cfg = _attn_config("dq", block_d, q.dtype)
+    cfg = _attn_config("dq", block_d, q.dtype, Nq)
     grid = (triton.cdiv(Nq, cfg["BLOCK_M"]), B * H)
     _launch(_attn_k._attention_bwd_dq)[grid](
         q, k, v, pk_, pv_, out, dout, lse, delta, bias_, dq,
@@ -296,7 +304,7 @@ def _attention_bwd_launch(dout, q, k, v, pk, pv, out, lse, scale, bias, dq, dk, 
         HEAD_DIM=d, BLOCK_D=block_d, HAS_BIAS=has_bias, DOT_PRECISION=precision, **cfg)
 
     # 2. dK, dV of own keys: one program per (key block, batch, head).
-    cfg = _attn_config("dkdv", block_d, q.dtype)
+    cfg = _attn_config("dkdv", block_d, q.dtype, Nq)
     meta = dict(HEAD_DIM=d, BLOCK_D=block_d, DOT_PRECISION=precision, **cfg)
     if Nk > 0:
         grid = (triton.cdiv(Nk, cfg["BLOCK_N"]), B * H, 1)
