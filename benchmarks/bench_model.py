@@ -20,15 +20,19 @@ _CFG = default_config()
 _BACKENDS = [b for b in vpt_fast.available_backends() if b != "reference"
              and not (b == "triton" and _CFG.device == "cpu")]  # the interpreter is not timed
 _COMPILE = _CFG.device == "cuda" or os.environ.get("VPT_BENCH_COMPILE") == "1"
-# "<backend>_mlp": the same backend with recompute="mlp" (norm2 + fc1 recomputed in backward)
-METHODS = (["eager"] + (["eager_compile"] if _COMPILE else []) + _BACKENDS + [f"{resolve_auto('auto', torch.device(_CFG.device))}_mlp"])
+_FASTEST = resolve_auto("auto", torch.device(_CFG.device))
+# "<backend>_mlp": the same backend with recompute="mlp" (norm2 + fc1 recomputed in backward);
+# "<method>_compile": the same model under torch.compile
+METHODS = (["eager"] + (["eager_compile"] if _COMPILE else []) + _BACKENDS + [f"{_FASTEST}_mlp"]
+           + ([f"{_FASTEST}_compile"] if _COMPILE else []))
 
 
 def _setup(method: str, cfg):
-    backend = "reference" if method.startswith("eager") else method.removesuffix("_mlp")
-    model = build_model(cfg, backend, "mlp" if method.endswith("_mlp") else "none")
+    name = method.removesuffix("_compile")
+    backend = "reference" if name == "eager" else name.removesuffix("_mlp")
+    model = build_model(cfg, backend, "mlp" if name.endswith("_mlp") else "none")
     x, y = make_batch(cfg, model)
-    runner = torch.compile(model) if method == "eager_compile" else model
+    runner = torch.compile(model) if method.endswith("_compile") else model
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     return model, runner, x, y, optimizer
 
@@ -37,7 +41,7 @@ def _extra(benchmark, cfg, env_info, method, model, x, y, optimizer):
     benchmark.extra_info.update(env_info)
     benchmark.extra_info.update({"method": method, "model": cfg.model, "batch": cfg.batch, "dtype": cfg.dtype,
                                  "num_prompts": cfg.num_prompts, "deep": cfg.deep})
-    if method != "eager_compile":
+    if not method.endswith("_compile"):
         benchmark.extra_info["train_flops"] = count_flops(lambda: training_step(model, x, y, cfg))
         benchmark.extra_info["saved_activation_bytes"] = saved_activation_bytes(model, x, cfg)
 

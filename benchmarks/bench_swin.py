@@ -1,7 +1,9 @@
-"""Prompted Swin-T (DESIGN.md §1 "Swin", §6): a training step (forward + backward of the
-cross-entropy on prompts and head), eager release-style VPT (`reference`) vs each vpt_fast backend.
+"""Prompted Swin (DESIGN.md §1 "Swin", §6): a training step (forward + backward of the cross-entropy
+on prompts and head), eager release-style VPT (`reference`) vs each vpt_fast backend, and on CUDA the
+fastest backend under torch.compile.
 
-CPU: Swin-T 224px, 50 deep prompts, batch 2, fp32. CUDA: batch 64, bf16 autocast. Override with
+CPU: Swin-T 224px, 50 deep prompts, batch 2, fp32. CUDA: Swin-B 224px (issue 5's acceptance model),
+50 deep prompts, batch 64, bf16 autocast. Override with
 VPT_BENCH_SWIN_MODEL / VPT_BENCH_SWIN_BATCH / VPT_BENCH_DTYPE. extra_info: FLOPs per step
 (FlopCounterMode, CPU flash attention counted by `vpt_fast.bench.flop_mapping`), bytes saved for
 backward, CUDA peak memory above the resident state, device and versions. Compare ratios within one run only.
@@ -19,6 +21,7 @@ import torch
 import vpt_fast
 from conftest import default_config, run_timed
 from vpt_fast.bench import count_flops, make_batch, saved_activation_bytes, training_step
+from vpt_fast.blocks.vit import resolve_auto
 from vpt_fast.config import PromptConfig
 from vpt_fast.prompting_swin import prompt_swin
 
@@ -27,14 +30,17 @@ def swin_config():
     cfg = default_config()
     cuda = cfg.device == "cuda"
     return dataclasses.replace(
-        cfg, model=os.environ.get("VPT_BENCH_SWIN_MODEL", "swin_tiny_patch4_window7_224"),
+        cfg, model=os.environ.get("VPT_BENCH_SWIN_MODEL", "swin_base_patch4_window7_224" if cuda else "swin_tiny_patch4_window7_224"),
         batch=int(os.environ.get("VPT_BENCH_SWIN_BATCH", 64 if cuda else 2)), num_prompts=50, deep=True)
 
 
 _CFG = swin_config()
 _BACKENDS = [b for b in vpt_fast.available_backends() if b != "reference"
              and (b == "torch" or _CFG.device == "cuda")]  # triton/cuda: timed on a CUDA device only
-METHODS = ["eager"] + _BACKENDS
+_COMPILE = _CFG.device == "cuda" or os.environ.get("VPT_BENCH_COMPILE") == "1"
+# "<method>_compile": the same model under torch.compile
+METHODS = (["eager"] + _BACKENDS
+           + ([f"{resolve_auto('auto', torch.device(_CFG.device))}_compile"] if _COMPILE else []))
 
 
 def build_swin(cfg, backend: str) -> torch.nn.Module:
@@ -50,14 +56,16 @@ def build_swin(cfg, backend: str) -> torch.nn.Module:
 @pytest.mark.parametrize("method", METHODS)
 def bench_swin_training_step(benchmark, env_info, method):
     cfg = _CFG
-    model = build_swin(cfg, "reference" if method == "eager" else method)
+    name = method.removesuffix("_compile")
+    model = build_swin(cfg, "reference" if name == "eager" else name)
     x, y = make_batch(cfg, model)
+    runner = torch.compile(model) if method.endswith("_compile") else model
     if cfg.device == "cuda":  # peak above what is resident before the step (models of earlier
         gc.collect()          # methods may still be referenced by pytest-benchmark)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         resident = torch.cuda.memory_allocated()
-    run_timed(benchmark, lambda: training_step(model, x, y, cfg), cfg)
+    run_timed(benchmark, lambda: training_step(runner, x, y, cfg), cfg)
     if cfg.device == "cuda":
         benchmark.extra_info["peak_memory_bytes"] = torch.cuda.max_memory_allocated() - resident
     benchmark.extra_info.update(env_info)

@@ -221,6 +221,10 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
         backends = [b for b in backends if b != "triton"]  # the interpreter is for tests, not timing
     methods = [("eager", "reference")] + ([("eager+compile", "reference")] if cfg.compile else [])
     methods += [(f"vpt_fast[{b}]", b) for b in backends]
+    if cfg.compile:
+        from vpt_fast.blocks.vit import resolve_auto
+        fastest = resolve_auto("auto", torch.device(cfg.device))
+        methods.append((f"vpt_fast[{fastest}]+compile", fastest))
     log(f"vpt-fast bench: {cfg.model}, batch {cfg.batch}, {cfg.num_prompts} {'deep' if cfg.deep else 'shallow'}"
         f" prompts, {cfg.dtype}, {cfg.device}, recompute={cfg.recompute}")
     models, steps_train, steps_infer, rows = {}, {}, {}, []
@@ -228,7 +232,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
         log(f"[build] {name}")
         model = build_model(cfg, backend)
         x, y = make_batch(cfg, model)
-        runner = torch.compile(model) if name == "eager+compile" else model
+        compiled = name.endswith("+compile")
+        runner = torch.compile(model) if compiled else model
         models[name] = (model, runner, x, y)
         steps_train[name] = (lambda r=runner, m=model, x=x, y=y: training_step(r, x, y, cfg))
         steps_infer[name] = (lambda r=runner, x=x: _infer(r, x, cfg))
@@ -240,8 +245,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
     for name, backend in methods:
         model, runner, x, y = models[name]
         log(f"[measure] {name}: FLOPs, memory, logits")
-        flops = count_flops(lambda: training_step(model, x, y, cfg)) if name != "eager+compile" else None
-        mem = activation_memory(cfg, backend) if name != "eager+compile" else {}
+        compiled = name.endswith("+compile")  # FLOPs and memory: those of the same model uncompiled
+        flops = None if compiled else count_flops(lambda: training_step(model, x, y, cfg))
+        mem = {} if compiled else activation_memory(cfg, backend)
         logits = _infer(runner, x, cfg).float()
         rows.append({
             "method": name, "backend": backend,
@@ -261,7 +267,7 @@ def _infer(model, x, cfg: BenchConfig):
 
 def format_table(rows: list[dict]) -> str:
     base = rows[0]
-    head = (f"{'method':<18}{'train img/s':>12}{'speedup':>9}{'infer img/s':>12}{'act. MB':>10}{'act. ratio':>11}"
+    head = (f"{'method':<26}{'train img/s':>12}{'speedup':>9}{'infer img/s':>12}{'act. MB':>10}{'act. ratio':>11}"
             f"{'GFLOP/step':>11}{'FLOP ratio':>11}{'max|dlogit|':>12}")
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -270,7 +276,7 @@ def format_table(rows: list[dict]) -> str:
         mem_r = f"{mem / base['activation_bytes']:11.2f}" if mem is not None and base["activation_bytes"] else f"{'-':>11}"
         fl = r["train_gflops"]
         fl_s = f"{fl:11.1f}{fl / base['train_gflops']:11.3f}" if fl is not None else f"{'-':>11}{'-':>11}"
-        lines.append(f"{r['method']:<18}{r['train_img_s']:12.2f}{r['train_img_s'] / base['train_img_s']:9.2f}"
+        lines.append(f"{r['method']:<26}{r['train_img_s']:12.2f}{r['train_img_s'] / base['train_img_s']:9.2f}"
                      f"{r['infer_img_s']:12.2f}{mem_s}{mem_r}{fl_s}{r['max_logit_diff']:12.2e}")
     return "\n".join(lines)
 
