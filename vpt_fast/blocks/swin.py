@@ -37,6 +37,7 @@ from vpt_fast.ops.attention import prompt_attention
 from vpt_fast.ops.layer_norm import layer_norm
 from vpt_fast.ops.linear import linear
 from vpt_fast.ops.mlp import is_fusable, norm_mlp
+from vpt_fast.ops.windows import window_index, window_partition, window_reverse
 
 # timm SwinTransformerBlock attributes that its window/shift/mask bookkeeping reads.
 _TIMM_ATTRS = ("dim", "input_resolution", "target_shift_size", "always_partition", "dynamic_mask",
@@ -90,6 +91,7 @@ class SwinBlock(nn.Module):
         self.register_buffer("attn_mask", block.attn_mask, persistent=False)
         self.backend = check_backend(backend)
         self.recompute = _check_recompute(recompute)
+        self._window_cache: dict[tuple, tuple[Tensor, Tensor]] = {}  # see _window_maps
 
     @classmethod
     def from_timm(cls, block: nn.Module, **kwargs) -> "SwinBlock":
@@ -113,9 +115,37 @@ class SwinBlock(nn.Module):
         _timm_swin().SwinTransformerBlock.set_input_size(self, feat_size, window_size, always_partition)
 
     # -- shared helpers ------------------------------------------------------------------------
+    def _window_maps(self, height: int, width: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """`window_index` maps for this grid, built once per size, window, shift and device (the
+        key follows `set_input_size` and inputs of other sizes)."""
+        key = (height, width, self.window_size, self.shift_size, device)
+        if key not in self._window_cache:
+            self._window_cache[key] = window_index(height, width, self.window_size, self.shift_size, device)
+        return self._window_cache[key]
+
     def _to_windows(self, xn: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-        """Normalised grid (B, H, W, C) -> (windows (B*nW, N, C), shift mask (nW, N, N) or None),
-        exactly as timm: cyclic shift, zero padding to whole windows, `window_partition`."""
+        """Normalised grid (B, H, W, C) -> (windows (B*nW, N, C), shift mask (nW, N, N) or None):
+        timm's shift, padding and partition as one gather (`vpt_fast.ops.windows`)."""
+        batch, height, width, dim = xn.shape
+        index, inverse = self._window_maps(height, width, xn.device)
+        windows = window_partition(xn.reshape(batch, height * width, dim), index, inverse)
+        if self.dynamic_mask:  # timm's mask of the padded grid (it reads only shape, device, dtype)
+            wh, ww = self.window_size
+            mask = self.get_attn_mask(xn.new_empty(0, -(-height // wh) * wh, -(-width // ww) * ww, 0))
+        else:
+            mask = self.attn_mask
+        return windows.view(-1, self.window_area, dim), mask
+
+    def _from_windows(self, windows: Tensor, height: int, width: int) -> Tensor:
+        """(B*nW, N, C) -> (B, H, W, C): the inverse gather of `_to_windows`."""
+        index, inverse = self._window_maps(height, width, windows.device)
+        dim = windows.shape[-1]
+        x = window_reverse(windows.reshape(-1, index.numel(), dim), index, inverse)
+        return x.view(-1, height, width, dim)
+
+    def _timm_to_windows(self, xn: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """`_to_windows` with timm's own ops (cyclic shift, zero padding, `window_partition`), for
+        the reference backend."""
         swin = _timm_swin()
         _, height, width, dim = xn.shape
         if any(self.shift_size):
@@ -127,8 +157,8 @@ class SwinBlock(nn.Module):
         windows = swin.window_partition(xn, self.window_size).view(-1, self.window_area, dim)
         return windows, mask
 
-    def _from_windows(self, windows: Tensor, height: int, width: int) -> Tensor:
-        """(B*nW, N, C) -> (B, H, W, C): `window_reverse`, crop the padding, undo the shift."""
+    def _timm_from_windows(self, windows: Tensor, height: int, width: int) -> Tensor:
+        """`_from_windows` with timm's own ops: `window_reverse`, crop the padding, undo the shift."""
         swin = _timm_swin()
         wh, ww = self.window_size
         hp, wp = -(-height // wh) * wh, -(-width // ww) * ww
@@ -166,7 +196,7 @@ class SwinBlock(nn.Module):
         mask for prompt pairs, prompt outputs are averaged over the image's windows."""
         batch, height, width, dim = x.shape
         num_prompts = 0 if prompts is None else prompts.shape[1]
-        windows, mask = self._to_windows(self.norm1(x))
+        windows, mask = self._timm_to_windows(self.norm1(x))
         num_windows = windows.shape[0] // batch
         if num_prompts:
             prompts = prompts.expand(batch, -1, -1)
@@ -175,7 +205,7 @@ class SwinBlock(nn.Module):
             pn = pn.unsqueeze(1).expand(batch, num_windows, num_prompts, dim).reshape(-1, num_prompts, dim)
             windows = torch.cat([pn, windows], dim=1)
         out = self._reference_window_attention(windows, mask, num_prompts)
-        x = x + self.drop_path1(self._from_windows(out[:, num_prompts:], height, width))
+        x = x + self.drop_path1(self._timm_from_windows(out[:, num_prompts:], height, width))
         tokens = x.reshape(batch, height * width, dim)
         if num_prompts:
             p_attn = out[:, :num_prompts].reshape(batch, num_windows, num_prompts, dim).mean(1)
