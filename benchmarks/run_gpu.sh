@@ -7,11 +7,15 @@
 #   bash benchmarks/run_gpu.sh                 # everything
 #   SKIP_TESTS=1 bash benchmarks/run_gpu.sh    # benchmarks only
 #   SKIP_BENCH=1 bash benchmarks/run_gpu.sh    # build + tests only
-#   TESTS=tests/test_ext.py TEST_K="cuda" BENCH_K="attention" bash benchmarks/run_gpu.sh
+#   TESTS=tests/test_attention.py TEST_K="bf16" BENCH_K="attention" bash benchmarks/run_gpu.sh
+#   SKIP_EXT=1 ...                             # extension tests already run in an earlier call
 # Env: TESTS (test paths, default tests/), TEST_K / BENCH_K (pytest -k expressions),
 # RESULTS_DIR (default benchmarks/results/<device>), OUT_JSON (default $RESULTS_DIR/bench.json),
 # TORCH_CUDA_ARCH_LIST (default: setup.py's "8.0;9.0a"), MAX_JOBS (default: nproc), PYTHON.
-# Exit status: the tests' status if they failed, else the benchmarks' (the benchmarks run either way).
+# The C++/CUDA extension's GPU tests run first, in their own process: if they fail (a kernel fault
+# poisons the CUDA context of the whole process), the cuda backend is left out of the remaining
+# tests and benchmarks (-k "not cuda") so that one call still measures everything else.
+# Exit status: the first failure among build, extension tests, tests, benchmarks (all run anyway).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -57,12 +61,26 @@ from vpt_fast.backends import cuda_impl
 print("ext_info:", json.dumps(cuda_impl.ext_info(), indent=1))
 PY
 
+ext_status=0
+if [[ "${SKIP_EXT:-0}" != "1" ]]; then
+  log "C++/CUDA extension GPU tests (own process)"
+  $PYTHON -m pytest tests/test_ext.py -m gpu -q -x 2>&1 | tee "$RESULTS_DIR/tests_ext.log" | tail -n 25 || ext_status=$?
+  echo "extension tests status: $ext_status"
+fi
+without_cuda=""
+if (( ext_status != 0 )); then
+  without_cuda="not cuda"
+  echo "the cuda backend is left out of the remaining tests and benchmarks"
+fi
+both() { if [[ -n "$1" && -n "$2" ]]; then echo "($1) and ($2)"; else echo "$1$2"; fi; }
+
 test_status=0
 if [[ "${SKIP_TESTS:-0}" != "1" ]]; then
-  log "GPU tests (pytest ${TESTS:-tests/} -m gpu --maxfail=25 -q)"
+  test_k=$(both "${TEST_K:-}" "$without_cuda")
+  log "GPU tests (pytest ${TESTS:-tests/} -m gpu --ignore=tests/test_ext.py --maxfail=25 -q -k '$test_k')"
   # shellcheck disable=SC2086
-  $PYTHON -m pytest ${TESTS:-tests/} -m gpu --maxfail=25 -q -k "${TEST_K:-}" 2>&1 | tee "$RESULTS_DIR/tests.log" | tail -n 40 \
-    || test_status=$?
+  $PYTHON -m pytest ${TESTS:-tests/} -m gpu --ignore=tests/test_ext.py --maxfail=25 -q -k "$test_k" 2>&1 \
+    | tee "$RESULTS_DIR/tests.log" | tail -n 40 || test_status=$?
   echo "tests status: $test_status"
 fi
 
@@ -70,7 +88,7 @@ bench_status=0
 if [[ "${SKIP_BENCH:-0}" != "1" ]]; then
   log "benchmarks (pytest benchmarks/ --benchmark-only)"
   # shellcheck disable=SC2086
-  $PYTHON -m pytest benchmarks/ --benchmark-only --benchmark-json="$OUT_JSON" -q -k "${BENCH_K:-}" 2>&1 \
+  $PYTHON -m pytest benchmarks/ --benchmark-only --benchmark-json="$OUT_JSON" -q -k "$(both "${BENCH_K:-}" "$without_cuda")" 2>&1 \
     | tee "$RESULTS_DIR/bench.log" | tail -n 60 || bench_status=$?
   echo "benchmarks status: $bench_status"
   if [[ -f "$OUT_JSON" ]]; then
@@ -79,8 +97,8 @@ if [[ "${SKIP_BENCH:-0}" != "1" ]]; then
   fi
 fi
 
-printf '{"device": "%s", "build_status": %d, "build_seconds": %d, "tests_status": %d, "bench_status": %d}\n' \
-  "$device" "$build_status" "$build_s" "$test_status" "$bench_status" | tee "$RESULTS_DIR/status.json"
+printf '{"device": "%s", "build_status": %d, "build_seconds": %d, "ext_tests_status": %d, "tests_status": %d, "bench_status": %d}\n' \
+  "$device" "$build_status" "$build_s" "$ext_status" "$test_status" "$bench_status" | tee "$RESULTS_DIR/status.json"
 
 if [[ -n "${OUT:-}" ]]; then
   mkdir -p "$OUT/results"
@@ -88,6 +106,7 @@ if [[ -n "${OUT:-}" ]]; then
   [[ -f "$OUT_JSON" ]] && cp "$OUT_JSON" "$OUT/" || true
 fi
 
-if (( build_status != 0 )); then exit "$build_status"; fi
-if (( test_status != 0 )); then exit "$test_status"; fi
+for status in "$build_status" "$ext_status" "$test_status"; do
+  if (( status != 0 )); then exit "$status"; fi
+done
 exit "$bench_status"
