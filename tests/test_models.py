@@ -235,3 +235,16 @@ def test_bf16_autocast_follows_flash_rule(variant, deep):
     x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])
     for backend in FAST_BACKENDS + KERNEL_BACKENDS:
         utils.assert_follows_reference_in_low_precision(model, backend, x, y, "cpu", fp32_tol=None)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_meta_device_forward_backward(backend):
+    """A prompted model runs on the meta device (shape checks, FLOP counting without memory), also
+    inside an autocast region of another device."""
+    model = prompted(num_prompts=4, deep=True, backend=backend).to("meta").train()
+    x = torch.empty(2, 3, 32, 32, device="meta")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+    assert logits.shape == (2, 5) and logits.device.type == "meta"
+    logits.sum().backward()
+    assert model.vpt.prompts.grad.shape == model.vpt.prompts.shape
