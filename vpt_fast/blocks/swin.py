@@ -118,6 +118,9 @@ class SwinBlock(nn.Module):
     def _window_maps(self, height: int, width: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """`window_index` maps for this grid, built once per size, window, shift and device (the
         key follows `set_input_size` and inputs of other sizes)."""
+        if torch.compiler.is_compiling():
+            # built inside the graph (a few aranges): filling the cache there would force a recompile
+            return window_index(height, width, self.window_size, self.shift_size, device)
         key = (height, width, self.window_size, self.shift_size, device)
         if key not in self._window_cache:
             self._window_cache[key] = window_index(height, width, self.window_size, self.shift_size, device)
