@@ -248,3 +248,19 @@ def test_meta_device_forward_backward(backend):
     assert logits.shape == (2, 5) and logits.device.type == "meta"
     logits.sum().backward()
     assert model.vpt.prompts.grad.shape == model.vpt.prompts.shape
+
+
+def test_recompute_is_bitwise_identical_under_autocast():
+    """recompute="mlp"/"block" rerun the same kernels in the same dtypes under bf16 autocast (the
+    LayerNorms feeding GEMMs write bf16): loss and prompt gradients are bit-identical."""
+    results = {}
+    for recompute in ("none", "mlp", "block"):
+        model = prompted(num_prompts=4, deep=True, backend="torch", recompute=recompute).train()
+        x, y = random_batch(model, batch=2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        results[recompute] = (loss.detach(), model.vpt.prompts.grad)
+    for recompute in ("mlp", "block"):
+        assert torch.equal(results[recompute][0], results["none"][0])
+        assert torch.equal(results[recompute][1], results["none"][1])
