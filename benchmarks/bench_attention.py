@@ -6,26 +6,21 @@ concatenation [pk.expand(B); k], which is inside the timed region as it is in ea
 Run: `pytest benchmarks/bench_attention.py --benchmark-only` (skipped without CUDA). Compare ratios
 within one run only (DESIGN.md §6).
 """
-import importlib
-import platform
-
 import pytest
 import torch
 import torch.nn.functional as F
+
+from vpt_fast.backends.flops import attention_flops
+from vpt_fast.bench import environment
+from vpt_fast.ops import backend_module
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 B, H, N, P, D = 128, 12, 197, 50, 64
 DTYPE = torch.bfloat16
 SCALE = D ** -0.5
-FWD_FLOP = 4 * B * H * N * (P + N) * D
+FWD_FLOP = attention_flops((B, H, N, D), (B, H, N, D), (1, H, P, D))
 FLOP = {"fwd": FWD_FLOP, "fwd_bwd": FWD_FLOP + FWD_FLOP * 5 // 2}  # FlashAttention's convention
-
-
-def _versions():
-    import triton
-    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
 
 
 def _inputs():
@@ -85,7 +80,7 @@ def _bench(benchmark, name, mode, fn):
         torch.cuda.synchronize()  # pytest-benchmark times host wall clock
 
     benchmark.group = f"attention-{mode}"
-    benchmark.extra_info.update(_versions())
+    benchmark.extra_info.update(environment())
     benchmark.extra_info.update(impl=name, mode=mode, shape=dict(B=B, H=H, N=N, P=P, d=D),
                                 dtype=str(DTYPE), flop=FLOP[mode])
     torch.cuda.reset_peak_memory_stats()
@@ -103,12 +98,9 @@ MODES = ["fwd", "fwd_bwd"]
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_prompt_attention(benchmark, backend, mode):
-    try:
-        module = importlib.import_module(f"vpt_fast.backends.{backend}_impl")
-    except ImportError as e:
-        pytest.skip(f"backend {backend!r} cannot be imported: {e}")
-    if not getattr(module, "AVAILABLE", False):
-        pytest.skip(f"backend {backend!r} not available")
+    module = backend_module(backend)
+    if module is None:
+        pytest.skip(f"backend {backend!r} is not available on this machine")
     _bench(benchmark, f"vpt_fast-{backend}", mode, _primitive_fn(module, mode))
 
 

@@ -4,24 +4,21 @@ On the CPU the Triton kernels run in the interpreter (TRITON_INTERPRET=1, set by
 small shapes; `@pytest.mark.gpu` tests use ViT-B shapes and check bf16/fp16 with FlashAttention's
 rule (error <= 2x the error of eager PyTorch in the same precision, DESIGN.md §5).
 """
-import importlib
 
 import pytest
 import torch
 
 from utils import assert_close, assert_flash_rule, eager_attention_low_precision
 from vpt_fast.backends import torch_impl
+from vpt_fast.ops import backend_module
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
 def _backend(name):
-    try:
-        module = importlib.import_module(f"vpt_fast.backends.{name}_impl")
-    except ImportError as e:
-        pytest.skip(f"backend {name!r} cannot be imported: {e}")
-    if not getattr(module, "AVAILABLE", False):
+    module = backend_module(name)
+    if module is None:
         pytest.skip(f"backend {name!r} is not available on this machine")
     return module
 

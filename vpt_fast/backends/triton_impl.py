@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from vpt_fast.backends.flops import register_attention_flops
+
 try:
     import triton
 
@@ -380,26 +382,7 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, pk: Optional[Te
     return dq, dk, dv, dpk, dpv
 
 
-def _attn_flops(q_shape, k_shape, pk_shape) -> int:
-    B, H, Nq, d = q_shape
-    P = 0 if pk_shape is None else pk_shape[2]
-    return 4 * B * H * Nq * (P + k_shape[2]) * d
-
-
-try:
-    from torch.utils.flop_counter import register_flop_formula
-
-    @register_flop_formula(torch.ops.vpt_fast.triton_attention_fwd)
-    def _attention_fwd_flop(q_shape, k_shape, v_shape, pk_shape, pv_shape, *args, **kwargs) -> int:
-        """4 * B * H * Nq * (P + Nk) * d: QK^T and PV over both key segments."""
-        return _attn_flops(q_shape, k_shape, pk_shape)
-
-    @register_flop_formula(torch.ops.vpt_fast.triton_attention_bwd)
-    def _attention_bwd_flop(dout_shape, q_shape, k_shape, v_shape, pk_shape, *args, **kwargs) -> int:
-        """2.5x the forward (FlashAttention's convention)."""
-        return _attn_flops(q_shape, k_shape, pk_shape) * 5 // 2
-except (ImportError, AttributeError):  # pragma: no cover - old torch
-    pass
+register_attention_flops("triton_attention_fwd", "triton_attention_bwd")
 
 
 # ----------------------------------------------------------------------------------------------
