@@ -21,8 +21,22 @@
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _scores(q, k_base, stride_kn, bias_base, stride_bias_m, stride_bias_n, offs_m, offs_n, offs_d,
+            n_mask, d_mask, n_queries, qk_scale, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(S in log2 units, K^T) of one query block against one key block: q K^T * scale (+ bias)."""
+    kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
+                 mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+    if HAS_BIAS:
+        b = tl.load(bias_base + offs_m[:, None] * stride_bias_m + offs_n[None, :] * stride_bias_n,
+                    mask=(offs_m[:, None] < n_queries) & n_mask[None, :], other=0.0)
+        s += b.to(tl.float32) * LOG2E
+    return s, kt
 
 
 @triton.jit
@@ -35,13 +49,8 @@ def _attn_fwd_segment(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn,
     for start_n in range(0, n_keys, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < n_keys
-        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
-                     mask=n_mask[None, :] & d_mask[:, None], other=0.0)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        if HAS_BIAS:
-            b = tl.load(bias_base + offs_m[:, None] * stride_bias_m + offs_n[None, :] * stride_bias_n,
-                        mask=(offs_m[:, None] < n_queries) & n_mask[None, :], other=0.0)
-            s += b.to(tl.float32) * 1.4426950408889634
+        s, kt = _scores(q, k_base, stride_kn, bias_base, stride_bias_m, stride_bias_n, offs_m, offs_n,
+                        offs_d, n_mask, d_mask, n_queries, qk_scale, HAS_BIAS, DOT_PRECISION)
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -99,7 +108,7 @@ def _attention_fwd(Q, K, V, PK, PV, BIAS, OUT, LSE,
         n_queries, qk_scale, HEAD_DIM, BLOCK_N, HAS_BIAS, DOT_PRECISION)
 
     acc = acc / l_i[:, None]
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    lse = (m_i + tl.log2(l_i)) * LN2
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
              acc.to(OUT.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
     tl.store(LSE + b * stride_lb + h * stride_lh + offs_m, lse, mask=m_mask)
@@ -119,12 +128,12 @@ def _attn_bwd_dkdv_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, 
         qt = tl.load(q_base + offs_m[None, :] * stride_qm + offs_d[:, None],
                      mask=m_mask[None, :] & d_mask[:, None], other=0.0)
         # Rows past Nq get lse = +inf, so their P^T column is exactly zero.
-        lse = tl.load(lse_base + offs_m, mask=m_mask, other=float("inf")) * 1.4426950408889634
+        lse = tl.load(lse_base + offs_m, mask=m_mask, other=float("inf")) * LOG2E
         st = tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale
         if HAS_BIAS:
             bt = tl.load(bias_base + offs_m[None, :] * stride_bias_m + offs_n[:, None] * stride_bias_n,
                          mask=m_mask[None, :] & (offs_n[:, None] < n_keys), other=0.0)
-            st += bt.to(tl.float32) * 1.4426950408889634
+            st += bt.to(tl.float32) * LOG2E
         pt = tl.exp2(st - lse[None, :])
         do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :],
                      mask=m_mask[:, None] & d_mask[None, :], other=0.0)
@@ -201,15 +210,10 @@ def _attn_bwd_dq_segment(dq, q, do, lse, delta, k_base, v_base, stride_kn, strid
     for start_n in range(0, n_keys, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < n_keys
-        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
-                     mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+        s, kt = _scores(q, k_base, stride_kn, bias_base, stride_bias_m, stride_bias_n, offs_m, offs_n,
+                        offs_d, n_mask, d_mask, n_queries, qk_scale, HAS_BIAS, DOT_PRECISION)
         vt = tl.load(v_base + offs_n[None, :] * stride_vn + offs_d[:, None],
                      mask=n_mask[None, :] & d_mask[:, None], other=0.0)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        if HAS_BIAS:
-            b = tl.load(bias_base + offs_m[:, None] * stride_bias_m + offs_n[None, :] * stride_bias_n,
-                        mask=(offs_m[:, None] < n_queries) & n_mask[None, :], other=0.0)
-            s += b.to(tl.float32) * 1.4426950408889634
         p = tl.exp2(s - lse[:, None])
         p = tl.where(n_mask[None, :], p, 0.0)
         dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
@@ -249,7 +253,7 @@ def _attention_bwd_dq(Q, K, V, PK, PV, OUT, DOUT, LSE, DELTA, BIAS, DQ,
                 mask=md_mask, other=0.0)
     do = tl.load(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
                  mask=md_mask, other=0.0)
-    lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
+    lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_m, mask=m_mask, other=0.0) * LOG2E
     o = tl.load(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
                 mask=md_mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
