@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import vpt_fast
+from vpt_fast.blocks.vit import resolve_auto
 
 aten = torch.ops.aten
 
@@ -222,7 +223,6 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
     methods = [("eager", "reference")] + ([("eager+compile", "reference")] if cfg.compile else [])
     methods += [(f"vpt_fast[{b}]", b) for b in backends]
     if cfg.compile:
-        from vpt_fast.blocks.vit import resolve_auto
         fastest = resolve_auto("auto", torch.device(cfg.device))
         methods.append((f"vpt_fast[{fastest}]+compile", fastest))
     log(f"vpt-fast bench: {cfg.model}, batch {cfg.batch}, {cfg.num_prompts} {'deep' if cfg.deep else 'shallow'}"
