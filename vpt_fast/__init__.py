@@ -8,25 +8,6 @@ See DESIGN.md §4 for the public API contract.
 __version__ = "0.1.0"
 
 
-def _register_source_kernels() -> None:
-    """setup.py installs kernels/ as `vpt_fast.kernels`; in a source checkout (PYTHONPATH, or an
-    editable install that only adds a path entry) register the same package from kernels/."""
-    import importlib.util
-    import os
-    import sys
-    if importlib.util.find_spec("vpt_fast.kernels") is not None:
-        return
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
-    init = os.path.join(root, "__init__.py")
-    if os.path.exists(init):
-        spec = importlib.util.spec_from_file_location("vpt_fast.kernels", init, submodule_search_locations=[root])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["vpt_fast.kernels"] = module
-        spec.loader.exec_module(module)
-
-
-_register_source_kernels()
-
 from vpt_fast.blocks import SwinBlock, SwinPatchMerging, ViTBlock
 from vpt_fast.config import PromptConfig
 from vpt_fast.io import load_prompt_state_dict, load_prompts, prompt_state_dict, save_prompts
