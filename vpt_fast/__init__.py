@@ -12,6 +12,7 @@ from vpt_fast.blocks import SwinBlock, SwinPatchMerging, ViTBlock
 from vpt_fast.config import PromptConfig
 from vpt_fast.io import load_prompt_state_dict, load_prompts, prompt_state_dict, save_prompts
 from vpt_fast.prompting import available_backends, prompt, set_backend, trainable_parameters
+from vpt_fast.timm_models import register_timm
 
 
 def ext_info() -> dict:
@@ -25,5 +26,6 @@ def ext_info() -> dict:
 
 __all__ = [
     "PromptConfig", "SwinBlock", "SwinPatchMerging", "ViTBlock", "available_backends", "ext_info", "load_prompt_state_dict",
-    "load_prompts", "prompt", "prompt_state_dict", "save_prompts", "set_backend", "trainable_parameters",
+    "load_prompts", "prompt", "prompt_state_dict", "register_timm", "save_prompts", "set_backend",
+    "trainable_parameters",
 ]

@@ -1,4 +1,5 @@
-"""The `vpt-fast` command: `bench` (the main job) and `memory` (activation memory vs batch size)."""
+"""The `vpt-fast` command: `bench` (the main job), `memory` (activation memory vs batch size) and
+`export` (a timm train.py checkpoint to a prompt file)."""
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,11 @@ def main(argv: list[str] | None = None) -> None:
     memory.add_argument("--batches", default="1,2,4,8,16", help="comma list of batch sizes")
     memory.add_argument("--backend", default="torch", help="vpt_fast backend to compare with eager")
     memory.add_argument("--plot", default=None, help="write a PNG plot here (needs matplotlib)")
+    _add_export(sub)
     args = parser.parse_args(argv)
-    if args.command == "bench":
+    if args.command == "export":
+        _export(args)
+    elif args.command == "bench":
         cfg = _config(args, steps=args.steps, compile=args.compile,
                       backends=[b for b in args.backends.split(",") if b])
         rows = run_bench(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
@@ -95,3 +99,40 @@ def _plot(args, batches, results) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.plot, dpi=120)
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    export = sub.add_parser("export", help="a timm train.py checkpoint of a vpt_ model -> a prompt file "
+                                           "(prompts, projection, head; vpt_fast.load_prompts reads it)")
+    export.add_argument("checkpoint", help="train.py checkpoint (model_best.pth.tar, last.pth.tar, ...)")
+    export.add_argument("out", help="the .safetensors prompt file to write")
+    export.add_argument("--ema", action="store_true", help="export the EMA weights (state_dict_ema)")
+    export.add_argument("--model", default=None, help="timm model name, vpt_<name> or <name> "
+                                                      "(default: the checkpoint's args)")
+    export.add_argument("--num-classes", type=int, default=None)
+    export.add_argument("--num-prompts", type=int, default=None)
+    depth = export.add_mutually_exclusive_group()
+    depth.add_argument("--deep", dest="deep", action="store_true", default=None)
+    depth.add_argument("--shallow", dest="deep", action="store_false")
+    export.add_argument("--project", type=int, default=None, help="prompt projection dimension")
+
+
+def _export(args: argparse.Namespace) -> None:
+    import os
+
+    from vpt_fast.io import export_train_checkpoint, prompt_state_dict
+    model = export_train_checkpoint(args.checkpoint, args.out, ema=args.ema, model_name=args.model,
+                                    num_classes=args.num_classes, num_prompts=args.num_prompts,
+                                    deep=args.deep, project=args.project)
+    for name, tensor in prompt_state_dict(model).items():
+        print(f"  {name:<16} {str(tuple(tensor.shape)):<18} {tensor.dtype}")
+    before, after = os.path.getsize(args.checkpoint), os.path.getsize(args.out)
+    print(f"{args.checkpoint} ({_size(before)}) -> {args.out} ({_size(after)}), "
+          f"{model.pretrained_cfg.get('architecture')} with {model.vpt_config.num_prompts} "
+          f"{'deep' if model.vpt_config.deep else 'shallow'} prompts{' (EMA)' if args.ema else ''}")
+
+
+def _size(num_bytes: int) -> str:
+    if num_bytes >= 1e6:
+        return f"{num_bytes / 1e6:.1f} MB"
+    return f"{num_bytes / 1e3:.1f} KB" if num_bytes >= 1e3 else f"{num_bytes} B"

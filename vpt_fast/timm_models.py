@@ -1,0 +1,97 @@
+"""timm registry entries `vpt_<name>` for every timm ViT and Swin model (docs/design.md §4).
+
+    vpt_fast.register_timm()
+    model = timm.create_model("vpt_vit_base_patch16_224.augreg_in21k", pretrained=True,
+                              num_classes=100, num_prompts=50, deep=True)
+
+An entry builds the base timm model with every keyword that is not one of `prompt()`'s (pretrained
+weights, `num_classes`, `img_size`, ...), then calls `vpt_fast.prompt` with the rest. Its pretrained
+configurations are the base model's own (same objects, same tags, same weights), so timm resolves
+tags, input size, mean/std and weight downloads exactly as for the base model, and scripts that take a
+`--model` name (timm's `train.py`) train prompted models with `--model-kwargs num_prompts=50`.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from torch import nn
+
+PREFIX = "vpt_"
+BASE_MODULES = ("vision_transformer", "swin_transformer")
+
+__all__ = ["register_timm"]
+
+
+def _prompt_kwargs() -> tuple[str, ...]:
+    from vpt_fast import prompt
+    return tuple(name for name in inspect.signature(prompt).parameters if name != "model")
+
+
+def _entrypoint(base: str, prompt_kwargs: tuple[str, ...]) -> Callable[..., nn.Module]:
+    """A timm entrypoint named `vpt_<base>`: the base entrypoint without the prompt keywords, then
+    `prompt()` with them."""
+    from timm.models import model_entrypoint
+
+    def create(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        from vpt_fast import prompt
+        prompting = {name: kwargs.pop(name) for name in prompt_kwargs if name in kwargs}
+        return prompt(model_entrypoint(base)(pretrained=pretrained, **kwargs), **prompting)
+
+    create.__name__ = create.__qualname__ = PREFIX + base
+    create.__module__ = __name__
+    create.__doc__ = f"timm `{base}` with Visual Prompt Tuning; keywords {prompt_kwargs} go to vpt_fast.prompt."
+    create.vpt_base = base  # marks the entry as ours (register_timm is idempotent)
+    return create
+
+
+def _alias_pretrained_cfgs(registry: Any, base: str, name: str) -> None:
+    """Give `name` the base model's pretrained configurations under the same tags (`name.<tag>`).
+    timm has no public call for this; these are the tables `register_model` fills from a module's
+    `default_cfgs`."""
+    if base in registry._model_default_cfgs:
+        registry._model_default_cfgs[name] = registry._model_default_cfgs[base]
+    tagged = registry._model_with_tags.get(base, [])
+    registry._model_with_tags[name] = [PREFIX + t for t in tagged]
+    for base_name in {base, *tagged}:
+        if base_name in registry._model_pretrained_cfgs:
+            registry._model_pretrained_cfgs[PREFIX + base_name] = registry._model_pretrained_cfgs[base_name]
+        if base_name in registry._model_has_pretrained:
+            registry._model_has_pretrained.add(PREFIX + base_name)
+
+
+def register_timm() -> list[str]:
+    """Register `vpt_<name>` in timm's model registry for every timm model whose entrypoint lives in
+    `timm.models.vision_transformer` or `timm.models.swin_transformer` (deprecated aliases excluded).
+    Idempotent: names registered by an earlier call are kept; models timm gained since are added.
+
+    Model keywords `num_prompts`, `deep`, `dropout`, `project`, `backend`, `recompute` go to
+    `vpt_fast.prompt`; all others to the base model. Base models `prompt()` does not support (e.g.
+    attention pooling) are registered too and raise its error when created.
+
+    Returns:
+        The `vpt_` names added by this call (empty when everything was registered already).
+    """
+    import sys
+
+    import timm
+    from timm.models import _registry as registry
+    from timm.models import register_model
+
+    prompt_kwargs = _prompt_kwargs()
+    module = sys.modules[__name__]
+    added = []
+    for base in timm.list_models(module=list(BASE_MODULES)):
+        name = PREFIX + base
+        existing = registry._model_entrypoints.get(name)
+        if existing is not None:
+            if getattr(existing, "vpt_base", None) != base:
+                raise RuntimeError(f"timm already has a model named {name!r} that is not vpt_fast's "
+                                   f"(from {existing.__module__}); refusing to overwrite it")
+            continue
+        fn = _entrypoint(base, prompt_kwargs)
+        setattr(module, name, fn)  # timm lists entrypoints in the module's __all__; keep them resolvable
+        register_model(fn)
+        _alias_pretrained_cfgs(registry, base, name)
+        added.append(name)
+    return added
