@@ -1,0 +1,118 @@
+"""`vpt_fast.register_timm()`: `vpt_<name>` timm entries for every timm ViT and Swin (docs/design.md
+§4), with prompt() keywords as model kwargs and the base model's pretrained configurations; and the
+`examples/timm_train.py` launcher that runs a train.py with those names registered."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import timm
+import torch
+from timm.models import get_pretrained_cfg
+
+import vpt_fast
+from vpt_fast.timm_models import BASE_MODULES
+
+TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5)
+TINY_SWIN = dict(img_size=56, window_size=7, embed_dim=32, depths=(2, 2), num_heads=(2, 4), num_classes=5,
+                 drop_path_rate=0.0)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_every_vit_and_swin_is_registered_once():
+    vpt_fast.register_timm()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # timm warns when a name is registered over
+        assert vpt_fast.register_timm() == []
+    bases = timm.list_models(module=list(BASE_MODULES))
+    assert len(bases) > 100 and "vit_base_patch16_224" in bases and "swin_base_patch4_window7_224" in bases
+    assert set(timm.list_models("vpt_*")) == {f"vpt_{name}" for name in bases}
+    assert set(timm.list_models("vpt_*", pretrained=True)) == {
+        f"vpt_{name}" for name in timm.list_models(module=list(BASE_MODULES), pretrained=True)}
+
+
+def test_pretrained_cfgs_are_the_base_models():
+    vpt_fast.register_timm()
+    for name in ("vit_base_patch16_224", "vit_base_patch16_224.augreg_in21k", "swin_tiny_patch4_window7_224",
+                 "vit_small_patch14_dinov2.lvd142m"):
+        assert get_pretrained_cfg(f"vpt_{name}") == get_pretrained_cfg(name), name
+    tagged = timm.create_model("vpt_vit_tiny_patch16_224.augreg_in21k", pretrained=False, **TINY_VIT, num_prompts=2)
+    base = timm.create_model("vit_tiny_patch16_224.augreg_in21k", pretrained=False, **TINY_VIT)
+    assert tagged.pretrained_cfg == base.pretrained_cfg and tagged.default_cfg == base.default_cfg
+    assert tagged.pretrained_cfg["tag"] == "augreg_in21k"
+    assert tagged.pretrained_cfg["hf_hub_id"] == "timm/vit_tiny_patch16_224.augreg_in21k"  # the base weights
+    untagged = timm.create_model("vpt_vit_tiny_patch16_224", pretrained=False, **TINY_VIT, num_prompts=2)
+    assert untagged.pretrained_cfg == timm.create_model("vit_tiny_patch16_224", **TINY_VIT).pretrained_cfg
+
+
+def test_kwargs_go_to_prompt_and_to_the_base_model():
+    vpt_fast.register_timm()
+    torch.manual_seed(0)
+    model = timm.create_model("vpt_vit_tiny_patch16_224", pretrained=False, **TINY_VIT, num_prompts=3,
+                              deep=False, project=8, dropout=0.1, backend="torch", recompute="mlp")
+    assert model.vpt_config.to_dict() == dict(num_prompts=3, deep=False, dropout=0.1, project=8,
+                                              backend="torch", recompute="mlp")
+    assert model.embed_dim == 48 and len(model.blocks) == 2 and model.num_classes == 5
+    torch.manual_seed(0)  # the same model as prompt() on the base model: same draws, same logits
+    expected = vpt_fast.prompt(timm.create_model("vit_tiny_patch16_224", **TINY_VIT), num_prompts=3, deep=False,
+                               project=8, dropout=0.1, backend="torch", recompute="mlp")
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model.eval()(x), expected.eval()(x))
+    swin = timm.create_model("vpt_swin_tiny_patch4_window7_224", **TINY_SWIN, num_prompts=2)
+    assert [tuple(p.shape) for p in swin.vpt.state_tensors().values()] == [(2, 2, 32), (2, 2, 64)]
+    assert swin(torch.randn(1, 3, 56, 56)).shape == (1, 5)
+
+
+def test_launcher_runs_a_train_script_with_vpt_models(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import sys, timm\n"
+        "def main():\n"
+        "    model = timm.create_model(sys.argv[2], img_size=32, patch_size=8, embed_dim=48, depth=1,\n"
+        "                              num_heads=3, num_prompts=int(sys.argv[4]))\n"
+        "    print(sys.argv[0], type(model).__name__, tuple(model.vpt.prompts.shape))\n"
+        "if __name__ == '__main__':\n"
+        "    main()\n")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "timm_train.py"), str(script),
+                           "--model", "vpt_vit_tiny_patch16_224", "--num-prompts", "4"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[0] == str(script)  # train.py sees its own argv
+    assert proc.stdout.split()[-3:] == ["(1,", "4,", "48)"]
+
+
+@pytest.mark.skipif(not os.environ.get("TIMM_TRAIN_PY"), reason="set TIMM_TRAIN_PY to timm's train.py to run it")
+def test_timm_train_py_then_export(tmp_path):
+    """timm's own train.py (from a pytorch-image-models checkout) trains a tiny vpt_ model for one
+    epoch on a 4-image folder with an EMA; `vpt-fast export` turns its checkpoint into a prompt file
+    that holds exactly the checkpoint's prompts and head."""
+    from PIL import Image
+    for split in ("train", "validation"):
+        for label in ("a", "b"):
+            (tmp_path / "data" / split / label).mkdir(parents=True)
+            Image.new("RGB", (40, 40), (200 if label == "a" else 20, 90, 30)).save(
+                tmp_path / "data" / split / label / "0.png")
+    model_kwargs = ["num_prompts=4", "deep=False", "project=8", "img_size=32", "patch_size=8", "embed_dim=48",
+                    "depth=2", "num_heads=3"]
+    subprocess.run([sys.executable, os.path.join(ROOT, "examples", "timm_train.py"), os.environ["TIMM_TRAIN_PY"],
+                    "--data-dir", "data", "--model", "vpt_vit_tiny_patch16_224", "--num-classes", "2",
+                    "--model-kwargs", *model_kwargs, "--img-size", "32", "-b", "2", "--epochs", "1",
+                    "--warmup-epochs", "0", "--device", "cpu", "--no-prefetcher", "-j", "0", "--model-ema",
+                    "--output", "out", "--experiment", "run", "--opt", "sgd", "--lr", "0.5"],
+                   cwd=tmp_path, check=True, capture_output=True)
+    checkpoint = tmp_path / "out" / "run" / "last.pth.tar"
+    from vpt_fast.io import read_train_checkpoint
+    for ema in (False, True):
+        out = tmp_path / f"prompts_{ema}.safetensors"
+        subprocess.run([sys.executable, "-m", "vpt_fast", "export", str(checkpoint), str(out)] + ["--ema"] * ema,
+                       check=True, capture_output=True)
+        model = timm.create_model("vpt_vit_tiny_patch16_224", num_classes=2, num_prompts=4, deep=False, project=8,
+                                  img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
+        vpt_fast.load_prompts(model, out)
+        state, _ = read_train_checkpoint(checkpoint, ema=ema)
+        for name, tensor in vpt_fast.prompt_state_dict(model).items():
+            key = "vpt." + name if not name.startswith("head.") else name
+            assert torch.equal(tensor, state[key]), name
