@@ -14,7 +14,7 @@ import torch
 import vpt_fast
 from conftest import default_config, run_timed
 from vpt_fast.bench import build_model, count_flops, make_batch, saved_activation_bytes, training_step
-from vpt_fast.blocks.vit import resolve_auto
+from vpt_fast.backends import resolve_auto
 
 _CFG = default_config()
 _BACKENDS = [b for b in vpt_fast.available_backends() if b != "reference"

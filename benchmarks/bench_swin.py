@@ -21,7 +21,7 @@ import torch
 import vpt_fast
 from conftest import default_config, run_timed
 from vpt_fast.bench import count_flops, make_batch, saved_activation_bytes, training_step
-from vpt_fast.blocks.vit import resolve_auto
+from vpt_fast.backends import resolve_auto
 from vpt_fast.config import PromptConfig
 from vpt_fast.prompting_swin import prompt_swin
 

@@ -10,7 +10,7 @@ import torch
 
 from utils import assert_close, assert_flash_rule, eager_attention_low_precision
 from vpt_fast.backends import torch_impl
-from vpt_fast.ops import backend_module
+from vpt_fast.backends import backend_module
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"

@@ -139,7 +139,7 @@ def test_layer_norm_out_dtype_torch():
 def test_layer_norm_feeding_matmul_under_autocast(backend):
     """layer_norm(feeds_matmul=True) under autocast: output in the autocast dtype with the values of
     the float32 LayerNorm cast once (what the consuming linear would do), same input gradient."""
-    from vpt_fast.ops import backend_module
+    from vpt_fast.backends import backend_module
     from vpt_fast.ops.layer_norm import layer_norm
     if backend_module(backend) is None:
         pytest.skip(f"{backend} backend not available")

@@ -8,10 +8,11 @@ See DESIGN.md §4 for the public API contract.
 __version__ = "0.1.0"
 
 
+from vpt_fast.backends import available_backends
 from vpt_fast.blocks import SwinBlock, SwinPatchMerging, ViTBlock
 from vpt_fast.config import PromptConfig
 from vpt_fast.io import load_prompt_state_dict, load_prompts, prompt_state_dict, save_prompts
-from vpt_fast.prompting import available_backends, prompt, set_backend, trainable_parameters
+from vpt_fast.prompting import prompt, set_backend, trainable_parameters
 from vpt_fast.timm_models import register_timm
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import vpt_fast
-from vpt_fast.blocks.vit import resolve_auto
+from vpt_fast.backends import resolve_auto
 
 aten = torch.ops.aten
 

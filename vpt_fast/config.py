@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
+from vpt_fast.backends import validate_backend
+
 RECOMPUTE = ("none", "mlp", "block")
 
 
@@ -37,15 +38,10 @@ class PromptConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.project is not None and (not isinstance(self.project, int) or self.project < 1):
             raise ValueError(f"project must be None or a positive integer, got {self.project!r}")
-        check_backend(self.backend)
+        validate_backend(self.backend)
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"recompute must be one of {RECOMPUTE}, got {self.recompute!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-
-def check_backend(name: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    return name

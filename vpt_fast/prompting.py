@@ -12,8 +12,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from vpt_fast.backends import available_backends, validate_backend
 from vpt_fast.blocks.vit import ViTBlock
-from vpt_fast.config import PromptConfig, check_backend
+from vpt_fast.config import PromptConfig
 
 
 class VisualPrompts(nn.Module):
@@ -160,9 +161,7 @@ def _prompted(model: nn.Module) -> nn.Module:
 def set_backend(model: nn.Module, backend: str, recompute: Optional[str] = None) -> nn.Module:
     """Switch a prompted model's backend (and optionally its recompute policy) in place."""
     _prompted(model)
-    check_backend(backend)
-    if backend not in ("auto", "reference", "torch") and backend not in available_backends():
-        raise RuntimeError(f"backend {backend!r} is not available here; available: {available_backends()}")
+    validate_backend(backend)
     model.vpt_config.backend = backend
     if recompute is not None:
         model.vpt_config.recompute = recompute
@@ -173,14 +172,6 @@ def set_backend(model: nn.Module, backend: str, recompute: Optional[str] = None)
             if recompute is not None:
                 module.recompute = recompute
     return model
-
-
-def available_backends() -> list[str]:
-    """Backends usable on this machine, in order of preference after "auto"."""
-    from vpt_fast.ops import backend_module
-    names = ["reference", "torch"]
-    names += [name for name in ("triton", "cuda") if backend_module(name) is not None]
-    return names
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

@@ -36,6 +36,9 @@ except ImportError as e:  # pragma: no cover - triton missing
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 """True when the kernels run in Triton's CPU interpreter (decided when triton was imported)."""
 AVAILABLE: bool = _IMPORT_ERROR is None and (INTERPRET or torch.cuda.is_available())
+UNAVAILABLE_REASON: Optional[str] = (
+    None if AVAILABLE else f"triton did not import ({_IMPORT_ERROR})" if _IMPORT_ERROR is not None
+    else "no CUDA device, and TRITON_INTERPRET=1 was not set before importing triton")
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _HEAD_DIMS = "16 <= d <= 128"
@@ -68,9 +71,7 @@ def _check_same_device(ref: Tensor, **tensors):
 
 def _check_available():
     if not AVAILABLE:
-        reason = (f"triton import failed: {_IMPORT_ERROR}" if _IMPORT_ERROR is not None
-                  else "no CUDA device and TRITON_INTERPRET is not 1")
-        raise RuntimeError(f"triton backend unavailable: {reason}")
+        raise RuntimeError(f"triton backend unavailable: {UNAVAILABLE_REASON}")
 
 
 def _check_attention(q, k, v, pk, pv, bias):

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from vpt_fast.blocks.vit import resolve_auto
-from vpt_fast.config import RECOMPUTE, check_backend
+from vpt_fast.backends import resolve_auto, validate_backend
+from vpt_fast.config import RECOMPUTE
 from vpt_fast.ops.attention import prompt_attention
 from vpt_fast.ops.layer_norm import layer_norm
 from vpt_fast.ops.linear import linear
@@ -89,7 +89,7 @@ class SwinBlock(nn.Module):
         self.norm1, self.attn, self.drop_path1 = block.norm1, block.attn, block.drop_path1
         self.norm2, self.mlp, self.drop_path2 = block.norm2, block.mlp, block.drop_path2
         self.register_buffer("attn_mask", block.attn_mask, persistent=False)
-        self.backend = check_backend(backend)
+        self.backend = validate_backend(backend)
         self.recompute = _check_recompute(recompute)
         self._window_cache: dict[tuple, tuple[Tensor, Tensor]] = {}  # see _window_maps
 
@@ -316,7 +316,7 @@ class SwinPatchMerging(nn.Module):
             raise TypeError(f"expected merging.norm to be nn.LayerNorm, got {type(merging.norm).__name__}")
         self.dim, self.out_dim = merging.dim, merging.out_dim
         self.norm, self.reduction = merging.norm, merging.reduction
-        self.backend = check_backend(backend)
+        self.backend = validate_backend(backend)
         self.recompute = _check_recompute(recompute)
 
     @classmethod

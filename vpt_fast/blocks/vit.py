@@ -21,21 +21,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from vpt_fast.config import RECOMPUTE, check_backend
+from vpt_fast.backends import resolve_auto, validate_backend
+from vpt_fast.config import RECOMPUTE
 from vpt_fast.ops.attention import prompt_attention
 from vpt_fast.ops.layer_norm import layer_norm
 from vpt_fast.ops.linear import linear
 from vpt_fast.ops.mlp import is_fusable, norm_mlp
-
-
-def resolve_auto(backend: str, device: torch.device) -> str:
-    """The concrete backend for `backend` on `device` ("auto": fastest available)."""
-    if backend != "auto":
-        return backend
-    if device.type == "cuda":
-        from vpt_fast.ops import backend_module
-        return "triton" if backend_module("triton") is not None else "torch"
-    return "torch"
 
 
 class ViTBlock(nn.Module):
@@ -69,7 +60,7 @@ class ViTBlock(nn.Module):
         self.norm1, self.attn, self.ls1, self.drop_path1 = block.norm1, block.attn, block.ls1, block.drop_path1
         self.norm2, self.mlp, self.ls2, self.drop_path2 = block.norm2, block.mlp, block.ls2, block.drop_path2
         self.num_prefix_tokens = num_prefix_tokens
-        self.backend = check_backend(backend)
+        self.backend = validate_backend(backend)
         if recompute not in RECOMPUTE:
             raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
         self.recompute = recompute

@@ -6,7 +6,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from vpt_fast.ops import autocast_dtype, resolve
+from vpt_fast.backends import resolve
+from vpt_fast.ops import autocast_dtype
 
 
 class FrozenLayerNorm(torch.autograd.Function):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vpt_fast.ops import resolve
+from vpt_fast.backends import resolve
 from vpt_fast.ops.layer_norm import matmul_input_dtype, upcast_for_autocast
 
 
