@@ -116,3 +116,18 @@ def test_timm_train_py_then_export(tmp_path):
         for name, tensor in vpt_fast.prompt_state_dict(model).items():
             key = "vpt." + name if not name.startswith("head.") else name
             assert torch.equal(tensor, state[key]), name
+
+
+def test_pretrained_weights_load_into_the_prompted_model(tmp_path):
+    """pretrained=True goes through the base model's loader (here from a local file instead of the
+    hub): backbone weights are the file's, the head is adapted to num_classes as timm does."""
+    vpt_fast.register_timm()
+    weights = timm.create_model("vit_tiny_patch16_224", **dict(TINY_VIT, num_classes=1000)).state_dict()
+    path = tmp_path / "weights.pth"
+    torch.save(weights, path)
+    model = timm.create_model("vpt_vit_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                              **TINY_VIT, num_prompts=2)
+    loaded = model.state_dict()
+    backbone = [k for k in weights if not k.startswith("head.")]
+    assert backbone and all(torch.equal(loaded[k], weights[k]) for k in backbone)
+    assert loaded["head.weight"].shape == (5, 48) and tuple(model.vpt.prompts.shape) == (2, 2, 48)

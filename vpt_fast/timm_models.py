@@ -78,6 +78,12 @@ def register_timm() -> list[str]:
     from timm.models import _registry as registry
     from timm.models import register_model
 
+    tables = ("_model_entrypoints", "_model_default_cfgs", "_model_with_tags", "_model_pretrained_cfgs",
+              "_model_has_pretrained")
+    absent = [table for table in tables if not hasattr(registry, table)]
+    if absent:
+        raise RuntimeError(f"timm {timm.__version__} has no registry tables {absent}; vpt_fast.register_timm "
+                           f"is written against the registry of timm 1.0")
     prompt_kwargs = _prompt_kwargs()
     module = sys.modules[__name__]
     added = []
