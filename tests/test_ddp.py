@@ -7,14 +7,15 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from test_models import tiny_vit
 from torch.nn.parallel import DistributedDataParallel
 
 import vpt_fast
-from test_models import tiny_vit
 from utils import assert_close
 
 WORLD_SIZE = 2
@@ -81,6 +82,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two spawned processes, each importing torch and timm
 def test_ddp_gradients_equal_one_process_on_the_full_batch(tmp_path):
     out = str(tmp_path / "grads.pt")
     mp.spawn(_worker, args=(free_port(), out), nprocs=WORLD_SIZE, join=True)

@@ -66,6 +66,7 @@ def test_kwargs_go_to_prompt_and_to_the_base_model():
     assert swin(torch.randn(1, 3, 56, 56)).shape == (1, 5)
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_launcher_runs_a_train_script_with_vpt_models(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(

@@ -164,7 +164,6 @@ def load_prompts(model: nn.Module, path: str | os.PathLike) -> None:
     load_prompt_state_dict(model, state)
 
 
-
 def read_train_checkpoint(path: str | os.PathLike, ema: bool = False) -> tuple[dict[str, Tensor], dict]:
     """The model state_dict and training arguments of a timm `train.py` checkpoint.
 
