@@ -266,9 +266,10 @@ def test_torch_impl_matches_naive_attention(bp, math_path, with_bias, monkeypatc
 def test_gpu_query_tile_fits_short_query_sets(impl, monkeypatch):
     """The GPU launch configs (not used by the interpreter) tile Swin's 49-query windows with 64
     rows, not 128, and keep ViT's 197 queries on the tuned 128-row tile."""
-    monkeypatch.setattr(impl, "INTERPRET", False)
+    from vpt_fast.backends.triton_impl import attention
+    monkeypatch.setattr(attention, "INTERPRET", False)
     for kind in ("fwd", "dq", "dkdv"):
-        tuned = impl._attn_config_h100(kind, 64, torch.bfloat16)["BLOCK_M"]
-        assert impl._attn_config(kind, 64, torch.bfloat16, 49)["BLOCK_M"] == min(tuned, 64)
-        assert impl._attn_config(kind, 64, torch.bfloat16, 197)["BLOCK_M"] == tuned
-    assert impl._attn_config("fwd", 64, torch.bfloat16, 49)["BLOCK_M"] == 64
+        tuned = attention._attn_config_h100(kind, 64, torch.bfloat16)["BLOCK_M"]
+        assert attention._attn_config(kind, 64, torch.bfloat16, 49)["BLOCK_M"] == min(tuned, 64)
+        assert attention._attn_config(kind, 64, torch.bfloat16, 197)["BLOCK_M"] == tuned
+    assert attention._attn_config("fwd", 64, torch.bfloat16, 49)["BLOCK_M"] == 64
