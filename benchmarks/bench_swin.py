@@ -23,7 +23,7 @@ from conftest import default_config, run_timed
 from vpt_fast.bench import count_flops, make_batch, saved_activation_bytes, training_step
 from vpt_fast.backends import resolve_auto
 from vpt_fast.config import PromptConfig
-from vpt_fast.prompting_swin import prompt_swin
+from vpt_fast.models.swin import prompt_swin
 
 
 def swin_config():

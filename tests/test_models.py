@@ -109,14 +109,16 @@ def test_backbone_frozen_and_in_eval_mode():
                                      proj_drop_rate=0.5), num_prompts=5, project=16, dropout=0.2)
     model.train()
     assert model.vpt.training and model.vpt.dropout.training
+    # the model itself and its head (with timm's head dropout) follow train(); the backbone does not
     others = [name for name, m in model.named_modules() if m.training and not name.startswith("vpt")]
-    assert others == []
+    assert others == ["", "fc_norm", "head_drop", "head"]
     vpt_fast.set_backend(model, "torch")
     model.vpt.dropout.p = 0.0  # backbone dropout/drop-path must be off even under train()
     x = torch.randn(2, 3, 32, 32)
-    assert torch.equal(model(x), model(x))
+    assert torch.equal(model.forward_features(x), model.forward_features(x))
+    assert not torch.equal(model(x), model(x))  # the head's dropout (train.py --drop) runs
     model.eval()
-    assert not model.vpt.training
+    assert not model.vpt.training and not model.head_drop.training
 
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"vpt.prompts", "vpt.proj.weight", "vpt.proj.bias", "head.weight", "head.bias"}

@@ -1,4 +1,4 @@
-"""PromptConfig: how a timm model is prompted (DESIGN.md §1, §4)."""
+"""PromptConfig: how a timm model is prompted (docs/design.md §1, §4)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -32,16 +32,28 @@ class PromptConfig:
     recompute: str = "none"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.num_prompts, int) or isinstance(self.num_prompts, bool) or self.num_prompts < 1:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError/TypeError naming the first bad field (RuntimeError: backend unavailable)."""
+        if not _is_int(self.num_prompts) or self.num_prompts < 1:
             raise ValueError(f"num_prompts must be an integer >= 1, got {self.num_prompts!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.project is not None and (not isinstance(self.project, int) or self.project < 1):
-            raise ValueError(f"project must be None or a positive integer, got {self.project!r}")
+        if not isinstance(self.deep, bool):
+            raise TypeError(f"deep must be a bool (True: VPT-Deep, False: VPT-Shallow), got {self.deep!r}")
+        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be a float in [0, 1), got {self.dropout!r}")
+        if self.project is not None and (not _is_int(self.project) or self.project < 1):
+            raise ValueError(f"project must be None or an integer >= 1 (the prompt dimension), got {self.project!r}")
+        if not isinstance(self.backend, str):
+            raise TypeError(f"backend must be a string, got {self.backend!r}")
         validate_backend(self.backend)
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"recompute must be one of {RECOMPUTE}, got {self.recompute!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 

@@ -71,15 +71,15 @@ class ViTBlock(nn.Module):
 
     def forward(self, x: Tensor, prompts: Optional[Tensor] = None) -> Tensor:
         backend = resolve_auto(self.backend, x.device)
-        if backend == "reference":
-            return self.forward_reference(x, prompts)
         if prompts is not None and (prompts.dim() != 3 or prompts.shape[0] not in (1, x.shape[0])
                                     or prompts.shape[2] != x.shape[2]):
             raise ValueError(f"prompts must be (1 or B={x.shape[0]}, P, D={x.shape[2]}), got {tuple(prompts.shape)}")
+        run, args = (self.forward_reference, (x, prompts)) if backend == "reference" else (self._forward, (x, prompts, backend))
+        # "block" (and timm's set_grad_checkpointing) applies to every backend, the reference included
         if self.recompute == "block" and torch.is_grad_enabled() and (x.requires_grad or (
                 prompts is not None and prompts.requires_grad)):
-            return checkpoint(self._forward, x, prompts, backend, use_reentrant=False)
-        return self._forward(x, prompts, backend)
+            return checkpoint(run, *args, use_reentrant=False)
+        return run(*args)
 
     def forward_reference(self, x: Tensor, prompts: Optional[Tensor] = None) -> Tensor:
         """Release-style VPT: timm's block on [prefix, prompts, patches], prompt rows dropped."""

@@ -1,0 +1,174 @@
+"""What every prompted timm model shares (docs/design.md §1, §7).
+
+`prompt()` turns a timm model into an instance of an importable subclass (`PromptedVisionTransformer`,
+`PromptedSwinTransformer`) by switching its class, so a prompted model pickles, deep-copies and
+`torch.save`s like any timm model. `install()` does it atomically: every argument is checked and every
+new module built before the model changes, and any failure restores the model exactly.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from vpt_fast.config import PromptConfig
+from vpt_fast.prompts import VisualPrompts
+
+
+class PromptedModel:
+    """Behaviour shared by prompted timm models (mixed in before the timm class).
+
+    Attributes set by `install`: `vpt` (a `VisualPrompts`), `vpt_config` (a `PromptConfig`).
+    """
+
+    vpt: VisualPrompts
+    vpt_config: PromptConfig
+
+    # Modules that follow train()/eval(): the head (and its dropout); the rest stays in eval mode.
+    _TRAINABLE_MODULES: tuple[str, ...] = ()
+
+    def train(self, mode: bool = True):
+        """Released-code semantics: the frozen backbone stays in eval mode (no dropout or
+        drop-path); the model itself, prompt dropout and the classifier head follow `mode`."""
+        if not isinstance(mode, bool):
+            raise ValueError(f"training mode is expected to be boolean, got {mode!r}")
+        nn.Module.train(self, False)
+        self.training = mode
+        for name in ("vpt",) + self._TRAINABLE_MODULES:
+            module = getattr(self, name, None)
+            if module is not None:
+                module.train(mode)
+        return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's gradient checkpointing, as `recompute="block"`: every block saves its input only
+        and recomputes itself in backward. Disabling it restores the configured `recompute`."""
+        self.grad_checkpointing = bool(enable)
+        apply_block_settings(self)
+
+    def prune_intermediate_layers(self, *args, **kwargs):
+        raise NotImplementedError("prune_intermediate_layers is not supported on a prompted model: "
+                                  "prune the timm model first, then call vpt_fast.prompt()")
+
+    def set_input_size(self, *args, **kwargs) -> None:
+        """timm's `set_input_size`; parameters it creates (a resampled position embedding) stay
+        frozen like the rest of the backbone."""
+        before = {id(p) for p in self.parameters()}
+        super().set_input_size(*args, **kwargs)
+        for p in self.parameters():
+            if id(p) not in before:
+                p.requires_grad_(False)
+
+    def _prompt_matchers(self, stage_suffix: Callable[[int], tuple[int, ...]]) -> list[tuple[str, tuple]]:
+        """group_matcher entries (regex, suffix) placing each stage's prompts and projection in the
+        layer group of the first block they enter; `stage_suffix(s)` is that block's suffix."""
+        if self.vpt_config.deep:
+            warnings.warn("a stage's deep prompts are one parameter, so layer-wise groups (layer decay) "
+                          "give all of them the layer id of the stage's first block", stacklevel=3)
+        if not self.vpt.per_stage:
+            return [(r"^vpt\.", stage_suffix(0))]
+        return [(rf"^vpt\.(?:prompts|proj)\.{s}(?:\.|$)", stage_suffix(s)) for s in range(len(self.vpt.prompts))]
+
+
+def apply_block_settings(model: nn.Module) -> None:
+    """Push the model's backend and effective recompute policy to every prompt-aware module."""
+    config = model.vpt_config
+    recompute = "block" if getattr(model, "grad_checkpointing", False) else config.recompute
+    for module in model.modules():
+        if getattr(module, "is_vpt_block", False):
+            module.backend = config.backend
+            module.recompute = recompute
+
+
+def warn_ignored_dropout(model: nn.Module, keep: tuple[str, ...]) -> None:
+    """The frozen backbone runs in eval mode (released code), so its dropout and drop-path never
+    apply: say so once, when the model is prompted."""
+    ignored = []
+    for name, module in model.named_modules():
+        if any(name == k or name.startswith(k + ".") for k in keep):
+            continue
+        p = getattr(module, "p", None) if isinstance(module, nn.Dropout) else getattr(module, "drop_prob", None)
+        if isinstance(p, float) and p > 0:
+            ignored.append(f"{name}={p}")
+    if ignored:
+        shown = ", ".join(ignored[:4]) + (f" and {len(ignored) - 4} more" if len(ignored) > 4 else "")
+        warnings.warn(f"the prompted backbone stays in eval mode (as in the released VPT code), so its "
+                      f"dropout/drop-path is ignored: {shown}", stacklevel=3)
+
+
+def install(model: nn.Module, cls: type, prompts: VisualPrompts, config: PromptConfig,
+            swaps: list[tuple[nn.Module, str, nn.Module]], head_names: tuple[str, ...]) -> nn.Module:
+    """Turn `model` into a `cls` instance, atomically.
+
+    Args:
+        model: the timm model, already validated.
+        cls: the prompted subclass of `type(model)`.
+        prompts: the new prompt module, already on the model's device and dtype.
+        config: the validated configuration.
+        swaps: (parent, child name, new module) for every block to replace.
+        head_names: the top-level children that form the classifier head, in order; `vpt` is inserted
+            before them so that the head's parameters stay last (timm's `get_clip_parameters`).
+    """
+    saved_flags = [(p, p.requires_grad) for p in model.parameters()]
+    saved_children = [(parent, name, parent._modules[name]) for parent, name, _ in swaps]
+    saved_order = dict(model._modules)
+    saved_class = model.__class__
+    saved_ckpt = getattr(model, "grad_checkpointing", None)
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for parent, name, module in swaps:
+            parent._modules[name] = module
+        children = dict(model._modules)
+        head = {name: children.pop(name) for name in head_names if name in children}
+        model._modules.clear()
+        model._modules.update(children)
+        model._modules["vpt"] = prompts
+        model._modules.update(head)
+        model.vpt_config = config
+        for p in model.get_classifier().parameters():
+            p.requires_grad_(True)
+        model.__class__ = cls
+        model.grad_checkpointing = bool(saved_ckpt)
+        apply_block_settings(model)
+        model.train(model.training)
+    except BaseException:
+        model.__class__ = saved_class
+        model._modules.clear()
+        model._modules.update(saved_order)
+        for parent, name, module in saved_children:
+            parent._modules[name] = module
+        for p, flag in saved_flags:
+            p.requires_grad_(flag)
+        for attr in ("vpt_config",):
+            model.__dict__.pop(attr, None)
+        if saved_ckpt is None:
+            model.__dict__.pop("grad_checkpointing", None)
+        else:
+            model.grad_checkpointing = saved_ckpt
+        raise
+    return model
+
+
+def check_unprompted(model: nn.Module) -> None:
+    if isinstance(model, PromptedModel) or hasattr(model, "vpt"):
+        raise ValueError("model is already prompted (it has a `vpt` module); create a fresh model")
+
+
+def device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    param = next(model.parameters(), None)
+    if param is None:
+        raise TypeError(f"{type(model).__name__} has no parameters")
+    return param.device, param.dtype
+
+
+def prompt_module(model: nn.Module, num_sets: list[int], widths: list[int], config: PromptConfig,
+                  per_stage: bool, patch_size: Optional[tuple[int, int]] = None) -> VisualPrompts:
+    """Build the prompt parameters on the model's device and dtype (before the model changes)."""
+    device, dtype = device_dtype(model)
+    patch = tuple(patch_size if patch_size is not None else model.patch_embed.patch_size)
+    prompts = VisualPrompts(num_sets, config.num_prompts, widths, patch, config.project, config.dropout,
+                            per_stage=per_stage)
+    return prompts.to(device=device, dtype=dtype)

@@ -1,0 +1,137 @@
+"""Prompted timm VisionTransformer (VPT, Jia et al., ECCV 2022, arXiv 2203.12119; docs/design.md §1).
+
+`P` prompt tokens go after the prefix (class + register) tokens: `[prefix, prompts, patches]`, with no
+position embedding. Shallow: prompt set 0 enters before block 0 and the prompts are ordinary tokens
+from then on. Deep: before every block the prompt rows are replaced by that block's set, so each
+`ViTBlock` takes the prompts separately and returns the token rows only. After the last block the
+prompt rows are dropped, then timm's final norm and head run unchanged.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor
+
+from vpt_fast.blocks.vit import ViTBlock
+from vpt_fast.config import PromptConfig
+from vpt_fast.models.common import PromptedModel, check_unprompted, install, prompt_module, warn_ignored_dropout
+
+SUPPORTED_POOLS = ("token", "avg", "")
+_HEAD = ("fc_norm", "head_drop", "head")
+
+
+class PromptedVisionTransformer(PromptedModel, VisionTransformer):
+    """A timm `VisionTransformer` after `vpt_fast.prompt()` (never constructed directly)."""
+
+    _TRAINABLE_MODULES = _HEAD
+
+    def _prompted_tokens(self, x: Tensor, blocks, take: Optional[set[int]] = None) -> tuple[Tensor, list[Tensor]]:
+        """Images -> token rows after `blocks` (prompt rows dropped), and the token rows after every
+        block index in `take`."""
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        vpt, batch, npfx = self.vpt, x.shape[0], self.num_prefix_tokens
+        deep = self.vpt_config.deep
+        num_prompts = 0
+        if not deep:
+            prompts = vpt.tokens(0, batch).expand(batch, -1, -1)
+            num_prompts = prompts.shape[1]
+            x = torch.cat([x[:, :npfx], prompts, x[:, npfx:]], dim=1)
+        taken = []
+        for i, block in enumerate(blocks):
+            x = block(x, vpt.tokens(i, batch)) if deep else block(x)
+            if take is not None and i in take:
+                taken.append(torch.cat([x[:, :npfx], x[:, npfx + num_prompts:]], dim=1) if num_prompts else x)
+        if num_prompts:
+            x = torch.cat([x[:, :npfx], x[:, npfx + num_prompts:]], dim=1)
+        return x, taken
+
+    def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        _check_no_mask(attn_mask, is_causal)
+        x, _ = self._prompted_tokens(x, self.blocks)
+        return self.norm(x)
+
+    def forward_intermediates(
+            self, x: Tensor, indices: Optional[Union[int, list[int]]] = None, return_prefix_tokens: bool = False,
+            norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
+            output_dict: bool = False, attn_mask: Optional[Tensor] = None, is_causal: bool = False,
+    ) -> Union[list[Tensor], tuple[Tensor, list[Tensor]], dict[str, Any]]:
+        """timm's `forward_intermediates` on the prompted model: every intermediate is computed with
+        the prompts and returned in timm's shapes (prompt rows dropped)."""
+        from timm.models._features import feature_take_indices
+        _check_no_mask(attn_mask, is_causal)
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        batch, _, height, width = x.shape
+        blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
+        x, intermediates = self._prompted_tokens(x, blocks, set(take_indices))
+        intermediates = [self.norm(y) if norm else y for y in intermediates]
+        npfx = self.num_prefix_tokens
+        prefix_tokens = [y[:, :npfx] for y in intermediates] if npfx else None
+        intermediates = [y[:, npfx:] for y in intermediates]
+        if output_fmt == "NCHW":
+            h, w = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(batch, h, w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if output_dict:
+            result = {"image_intermediates": intermediates}
+            if prefix_tokens is not None and return_prefix_tokens:
+                result["image_intermediates_prefix"] = prefix_tokens
+            if not intermediates_only:
+                result["image_features"] = self.norm(x)
+            return result
+        if return_prefix_tokens and prefix_tokens is not None:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None and global_pool not in SUPPORTED_POOLS:
+            raise ValueError(f"a prompted ViT supports global_pool in {SUPPORTED_POOLS}, got {global_pool!r}")
+        super().reset_classifier(num_classes, global_pool)
+        self.head.train(self.training)
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        matcher = super().group_matcher(coarse)
+        # blocks.<i> map to (group, i): the prompts enter block 0 (shallow) or start there (deep)
+        matcher["blocks"] = list(matcher["blocks"]) + self._prompt_matchers(lambda stage: (0,))
+        return matcher
+
+
+def _check_no_mask(attn_mask: Optional[Tensor], is_causal: bool) -> None:
+    if attn_mask is not None or is_causal:
+        raise ValueError("prompted ViT models do not support attn_mask / is_causal")
+
+
+def check_vit(model: VisionTransformer) -> None:
+    if type(model) is not VisionTransformer:
+        raise TypeError(f"vpt_fast.prompt supports timm VisionTransformer itself, not the subclass "
+                        f"{type(model).__module__}.{type(model).__name__}")
+    if getattr(model, "attn_pool", None) is not None:
+        raise TypeError("global_pool='map' (attention pooling) is not supported: use 'token' or 'avg'")
+    if model.global_pool not in SUPPORTED_POOLS:
+        raise TypeError(f"global_pool={model.global_pool!r} is not supported: use 'token' or 'avg'")
+    for i, block in enumerate(model.blocks):
+        if type(block) is not Block:
+            raise TypeError(f"blocks[{i}] is {type(block).__module__}.{type(block).__name__}; prompted ViTs "
+                            f"support timm.models.vision_transformer.Block")
+
+
+def prompt_vit(model: VisionTransformer, config: PromptConfig) -> PromptedVisionTransformer:
+    """Add VPT to a timm `VisionTransformer` in place (see `vpt_fast.prompt`)."""
+    check_unprompted(model)
+    check_vit(model)
+    kwargs = dict(num_prefix_tokens=model.num_prefix_tokens, backend=config.backend, recompute=config.recompute)
+    swaps = [(model.blocks, str(i), ViTBlock.from_timm(block, **kwargs)) for i, block in enumerate(model.blocks)]
+    num_sets = len(model.blocks) if config.deep else 1
+    prompts = prompt_module(model, [num_sets], [model.embed_dim], config, per_stage=False)
+    warn_ignored_dropout(model, keep=_HEAD)
+    return install(model, PromptedVisionTransformer, prompts, config, swaps, _HEAD)
+
+
+__all__ = ["PromptedVisionTransformer", "prompt_vit"]
