@@ -26,6 +26,16 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def _split_program_id(n_rows, BLOCK: tl.constexpr):
+    """(row block, batch * head) of this program. Both live on grid axis 0 (row blocks fastest, so
+    the programs sharing one (batch, head) run together): axes 1 and 2 stop at 65,535 blocks, which
+    batch * heads passes (Swin-B at batch 512: 32,768 windows x 4 heads), axis 0 at 2**31 - 1."""
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(n_rows, BLOCK)
+    return pid % n_blocks, pid // n_blocks
+
+
+@triton.jit
 def _scores(q, k_base, stride_kn, bias_base, stride_bias_m, stride_bias_n, offs_m, offs_n, offs_d,
             n_mask, d_mask, n_queries, qk_scale, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """(S in log2 units, K^T) of one query block against one key block: q K^T * scale (+ bias)."""
@@ -77,10 +87,10 @@ def _attention_fwd(Q, K, V, PK, PV, BIAS, OUT, LSE,
                    num_heads, n_queries, n_keys, n_prompts, prompt_group, n_bias, qk_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Grid (cdiv(Nq, BLOCK_M), B * H). qk_scale = scale * log2(e)."""
+    """Grid (cdiv(Nq, BLOCK_M) * B * H,), query blocks fastest (see `_split_program_id`).
+    qk_scale = scale * log2(e)."""
     qk_scale = tl.cast(qk_scale, tl.float32)  # torch.compile passes Python floats as fp64
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _split_program_id(n_queries, BLOCK_M)
     b = (pid_bh // num_heads).to(tl.int64)
     h = (pid_bh % num_heads).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -158,7 +168,7 @@ def _attention_bwd(Q, K, V, DOUT, LSE, DELTA, BIAS, DK, DV,
                    num_heads, n_queries, n_keys, n_bias, group, batches_per_split, scale, qk_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dK, dV of one key block. Grid (cdiv(n_keys, BLOCK_N), KB * H, SPLIT).
+    """dK, dV of one key block. Grid (cdiv(n_keys, BLOCK_N) * KB * H, SPLIT), key blocks fastest.
 
     K/V are a key segment with KB batches; key batch kb is read by query batches
     kb * group .. kb * group + group - 1. Own keys: KB = B, group = 1, SPLIT = 1. Prompt keys:
@@ -167,9 +177,8 @@ def _attention_bwd(Q, K, V, DOUT, LSE, DELTA, BIAS, DK, DV,
     """
     scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64
     qk_scale = tl.cast(qk_scale, tl.float32)
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    pid_s = tl.program_id(2)
+    pid_n, pid_bh = _split_program_id(n_keys, BLOCK_N)
+    pid_s = tl.program_id(1)
     kb = (pid_bh // num_heads).to(tl.int64)
     h = (pid_bh % num_heads).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -238,11 +247,11 @@ def _attention_bwd_dq(Q, K, V, PK, PV, OUT, DOUT, LSE, DELTA, BIAS, DQ,
                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dQ of one query block over both key segments; also computes and stores delta = rowsum(dO * O)
-    (fp32) for `_attention_bwd`, which runs after it. Grid (cdiv(Nq, BLOCK_M), B * H)."""
+    (fp32) for `_attention_bwd`, which runs after it. Grid (cdiv(Nq, BLOCK_M) * B * H,), query
+    blocks fastest (see `_split_program_id`)."""
     scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64
     qk_scale = tl.cast(qk_scale, tl.float32)
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _split_program_id(n_queries, BLOCK_M)
     b = (pid_bh // num_heads).to(tl.int64)
     h = (pid_bh % num_heads).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

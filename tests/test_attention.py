@@ -273,3 +273,58 @@ def test_gpu_query_tile_fits_short_query_sets(impl, monkeypatch):
         assert attention._attn_config(kind, 64, torch.bfloat16, 49)["BLOCK_M"] == min(tuned, 64)
         assert attention._attn_config(kind, 64, torch.bfloat16, 197)["BLOCK_M"] == tuned
     assert attention._attn_config("fwd", 64, torch.bfloat16, 49)["BLOCK_M"] == 64
+
+
+class _GridRecorder:
+    """Stands in for the triton backend's `launch`: records (kernel, grid), runs nothing."""
+
+    def __init__(self):
+        self.grids = []
+
+    def __call__(self, kernel, grid):
+        self.grids.append((kernel.__name__, tuple(grid)))
+        return lambda *args, **kwargs: None
+
+
+# (B, H, Nq=Nk, d, Bp, P, nB): Swin-B stage 0 at batch 512 (512 images x 64 windows, prompts per
+# image, rel-pos bias + shift mask per window) and ViT-B/16 at batch 512 (deep prompts, Bp = 1).
+LARGE_SHAPES = {"swin_b_batch512_stage0": (512 * 64, 4, 49, 32, 512, 50, 64),
+                "vit_b_batch512": (512, 12, 197, 64, 1, 50, 0)}
+
+
+@pytest.mark.parametrize("gpu_config", [True, False], ids=["gpu_config", "interpreter_config"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", list(LARGE_SHAPES), ids=list(LARGE_SHAPES))
+def test_attention_launch_grids_within_cuda_limits(impl, monkeypatch, shape, dtype, gpu_config):
+    """Every attention launch (forward, dQ, own and prompt dK/dV, their reduction) of a Swin-B or
+    ViT-B batch of 512 keeps grid axis 0 below 2**31 and axes 1, 2 at most 65,535: batch x heads
+    (131,072 for Swin-B) must not sit on axis 1 or 2. Meta tensors: the launcher runs, no kernel."""
+    from vpt_fast.backends.triton_impl import attention
+    B, H, N, d, Bp, P, nb = LARGE_SHAPES[shape]
+    monkeypatch.setattr(attention, "INTERPRET", not gpu_config)
+    recorder = _GridRecorder()
+    monkeypatch.setattr(attention, "launch", recorder)
+    meta = dict(device="meta", dtype=dtype)
+    qkv = torch.empty(B, N, 3, H, d, **meta).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    pk, pv = torch.empty(Bp, H, P, d, **meta), torch.empty(Bp, H, P, d, **meta)
+    bias = torch.empty(nb, H, N, N, **meta) if nb else None
+    out, lse = attention._attention_fwd_impl(q, k, v, pk, pv, d ** -0.5, bias)
+    attention._attention_bwd_impl(torch.empty_like(out), q, k, v, pk, pv, out, lse, d ** -0.5, bias)
+    launched = [name for name, _ in recorder.grids]
+    assert launched[:3] == ["_attention_fwd", "_attention_bwd_dq", "_attention_bwd"], launched
+    assert launched.count("_attention_bwd") == 2, launched  # own keys, then prompt keys
+    for name, grid in recorder.grids:
+        assert 1 <= len(grid) <= 3 and grid[0] < 2 ** 31 and all(g <= 65535 for g in grid[1:]), (name, grid)
+    fwd_grid = recorder.grids[0][1]
+    block_m = attention._attn_config("fwd", attention._block_d(d), dtype, N)["BLOCK_M"]
+    assert fwd_grid == (-(-N // block_m) * B * H,)  # every (query block, batch, head) once
+
+
+def test_launch_rejects_grids_past_cuda_limits(impl):
+    from vpt_fast.backends.triton_impl import common
+    from vpt_fast.kernels import attention as kernels
+    assert common.check_grid((2 ** 31 - 1, 65535, 65535), "k") == (2 ** 31 - 1, 65535, 65535)
+    for grid in [(2 ** 31, 1), (1, 65536), (1, 1, 65536)]:
+        with pytest.raises(ValueError, match=r"_attention_fwd grid .* exceeds CUDA's limits"):
+            common.launch(kernels._attention_fwd, grid)

@@ -139,10 +139,10 @@ def _attention_fwd_impl(q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor], p
     bs = bias.stride() if has_bias else (0, 0, 0, 0)
     nb = bias.shape[0] if has_bias else 1
     cfg = _attn_config("fwd", _block_d(d), q.dtype, Nq)
-    grid = (triton.cdiv(Nq, cfg["BLOCK_M"]), B * H)
+    grid = (triton.cdiv(Nq, cfg["BLOCK_M"]) * B * H,)  # kernels/attention.py: _split_program_id
     precision = _dot_precision(q.dtype)
     q, k, v, pk_, pv_ = _interp_upcast(q, k, v, pk_, pv_)
-    launch(kernels._attention_fwd)[grid](
+    launch(kernels._attention_fwd, grid)(
         q, k, v, pk_, pv_, bias_, out, lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *pk_.stride()[:3], *pv_.stride()[:3],
         *bs, *out.stride()[:3], *lse.stride()[:2],
@@ -209,8 +209,8 @@ def _attention_bwd_launch(dout, q, k, v, pk, pv, out, lse, scale, bias, dq, dk, 
 
     # 1. dQ (and delta = rowsum(dO * O)): one program per (query block, batch, head), both segments.
     cfg = _attn_config("dq", block_d, q.dtype, Nq)
-    grid = (triton.cdiv(Nq, cfg["BLOCK_M"]), B * H)
-    launch(kernels._attention_bwd_dq)[grid](
+    grid = (triton.cdiv(Nq, cfg["BLOCK_M"]) * B * H,)
+    launch(kernels._attention_bwd_dq, grid)(
         q, k, v, pk_, pv_, out, dout, lse, delta, bias_, dq,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *pk_.stride()[:3], *pv_.stride()[:3],
         *out.stride()[:3], *dout.stride()[:3], *lse.stride()[:2], *bs, *dq.stride()[:3],
@@ -221,8 +221,8 @@ def _attention_bwd_launch(dout, q, k, v, pk, pv, out, lse, scale, bias, dq, dk, 
     cfg = _attn_config("dkdv", block_d, q.dtype, Nq)
     meta = dict(HEAD_DIM=d, BLOCK_D=block_d, DOT_PRECISION=precision, **cfg)
     if Nk > 0:
-        grid = (triton.cdiv(Nk, cfg["BLOCK_N"]), B * H, 1)
-        launch(kernels._attention_bwd)[grid](
+        grid = (triton.cdiv(Nk, cfg["BLOCK_N"]) * B * H, 1)
+        launch(kernels._attention_bwd, grid)(
             q, k, v, dout, lse, delta, bias_, dk, dv,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *lse.stride()[:2], *bs,
             0, *dk.stride()[:3], 0, *dv.stride()[:3],
@@ -247,8 +247,8 @@ def _attention_bwd_launch(dout, q, k, v, pk, pv, out, lse, scale, bias, dq, dk, 
         tk = torch.empty((split, *pk.shape), dtype=torch.float32, device=q.device)
         tv = torch.empty((split, *pv.shape), dtype=torch.float32, device=q.device)
         sk, sv = tk.stride(), tv.stride()
-    grid = (triton.cdiv(P, cfg["BLOCK_N"]), bp * H, split)
-    launch(kernels._attention_bwd)[grid](
+    grid = (triton.cdiv(P, cfg["BLOCK_N"]) * bp * H, split)
+    launch(kernels._attention_bwd, grid)(
         q, pk, pv, dout, lse, delta, q, tk, tv,
         *q.stride()[:3], *pk.stride()[:3], *pv.stride()[:3], *dout.stride()[:3], *lse.stride()[:2],
         0, 0, 0, 0, *sk[:4], *sv[:4],
@@ -256,7 +256,7 @@ def _attention_bwd_launch(dout, q, k, v, pk, pv, out, lse, scale, bias, dq, dk, 
     if split > 1:
         n = dpk.numel()
         block = 1024
-        launch(kernels._attention_bwd_reduce)[(triton.cdiv(n, block),)](
+        launch(kernels._attention_bwd_reduce, (triton.cdiv(n, block),))(
             tk, tv, dpk, dpv, split, n, BLOCK_SIZE=block, num_warps=1 if INTERPRET else 4)
 
 

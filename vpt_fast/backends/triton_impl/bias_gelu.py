@@ -30,7 +30,7 @@ def _bias_gelu_fwd_impl(h: Tensor, bias: Optional[Tensor]) -> Tensor:
         return out
     hc = h.contiguous()
     cfg = _gelu_config()
-    launch(kernels._bias_gelu_fwd)[(triton.cdiv(n, cfg["BLOCK_SIZE"]),)](
+    launch(kernels._bias_gelu_fwd, (triton.cdiv(n, cfg["BLOCK_SIZE"]),))(
         hc, bias if bias is not None else hc, out, n, h.shape[-1], HAS_BIAS=bias is not None, **cfg)
     return out
 
@@ -49,7 +49,7 @@ def _bias_gelu_bwd_impl(dg: Tensor, h: Tensor, bias: Optional[Tensor]) -> Tensor
         return dh
     hc, dgc = h.contiguous(), dg.contiguous()
     cfg = _gelu_config()
-    launch(kernels._bias_gelu_bwd)[(triton.cdiv(n, cfg["BLOCK_SIZE"]),)](
+    launch(kernels._bias_gelu_bwd, (triton.cdiv(n, cfg["BLOCK_SIZE"]),))(
         dgc, hc, bias if bias is not None else hc, dh, n, h.shape[-1], HAS_BIAS=bias is not None, **cfg)
     return dh
 

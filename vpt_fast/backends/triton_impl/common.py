@@ -30,6 +30,10 @@ UNAVAILABLE_REASON: Optional[str] = (
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+# CUDA's grid limits: axis 0 up to 2**31 - 1 blocks, axes 1 and 2 up to 65,535.
+MAX_GRID_X = 2 ** 31 - 1
+MAX_GRID_YZ = 65535
+
 
 def kernel_module(op: str) -> Optional[ModuleType]:
     """`vpt_fast.kernels.<op>` (the @triton.jit code of one op), or None when triton did not import."""
@@ -109,5 +113,15 @@ def call(impl: Callable, op_name: str, *args):
     return impl(*args) if eager() else getattr(torch.ops.vpt_fast, op_name)(*args)
 
 
-def launch(kernel):
-    return kernel if INTERPRET or eager() else torch.library.wrap_triton(kernel)
+def check_grid(grid: tuple[int, ...], kernel_name: str) -> tuple[int, ...]:
+    """`grid` if it is within CUDA's limits; a launch past them fails with an opaque driver error."""
+    if len(grid) > 3 or grid[0] > MAX_GRID_X or any(g > MAX_GRID_YZ for g in grid[1:]):
+        raise ValueError(f"triton backend: {kernel_name} grid {grid} exceeds CUDA's limits (at most 3 "
+                         f"axes, axis 0 <= {MAX_GRID_X}, axes 1 and 2 <= {MAX_GRID_YZ})")
+    return grid
+
+
+def launch(kernel, grid: tuple[int, ...]):
+    """`kernel[grid]`, checked against CUDA's grid limits; wrapped for torch.compile when traced."""
+    runnable = kernel if INTERPRET or eager() else torch.library.wrap_triton(kernel)
+    return runnable[check_grid(grid, kernel.__name__)]

@@ -45,7 +45,7 @@ def _layer_norm_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     if rows == 0 or C == 0:
         return y, mean, rstd
     x2 = _rows(x)
-    launch(kernels._layer_norm_fwd)[(rows,)](
+    launch(kernels._layer_norm_fwd, (rows,))(
         x2, weight if weight is not None else x2, bias if bias is not None else x2, y, mean, rstd,
         x2.stride(0), C, C, eps, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         **_row_config(C))
@@ -68,7 +68,7 @@ def _layer_norm_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: 
         return dx
     x2, dy2 = _rows(x), _rows(dy)
     mean, rstd = mean.contiguous(), rstd.contiguous()
-    launch(kernels._layer_norm_bwd)[(rows,)](
+    launch(kernels._layer_norm_bwd, (rows,))(
         dy2, x2, weight if weight is not None else x2, mean, rstd, dx,
         dy2.stride(0), x2.stride(0), C, C, HAS_WEIGHT=weight is not None, **_row_config(C))
     return dx
