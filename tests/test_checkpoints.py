@@ -101,19 +101,20 @@ def test_whole_model_state_dict_is_strict():
     assert_state_equal(vpt_fast.prompt_state_dict(model), before)
 
 
-def train_py_checkpoint(out_dir, model_kwargs: dict, seed: int = 0, with_args: bool = True):
+def train_py_checkpoint(out_dir, model_kwargs: dict, seed: int = 0, with_args: bool = True,
+                        model_name: str = "vpt_vit_tiny_patch16_224"):
     """A prompted model after one SGD step, with an EMA, saved by timm's CheckpointSaver with the
     argparse namespace train.py passes (the fields export reads, plus a few others)."""
     from timm.utils import CheckpointSaver, ModelEmaV3
     vpt_fast.register_timm()
-    args = argparse.Namespace(model="vpt_vit_tiny_patch16_224", num_classes=6, gp=None, in_chans=None,
+    args = argparse.Namespace(model=model_name, num_classes=6, gp=None, in_chans=None,
                               input_size=None, model_kwargs=dict(model_kwargs), lr=0.1, epochs=1,
                               drop_path=None, pretrained=False)
     torch.manual_seed(seed)
     model = timm.create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
     ema = ModelEmaV3(model, decay=0.5)
-    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 4])
+    x, y = torch.randn(2, 3, *model.patch_embed.img_size), torch.tensor([1, 4])
     torch.nn.functional.cross_entropy(model(x), y).backward()
     optimizer.step()
     ema.update(model)
@@ -159,3 +160,16 @@ def test_export_needs_the_configuration_without_args(tmp_path):
     with pytest.raises(ValueError, match="no 'state_dict_ema'"):
         torch.save({"state_dict": model.state_dict(), "epoch": 0}, tmp_path / "no_ema.pth.tar")
         cli(["export", str(tmp_path / "no_ema.pth.tar"), str(out), "--ema", "--model", "vit_tiny_patch16_224"])
+
+
+def test_export_swin_train_py_checkpoint(tmp_path):
+    kwargs = dict(img_size=56, window_size=7, embed_dim=16, depths=(1, 1), num_heads=(1, 2), drop_path_rate=0.0,
+                  num_prompts=2, deep=False)
+    checkpoint, model, _ = train_py_checkpoint(tmp_path, kwargs, model_name="vpt_swin_tiny_patch4_window7_224")
+    out = tmp_path / "prompts.safetensors"
+    cli(["export", str(checkpoint), str(out)])
+    fresh = timm.create_model("vpt_swin_tiny_patch4_window7_224", num_classes=6, **kwargs)
+    vpt_fast.load_prompts(fresh, out)
+    expected = vpt_fast.prompt_state_dict(model)
+    assert set(expected) == {"prompts.0", "head.weight", "head.bias"}  # head.fc in the model's state_dict
+    assert_state_equal(vpt_fast.prompt_state_dict(fresh), expected)
