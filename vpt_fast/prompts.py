@@ -72,6 +72,10 @@ class VisualPrompts(nn.Module):
         every sample, (B, P, width) when prompt dropout draws a mask per sample (as the released
         code, which applies dropout after expanding to the batch)."""
         p = self.stage_prompts(stage)[index]
+        if not torch.is_grad_enabled():
+            # a view of a parameter keeps requires_grad even under no_grad / inference_mode, which
+            # trips autograd hooks (FlopCounterMode's module tracker); nothing is differentiated here
+            p = p.detach()
         if self.proj is not None:
             p = (self.proj[stage] if self.per_stage else self.proj)(p)
         if self.training and self.dropout.p > 0:

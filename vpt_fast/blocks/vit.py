@@ -69,17 +69,33 @@ class ViTBlock(nn.Module):
     def from_timm(cls, block: nn.Module, **kwargs) -> "ViTBlock":
         return cls(block, **kwargs)
 
-    def forward(self, x: Tensor, prompts: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, prompts: Optional[Tensor] = None, query_rows: Optional[int] = None) -> Tensor:
+        """x (B, N, D) token rows, prompts (1 or B, P, D) or None -> token rows (B, N, D).
+
+        `query_rows=r` returns the first r rows only (B, r, D): every row still gives keys and
+        values, but queries, attention rows, projection and MLP run for those r rows only (the last
+        block of a model whose head reads the class token). The reference backend computes every row
+        and slices, as the released code does.
+        """
         backend = resolve_auto(self.backend, x.device)
         if prompts is not None and (prompts.dim() != 3 or prompts.shape[0] not in (1, x.shape[0])
                                     or prompts.shape[2] != x.shape[2]):
             raise ValueError(f"prompts must be (1 or B={x.shape[0]}, P, D={x.shape[2]}), got {tuple(prompts.shape)}")
-        run, args = (self.forward_reference, (x, prompts)) if backend == "reference" else (self._forward, (x, prompts, backend))
+        if query_rows is not None and not 1 <= query_rows <= x.shape[1]:
+            raise ValueError(f"query_rows must be in [1, N={x.shape[1]}], got {query_rows}")
+        if backend == "reference":
+            run, args = self._reference_rows, (x, prompts, query_rows)
+        else:
+            run, args = self._forward, (x, prompts, backend, query_rows)
         # "block" (and timm's set_grad_checkpointing) applies to every backend, the reference included
         if self.recompute == "block" and torch.is_grad_enabled() and (x.requires_grad or (
                 prompts is not None and prompts.requires_grad)):
             return checkpoint(run, *args, use_reentrant=False)
         return run(*args)
+
+    def _reference_rows(self, x: Tensor, prompts: Optional[Tensor], query_rows: Optional[int]) -> Tensor:
+        out = self.forward_reference(x, prompts)
+        return out if query_rows is None else out[:, :query_rows]
 
     def forward_reference(self, x: Tensor, prompts: Optional[Tensor] = None) -> Tensor:
         """Release-style VPT: timm's block on [prefix, prompts, patches], prompt rows dropped."""
@@ -94,31 +110,38 @@ class ViTBlock(nn.Module):
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
-    def _forward(self, x: Tensor, prompts: Optional[Tensor], backend: str) -> Tensor:
-        x = x + self.drop_path1(self.ls1(self._attention(x, prompts, backend)))
+    def _forward(self, x: Tensor, prompts: Optional[Tensor], backend: str, query_rows: Optional[int] = None) -> Tensor:
+        residual = x if query_rows is None else x[:, :query_rows]
+        x = residual + self.drop_path1(self.ls1(self._attention(x, prompts, backend, query_rows)))
         if is_fusable(self.norm2, self.mlp):
             y = norm_mlp(x, self.norm2, self.mlp, self.recompute == "mlp", backend)
         else:
             y = self.mlp(layer_norm(x, self.norm2, backend))
         return x + self.drop_path2(self.ls2(y))
 
-    def _attention(self, x: Tensor, prompts: Optional[Tensor], backend: str) -> Tensor:
+    def _attention(self, x: Tensor, prompts: Optional[Tensor], backend: str, query_rows: Optional[int] = None) -> Tensor:
         attn = self.attn
         batch, num_tokens, dim = x.shape
-        heads, head_dim = attn.num_heads, attn.head_dim
-        qkv = linear(layer_norm(x, self.norm1, backend, feeds_matmul=True), attn.qkv.weight, attn.qkv.bias)
-        q, k, v = qkv.view(batch, num_tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        heads, head_dim, attn_dim = attn.num_heads, attn.head_dim, attn.attn_dim
+        xn = layer_norm(x, self.norm1, backend, feeds_matmul=True)
+        if query_rows is None:
+            qkv = linear(xn, attn.qkv.weight, attn.qkv.bias)
+            q, k, v = qkv.view(batch, num_tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        else:  # every row gives keys and values, only the first `query_rows` rows ask queries
+            q = linear(xn[:, :query_rows], *_rows_of(attn.qkv, 0, attn_dim))
+            q = q.view(batch, query_rows, heads, head_dim).transpose(1, 2)
+            kv = linear(xn, *_rows_of(attn.qkv, attn_dim, 3 * attn_dim))
+            k, v = kv.view(batch, num_tokens, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
         q, k = self._qk_norm(q, attn.q_norm, backend), self._qk_norm(k, attn.k_norm, backend)
         pk = pv = None
         if prompts is not None:
             # Prompt rows need keys and values only: their queries and outputs are discarded.
-            kv_weight = attn.qkv.weight[attn.attn_dim:]
-            kv_bias = None if attn.qkv.bias is None else attn.qkv.bias[attn.attn_dim:]
-            kv = linear(layer_norm(prompts, self.norm1, backend, feeds_matmul=True), kv_weight, kv_bias)
+            kv = linear(layer_norm(prompts, self.norm1, backend, feeds_matmul=True),
+                        *_rows_of(attn.qkv, attn_dim, 3 * attn_dim))
             pk, pv = kv.view(prompts.shape[0], prompts.shape[1], 2, heads, head_dim).permute(2, 0, 3, 1, 4)
             pk = self._qk_norm(pk, attn.k_norm, backend)
         o = prompt_attention(q, k, v, pk, pv, scale=attn.scale, backend=backend)
-        o = o.transpose(1, 2).reshape(batch, num_tokens, attn.attn_dim)
+        o = o.transpose(1, 2).reshape(batch, q.shape[2], attn_dim)
         if not isinstance(attn.norm, nn.Identity):
             o = layer_norm(o, attn.norm, backend, feeds_matmul=True)
         return linear(o, attn.proj.weight, attn.proj.bias)
@@ -126,3 +149,8 @@ class ViTBlock(nn.Module):
     @staticmethod
     def _qk_norm(t: Tensor, norm: nn.Module, backend: str) -> Tensor:
         return t if isinstance(norm, nn.Identity) else layer_norm(t, norm, backend, feeds_matmul=True)
+
+
+def _rows_of(layer: nn.Linear, start: int, stop: int) -> tuple[Tensor, Optional[Tensor]]:
+    """Output rows [start, stop) of a Linear: (weight, bias) views."""
+    return layer.weight[start:stop], None if layer.bias is None else layer.bias[start:stop]

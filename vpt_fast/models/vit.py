@@ -27,9 +27,10 @@ class PromptedVisionTransformer(PromptedModel, VisionTransformer):
 
     _TRAINABLE_MODULES = _HEAD
 
-    def _prompted_tokens(self, x: Tensor, blocks, take: Optional[set[int]] = None) -> tuple[Tensor, list[Tensor]]:
+    def _prompted_tokens(self, x: Tensor, blocks, take: Optional[set[int]] = None,
+                         last_query_rows: Optional[int] = None) -> tuple[Tensor, list[Tensor]]:
         """Images -> token rows after `blocks` (prompt rows dropped), and the token rows after every
-        block index in `take`."""
+        block index in `take`. `last_query_rows=r`: the last block computes its first r rows only."""
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         x = self.patch_drop(x)
@@ -42,11 +43,13 @@ class PromptedVisionTransformer(PromptedModel, VisionTransformer):
             num_prompts = prompts.shape[1]
             x = torch.cat([x[:, :npfx], prompts, x[:, npfx:]], dim=1)
         taken = []
+        last = len(blocks) - 1
         for i, block in enumerate(blocks):
-            x = block(x, vpt.tokens(i, batch)) if deep else block(x)
+            rows = last_query_rows if i == last else None
+            x = block(x, vpt.tokens(i, batch), query_rows=rows) if deep else block(x, query_rows=rows)
             if take is not None and i in take:
                 taken.append(torch.cat([x[:, :npfx], x[:, npfx + num_prompts:]], dim=1) if num_prompts else x)
-        if num_prompts:
+        if num_prompts and last_query_rows is None:
             x = torch.cat([x[:, :npfx], x[:, npfx + num_prompts:]], dim=1)
         return x, taken
 
@@ -54,6 +57,17 @@ class PromptedVisionTransformer(PromptedModel, VisionTransformer):
         _check_no_mask(attn_mask, is_causal)
         x, _ = self._prompted_tokens(x, self.blocks)
         return self.norm(x)
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        """Logits. With global_pool='token' the head reads the class token only, so the last block
+        computes queries, attention rows, projection and MLP for that row alone (keys and values for
+        every row), and the final norm runs on it: exact, and what makes the prompted model cheaper
+        than its backbone."""
+        _check_no_mask(attn_mask, is_causal)
+        if self.global_pool != "token" or self.attn_pool is not None:
+            return self.forward_head(self.forward_features(x))
+        x, _ = self._prompted_tokens(x, self.blocks, last_query_rows=1)
+        return self.forward_head(self.norm(x))
 
     def forward_intermediates(
             self, x: Tensor, indices: Optional[Union[int, list[int]]] = None, return_prefix_tokens: bool = False,
