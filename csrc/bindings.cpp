@@ -1,4 +1,4 @@
-// vpt_fast._C: torch operator library `vpt_fast` (DESIGN.md §3).
+// vpt_fast._C: torch operator library `vpt_fast` (docs/design.md §3).
 //
 //   torch.ops.vpt_fast.attention_fwd(q, k, v, pk, pv, scale, bias=None) -> (out, lse)
 //   torch.ops.vpt_fast.attention_bwd(dout, q, k, v, pk, pv, out, lse, scale, bias=None)

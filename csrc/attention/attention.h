@@ -1,4 +1,4 @@
-// Prompt-aware attention (DESIGN.md §2.1, executable spec: vpt_fast/backends/torch_impl.py).
+// Prompt-aware attention (docs/design.md §2.1, executable spec: vpt_fast/backends/torch_impl.py).
 //
 // Queries of query batch b attend jointly to a prompt segment pk/pv[b / G] (G = B / Bp; Bp == 1 is
 // the batch-shared segment of deep VPT, read with batch stride 0) followed by the sample's own

@@ -1,6 +1,7 @@
 // Backward launchers of the tensor-core prompt-aware FlashAttention (kernels: attention_kernels.cuh):
-// delta = rowsum(dout * out), then the dQ kernel (per query tile) and the dK/dV kernel (per key tile,
-// prompt rows atomically reduced in fp32); bf16/fp16 x head dims {32, 64, 80, 128}.
+// delta = rowsum(dout * out), the dQ kernel (per query tile), the dK/dV kernel over own keys (per
+// key tile) and over prompt keys (per key tile and chunk of query batches, fp32 partials that
+// attention_cuda.cu reduces in a fixed order); bf16/fp16 x head dims {32, 64, 80, 128}.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -24,11 +25,21 @@ void run_bwd(const AttnParams& p) {
   dq_kernel<<<dim3(p.B * p.H, kern::ceil_div(p.Nq, C::BR)), kern::kThreads, C::bytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  auto dkdv_kernel = kern::bwd_dkdv_tc_kernel<T, D>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(dkdv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(C::bytes)));
-  dkdv_kernel<<<dim3(p.B * p.H, kern::ceil_div(p.P + p.Nk, C::BR)), kern::kThreads, C::bytes, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.Nk > 0) {
+    auto own_kernel = kern::bwd_dkdv_tc_kernel<T, D, false>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(own_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(C::bytes)));
+    own_kernel<<<dim3(p.B * p.H, kern::ceil_div(p.Nk, C::BR)), kern::kThreads, C::bytes, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (p.P > 0) {
+    auto prompt_kernel = kern::bwd_dkdv_tc_kernel<T, D, true>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(prompt_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(C::bytes)));
+    const int units = p.B / p.G * p.prompt_split;  // (prompt batch, chunk) pairs
+    prompt_kernel<<<dim3(units * p.H, kern::ceil_div(p.P, C::BR)), kern::kThreads, C::bytes, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 template <typename T>

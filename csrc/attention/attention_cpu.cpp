@@ -139,7 +139,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     return {dq, dk, dv, none, none};
   }
   const int64_t Bp = pk->size(0);
-  // Sum the partials of the G query batches that share each prompt batch; layout (Bp, P, H, d).
+  // Sum the partials of the G query batches that share each prompt batch, in a fixed order (no
+  // atomics: bitwise reproducible, like the CUDA kernels); layout (Bp, P, H, d).
   auto reduce = [&](const at::Tensor& part, const at::Tensor& like) {
     at::Tensor r = empty_bnhd(Bp, s.H, s.P, s.d, like.options());
     r.copy_(part.view({Bp, s.G, s.H, s.P, s.d}).sum(1));

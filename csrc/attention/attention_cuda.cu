@@ -5,7 +5,12 @@
 // The float32 path is simple and exact rather than fast (fp32 accumulate, no tensor cores): one warp
 // per query row (forward, dQ) or per joint key row (dK/dV); each lane scores one key (query) of a
 // 32-wide chunk, then the chunk's probabilities are broadcast with shuffles to accumulate d-wide rows
-// (lane c holds columns c, c+32, ...). Prompt-key rows of dK/dV are added with fp32 atomics.
+// (lane c holds columns c, c+32, ...). Prompt-key rows of dK/dV are written per query batch as fp32
+// partials (one chunk per batch) that the reduce kernel adds in a fixed order, as for bf16/fp16.
+//
+// Prompt-key gradients are deterministic on every path: no atomics; each chunk of query batches
+// sharing a prompt batch writes its own fp32 partial and bwd_prompt_reduce_kernel sums the chunks
+// in increasing order. The chunking depends only on the shapes and the device's SM count.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
@@ -183,13 +188,13 @@ __global__ void __launch_bounds__(kern::kThreads) bwd_dkdv_f32_kernel(const Attn
         }
     }
   }
-  if (j < p.P) {
-    const int64_t off = (((int64_t)(b / p.G) * p.H + h) * p.P + j) * d;
+  if (j < p.P) {  // chunk = query batch (prompt_per == 1): partial b of prompt batch b / G
+    const int64_t off = (((int64_t)b * p.H + h) * p.P + j) * d;
 #pragma unroll
     for (int t = 0; t < kCols; ++t)
       if (lane + 32 * t < d) {
-        atomicAdd(p.dpk_acc + off + lane + 32 * t, dk[t]);
-        atomicAdd(p.dpv_acc + off + lane + 32 * t, dv[t]);
+        p.dpk_part[off + lane + 32 * t] = dk[t];
+        p.dpv_part[off + lane + 32 * t] = dv[t];
       }
   } else {
     float* gk = static_cast<float*>(p.dk) + (int64_t)b * p.dk_bs + (int64_t)h * p.dk_hs + (int64_t)(j - p.P) * p.dk_rs;
@@ -269,6 +274,23 @@ void set_out(AttnParams& p, const at::Tensor& out, const at::Tensor& lse) {
   p.lse = lse.data_ptr<float>();
 }
 
+// Chunks of the G query batches sharing a prompt batch (see AttnParams::prompt_split). Tensor-core
+// path: enough (prompt batch, chunk, head, key tile) CTAs for ~4 per SM, each over consecutive
+// batches (ViT-B, B=128, H=12, P=50 on 132 SMs: 43 chunks of 3). float32 path: one chunk per batch.
+void set_prompt_chunks(AttnParams& p, bool fp32, int device) {
+  if (fp32) {
+    p.prompt_per = 1;
+    p.prompt_split = p.G;
+    return;
+  }
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int base = kern::ceil_div(p.P, kern::kBwdRows) * (p.B / p.G) * p.H;
+  const int want = std::max(1, kern::ceil_div(4 * sms, base));
+  p.prompt_per = kern::ceil_div(p.G, std::min(p.G, want));
+  p.prompt_split = kern::ceil_div(p.G, p.prompt_per);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
@@ -312,13 +334,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   at::Tensor dk = empty_bnhd(p.B, p.H, p.Nk, p.d, k.options());
   at::Tensor dv = empty_bnhd(p.B, p.H, p.Nk, p.d, v.options());
   at::Tensor delta = at::empty({p.B, p.H, p.Nq}, q.options().dtype(at::kFloat));
-  at::Tensor dpk_acc, dpv_acc;
-  if (p.P > 0) {
-    dpk_acc = at::zeros({pk->size(0), p.H, p.P, p.d}, q.options().dtype(at::kFloat));
-    dpv_acc = at::zeros({pk->size(0), p.H, p.P, p.d}, q.options().dtype(at::kFloat));
-    p.dpk_acc = dpk_acc.data_ptr<float>();
-    p.dpv_acc = dpv_acc.data_ptr<float>();
-  }
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
@@ -327,37 +342,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   set_strides(dv, p.dv_bs, p.dv_hs, p.dv_rs);
   p.delta = delta.data_ptr<float>();
 
-  if (p.B * p.H == 0) {
-  } else if (p.Nq == 0) {  // no queries: all key gradients are zero
+  const bool fp32 = q.scalar_type() == at::kFloat;
+  const bool run = p.B * p.H > 0 && p.Nq > 0;  // else every key gradient is zero
+  at::Tensor dpk, dpv, dpk_part, dpv_part;
+  if (pk.has_value()) {
+    dpk = empty_bnhd(pk->size(0), p.H, p.P, p.d, pk->options());
+    dpv = empty_bnhd(pv->size(0), p.H, p.P, p.d, pv->options());
+    p.dpk = dpk.data_ptr();
+    p.dpv = dpv.data_ptr();
+    set_strides(dpk, p.dpk_bs, p.dpk_hs, p.dpk_rs);
+    set_strides(dpv, p.dpv_bs, p.dpv_hs, p.dpv_rs);
+    if (run && p.P > 0) {
+      set_prompt_chunks(p, fp32, (int)q.get_device());
+      const int64_t units = pk->size(0) * p.prompt_split;
+      dpk_part = at::empty({units, p.H, p.P, p.d}, q.options().dtype(at::kFloat));
+      dpv_part = at::empty({units, p.H, p.P, p.d}, q.options().dtype(at::kFloat));
+      p.dpk_part = dpk_part.data_ptr<float>();
+      p.dpv_part = dpv_part.data_ptr<float>();
+    }
+  }
+
+  if (!run) {
     dk.zero_();
     dv.zero_();
-  } else if (q.scalar_type() == at::kFloat) {
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    const int64_t rows = (int64_t)p.B * p.H * p.Nq;
-    kern::bwd_delta_kernel<float><<<(unsigned)((rows + kern::kWarps - 1) / kern::kWarps), kern::kThreads, 0,
-                                    stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    bwd_dq_f32_kernel<<<dim3(p.B * p.H, kern::ceil_div(p.Nq, kern::kWarps)), kern::kThreads, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    bwd_dkdv_f32_kernel<<<dim3(p.B * p.H, kern::ceil_div(p.P + p.Nk, kern::kWarps)), kern::kThreads, 0,
-                          stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (dpk.defined()) {
+      dpk.zero_();
+      dpv.zero_();
+    }
   } else {
-    launch_attention_bwd_tc(p, q.scalar_type() == at::kBFloat16);
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    if (fp32) {
+      const int64_t rows = (int64_t)p.B * p.H * p.Nq;
+      kern::bwd_delta_kernel<float><<<(unsigned)((rows + kern::kWarps - 1) / kern::kWarps), kern::kThreads, 0,
+                                      stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      bwd_dq_f32_kernel<<<dim3(p.B * p.H, kern::ceil_div(p.Nq, kern::kWarps)), kern::kThreads, 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      bwd_dkdv_f32_kernel<<<dim3(p.B * p.H, kern::ceil_div(p.P + p.Nk, kern::kWarps)), kern::kThreads, 0,
+                            stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      launch_attention_bwd_tc(p, q.scalar_type() == at::kBFloat16);
+    }
+    if (dpk.defined() && p.P > 0) {  // sum the chunks' partials in a fixed order
+      const unsigned blocks = (unsigned)((dpk.numel() + 255) / 256);
+      if (q.scalar_type() == at::kBFloat16) kern::bwd_prompt_reduce_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(p);
+      else if (q.scalar_type() == at::kHalf) kern::bwd_prompt_reduce_kernel<__half><<<blocks, 256, 0, stream>>>(p);
+      else kern::bwd_prompt_reduce_kernel<float><<<blocks, 256, 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   }
 
   if (!pk.has_value()) {
     at::Tensor none = at::empty({0}, q.options());
     return {dq, dk, dv, none, none};
-  }
-  at::Tensor dpk = empty_bnhd(pk->size(0), p.H, p.P, p.d, pk->options());
-  at::Tensor dpv = empty_bnhd(pv->size(0), p.H, p.P, p.d, pv->options());
-  if (p.P > 0) {
-    dpk.copy_(dpk_acc);
-    dpv.copy_(dpv_acc);
-  } else {
-    dpk.zero_();
-    dpv.zero_();
   }
   return {dq, dk, dv, dpk, dpv};
 }

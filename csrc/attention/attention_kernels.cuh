@@ -1,15 +1,17 @@
 // Prompt-aware FlashAttention kernels on tensor cores (WMMA 16x16x16, bf16/fp16 in, fp32 accumulate;
-// sm_80+). See attention.h for the semantics; the joint key sequence is [prompt keys; own keys], a
-// key tile may straddle the two segments (each row picks its source when the tile is loaded).
+// sm_80+). See attention.h for the semantics; the joint key sequence is [prompt keys; own keys]; in
+// the forward and dQ kernels a key tile may straddle the two segments (each row picks its source
+// when the tile is loaded).
 //
 // Work per forward CTA: a 64-row query tile of one (batch, head); 4 warps x 16 query rows. Each
 // K/V tile is loaded once into shared memory and shared by the 4 warps. S = QK^T goes through
 // shared memory (fp32) for the online softmax; P is written back (bf16/fp16) over S, the O
 // accumulator lives in shared memory (fp32) and is rescaled per row.
 // Backward: dQ kernel (per query tile, loops over key tiles, dQ in WMMA accumulators) and dK/dV
-// kernel (per 64-key tile, loops over query tiles, dK/dV in WMMA accumulators). Prompt-key rows of
-// dK/dV are added with fp32 atomics into a (Bp, H, P, d) buffer: the G query batches sharing a
-// prompt batch reduce there.
+// kernels (per 64-key tile, loops over query tiles, dK/dV in WMMA accumulators): one over own keys,
+// one over prompt keys, whose CTAs each sum a chunk of the G query batches sharing a prompt batch
+// into an fp32 partial; a reduce kernel adds the chunks in a fixed order (deterministic, no
+// atomics; ViT-B on an H100, B=128, P=50: 43 chunks of 3 batches, 2 x 6.6 MB of partials).
 //
 // Cost (ViT-B/16 deep VPT, B=8, H=12, Nq=197, P=50, d=64): forward 4*B*H*Nq*(P+Nk)*d = 3.0 GFLOP,
 // about 10 MB moved (q, k, v, out in bf16, prompt K/V once): compute-bound on tensor cores at this
@@ -34,6 +36,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
+constexpr int kBwdRows = 64;  // query rows of a dQ CTA, key rows of a dK/dV CTA
 
 template <typename T>
 __device__ __forceinline__ float to_f(T x);
@@ -117,6 +120,11 @@ __device__ __forceinline__ void store_row(T* g, const float* s, int n, float mul
     for (int e = 0; e < 8; ++e) pack.t[e] = from_f<T>(s[c + e] * mul);
     *reinterpret_cast<uint4*>(g + c) = pack.u;
   }
+}
+
+// Copies n (multiple of 4) floats to global memory (both 16-byte aligned) with 16-byte stores.
+__device__ __forceinline__ void store_row_f32(float* g, const float* s, int n) {
+  for (int c = 0; c < n; c += 4) *reinterpret_cast<float4*>(g + c) = *reinterpret_cast<const float4*>(s + c);
 }
 
 template <typename T>
@@ -315,7 +323,7 @@ __global__ void __launch_bounds__(kThreads) bwd_delta_kernel(const AttnParams p)
 
 template <typename T, int D>
 struct BwdCfg {
-  static constexpr int BR = 64;                // rows owned by a CTA (16 per warp)
+  static constexpr int BR = kBwdRows;          // rows owned by a CTA (16 per warp)
   static constexpr int BC = D <= 64 ? 64 : 32;  // rows of the tile iterated over
   static constexpr int LDT = D + 8;
   static constexpr int LDS = BC + 4;  // fp32 score tiles (BR x BC); T tiles alias them, pitch 2*LDS
@@ -421,8 +429,13 @@ __global__ void __launch_bounds__(kThreads) bwd_dq_tc_kernel(const AttnParams p)
 #endif
 }
 
-// One CTA per (batch, head, 64 joint keys); loops over all query tiles of its batch.
-template <typename T, int D>
+// dK/dV of one 64-row key tile of one head; loops over all query tiles of its query batches.
+// kPrompt == false: own keys of batch b (blockIdx.x = b * H + h), written in T to dk/dv.
+// kPrompt == true: prompt keys of prompt batch bp, summed over the consecutive query batches of
+// chunk s (blockIdx.x = (bp * prompt_split + s) * H + h) in increasing order, written as an fp32
+// partial to dpk_part/dpv_part[bp * prompt_split + s]; bwd_prompt_reduce_kernel adds the chunks.
+// The prompt K/V tile is loaded once per chunk; no atomics, so the result is bitwise reproducible.
+template <typename T, int D, bool kPrompt>
 __global__ void __launch_bounds__(kThreads) bwd_dkdv_tc_kernel(const AttnParams p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using C = BwdCfg<T, D>;
@@ -437,25 +450,35 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_tc_kernel(const AttnParams 
   float* lse_s = reinterpret_cast<float*>(smem + C::vec_off);
   float* dl_s = lse_s + BM;
 
-  const int bh = blockIdx.x, b = bh / p.H, h = bh % p.H;
+  const int h = blockIdx.x % p.H;
+  const int unit = blockIdx.x / p.H;  // own keys: the batch b; prompt keys: bp * prompt_split + s
   const int n0 = blockIdx.y * BN;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row = warp * 16 + (lane >> 1), half = lane & 1;
-  const int j = n0 + row;  // this lane pair's joint key
-  const int n_all = p.P + p.Nk;
+  const int j = n0 + row;  // this lane pair's key row within its segment
+  const int n_keys = kPrompt ? p.P : p.Nk;
 
-  const T* qb = static_cast<const T*>(p.q) + (int64_t)b * p.q_bs + (int64_t)h * p.q_hs;
-  const T* dob = static_cast<const T*>(p.dout) + (int64_t)b * p.do_bs + (int64_t)h * p.do_hs;
-  const auto kr = joint_rows<T>(p.k, p.k_bs, p.k_hs, p.k_rs, p.pk, p.pk_bs, p.pk_hs, p.pk_rs, p, b, h);
-  const auto vr = joint_rows<T>(p.v, p.v_bs, p.v_hs, p.v_rs, p.pv, p.pv_bs, p.pv_hs, p.pv_rs, p, b, h);
-  // bias column of key j (stride Nk over queries), own keys only
-  const float* bcol = (p.bias != nullptr && j >= p.P && j < n_all)
-                          ? p.bias + ((int64_t)(b % p.nB) * p.H + h) * p.Nq * p.Nk + (j - p.P)
-                          : nullptr;
-  const int64_t stat0 = ((int64_t)b * p.H + h) * p.Nq;
+  int b_first = unit, b_end = unit + 1;
+  const T* kb;
+  const T* vb;
+  int64_t k_rs, v_rs;
+  if constexpr (kPrompt) {
+    const int bp = unit / p.prompt_split, s = unit % p.prompt_split;
+    b_first = bp * p.G + s * p.prompt_per;
+    b_end = min(b_first + p.prompt_per, (bp + 1) * p.G);
+    kb = static_cast<const T*>(p.pk) + (int64_t)bp * p.pk_bs + (int64_t)h * p.pk_hs;
+    vb = static_cast<const T*>(p.pv) + (int64_t)bp * p.pv_bs + (int64_t)h * p.pv_hs;
+    k_rs = p.pk_rs;
+    v_rs = p.pv_rs;
+  } else {
+    kb = static_cast<const T*>(p.k) + (int64_t)unit * p.k_bs + (int64_t)h * p.k_hs;
+    vb = static_cast<const T*>(p.v) + (int64_t)unit * p.v_bs + (int64_t)h * p.v_hs;
+    k_rs = p.k_rs;
+    v_rs = p.v_rs;
+  }
 
-  load_tile<T, D, LDT>(Ks, BN, p.vec, [&](int r) { return kr.row(n0 + r); });
-  load_tile<T, D, LDT>(Vs, BN, p.vec, [&](int r) { return vr.row(n0 + r); });
+  load_tile<T, D, LDT>(Ks, BN, p.vec, [&](int r) { return n0 + r < n_keys ? kb + (int64_t)(n0 + r) * k_rs : nullptr; });
+  load_tile<T, D, LDT>(Vs, BN, p.vec, [&](int r) { return n0 + r < n_keys ? vb + (int64_t)(n0 + r) * v_rs : nullptr; });
 
   FragC dk[D / 16], dv[D / 16];
 #pragma unroll
@@ -467,72 +490,111 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_tc_kernel(const AttnParams 
   float* st_w = St + warp * 16 * LDS;
   float* dpt_w = dPt + warp * 16 * LDS;
 
-  for (int m0 = 0; m0 < p.Nq; m0 += BM) {
-    load_tile<T, D, LDT>(Qs, BM, p.vec, [&](int r) {
-      return m0 + r < p.Nq ? qb + (int64_t)(m0 + r) * p.q_rs : nullptr;
-    });
-    load_tile<T, D, LDT>(dOs, BM, p.vec, [&](int r) {
-      return m0 + r < p.Nq ? dob + (int64_t)(m0 + r) * p.do_rs : nullptr;
-    });
-    for (int r = threadIdx.x; r < BM; r += kThreads) {
-      const bool ok = m0 + r < p.Nq;
-      lse_s[r] = ok ? p.lse[stat0 + m0 + r] * kLog2e : 0.f;
-      dl_s[r] = ok ? p.delta[stat0 + m0 + r] : 0.f;
-    }
-    __syncthreads();
+  for (int b = b_first; b < b_end; ++b) {
+    const T* qb = static_cast<const T*>(p.q) + (int64_t)b * p.q_bs + (int64_t)h * p.q_hs;
+    const T* dob = static_cast<const T*>(p.dout) + (int64_t)b * p.do_bs + (int64_t)h * p.do_hs;
+    // bias column of own key j (stride Nk over queries); prompt keys have none
+    const float* bcol = (!kPrompt && p.bias != nullptr && j < n_keys)
+                            ? p.bias + ((int64_t)(b % p.nB) * p.H + h) * p.Nq * p.Nk + j
+                            : nullptr;
+    const int64_t stat0 = ((int64_t)b * p.H + h) * p.Nq;
 
-    gemm_abt<T, D, BM / 16, LDT, LDT, LDS>(Ks + warp * 16 * LDT, Qs, st_w);   // S^T
-    gemm_abt<T, D, BM / 16, LDT, LDT, LDS>(Vs + warp * 16 * LDT, dOs, dpt_w);  // dP^T
-    __syncwarp();
+    for (int m0 = 0; m0 < p.Nq; m0 += BM) {
+      load_tile<T, D, LDT>(Qs, BM, p.vec, [&](int r) {
+        return m0 + r < p.Nq ? qb + (int64_t)(m0 + r) * p.q_rs : nullptr;
+      });
+      load_tile<T, D, LDT>(dOs, BM, p.vec, [&](int r) {
+        return m0 + r < p.Nq ? dob + (int64_t)(m0 + r) * p.do_rs : nullptr;
+      });
+      for (int r = threadIdx.x; r < BM; r += kThreads) {
+        const bool ok = m0 + r < p.Nq;
+        lse_s[r] = ok ? p.lse[stat0 + m0 + r] * kLog2e : 0.f;
+        dl_s[r] = ok ? p.delta[stat0 + m0 + r] : 0.f;
+      }
+      __syncthreads();
 
-    float pr[HC], ds[HC];
-    const float* srow = St + row * LDS + half * HC;
-    const float* dprow = dPt + row * LDS + half * HC;
+      gemm_abt<T, D, BM / 16, LDT, LDT, LDS>(Ks + warp * 16 * LDT, Qs, st_w);   // S^T
+      gemm_abt<T, D, BM / 16, LDT, LDT, LDS>(Vs + warp * 16 * LDT, dOs, dpt_w);  // dP^T
+      __syncwarp();
+
+      float pr[HC], ds[HC];
+      const float* srow = St + row * LDS + half * HC;
+      const float* dprow = dPt + row * LDS + half * HC;
 #pragma unroll
-    for (int t = 0; t < HC; ++t) {
-      const int c = half * HC + t, i = m0 + c;
-      float x = srow[t] * sl2;
-      if (bcol != nullptr && i < p.Nq) x += bcol[(int64_t)i * p.Nk] * kLog2e;
-      pr[t] = (i < p.Nq && j < n_all) ? exp2f(x - lse_s[c]) : 0.f;
-      ds[t] = pr[t] * (dprow[t] - dl_s[c]) * p.scale;
-    }
-    __syncwarp();
-    T* prow = reinterpret_cast<T*>(St + row * LDS) + half * HC;
-    T* dsrow = reinterpret_cast<T*>(dPt + row * LDS) + half * HC;
+      for (int t = 0; t < HC; ++t) {
+        const int c = half * HC + t, i = m0 + c;
+        float x = srow[t] * sl2;
+        if (bcol != nullptr && i < p.Nq) x += bcol[(int64_t)i * p.Nk] * kLog2e;
+        pr[t] = (i < p.Nq && j < n_keys) ? exp2f(x - lse_s[c]) : 0.f;
+        ds[t] = pr[t] * (dprow[t] - dl_s[c]) * p.scale;
+      }
+      __syncwarp();
+      T* prow = reinterpret_cast<T*>(St + row * LDS) + half * HC;
+      T* dsrow = reinterpret_cast<T*>(dPt + row * LDS) + half * HC;
 #pragma unroll
-    for (int t = 0; t < HC; ++t) {
-      prow[t] = from_f<T>(pr[t]);
-      dsrow[t] = from_f<T>(ds[t]);
-    }
-    __syncwarp();
+      for (int t = 0; t < HC; ++t) {
+        prow[t] = from_f<T>(pr[t]);
+        dsrow[t] = from_f<T>(ds[t]);
+      }
+      __syncwarp();
 
-    gemm_ab_acc<T, D, BM, 2 * LDS, LDT>(reinterpret_cast<const T*>(st_w), dOs, dv);   // P^T dO
-    gemm_ab_acc<T, D, BM, 2 * LDS, LDT>(reinterpret_cast<const T*>(dpt_w), Qs, dk);   // dS^T Q
-    __syncthreads();
+      gemm_ab_acc<T, D, BM, 2 * LDS, LDT>(reinterpret_cast<const T*>(st_w), dOs, dv);   // P^T dO
+      gemm_ab_acc<T, D, BM, 2 * LDS, LDT>(reinterpret_cast<const T*>(dpt_w), Qs, dk);   // dS^T Q
+      __syncthreads();
+    }
   }
+  __syncthreads();  // Ks/Vs are reused as staging below
 
-  // epilogue: stage through shared memory (over Ks/Vs), own keys stored, prompt keys atomically added
+  // epilogue: stage through shared memory (over Ks/Vs); own keys stored in T, prompt keys as the
+  // chunk's fp32 partial
   float* stage = reinterpret_cast<float*>(smem);
   float* sw = stage + warp * 16 * LDO;
   const float* srow = stage + row * LDO + half * (D / 2);
-  auto write = [&](FragC(&acc)[D / 16], float* dp_acc, void* dst, int64_t bs, int64_t hs, int64_t rs) {
+  auto write = [&](FragC(&acc)[D / 16], float* part, void* dst, int64_t bs, int64_t hs, int64_t rs) {
 #pragma unroll
     for (int dt = 0; dt < D / 16; ++dt) wmma::store_matrix_sync(sw + dt * 16, acc[dt], LDO, wmma::mem_row_major);
     __syncwarp();
-    if (j < p.P) {
-      float* g = dp_acc + (((int64_t)(b / p.G) * p.H + h) * p.P + j) * D + half * (D / 2);
-      for (int c = 0; c < D / 2; ++c) atomicAdd(g + c, srow[c]);
-    } else if (j < n_all) {
-      T* g = static_cast<T*>(dst) + (int64_t)b * bs + (int64_t)h * hs + (int64_t)(j - p.P) * rs;
-      store_row<T>(g + half * (D / 2), srow, D / 2, 1.f);
+    if (j < n_keys) {
+      if constexpr (kPrompt) {
+        store_row_f32(part + (((int64_t)unit * p.H + h) * p.P + j) * D + half * (D / 2), srow, D / 2);
+      } else {
+        T* g = static_cast<T*>(dst) + (int64_t)unit * bs + (int64_t)h * hs + (int64_t)j * rs;
+        store_row<T>(g + half * (D / 2), srow, D / 2, 1.f);
+      }
     }
     __syncwarp();
   };
-  write(dk, p.dpk_acc, p.dk, p.dk_bs, p.dk_hs, p.dk_rs);
-  write(dv, p.dpv_acc, p.dv, p.dv_bs, p.dv_hs, p.dv_rs);
+  write(dk, p.dpk_part, p.dk, p.dk_bs, p.dk_hs, p.dk_rs);
+  write(dv, p.dpv_part, p.dv, p.dv_bs, p.dv_hs, p.dv_rs);
 #else
   __trap();
 #endif
+}
+
+// dpk[bp, h, i, c] = sum over s < prompt_split of dpk_part[bp * prompt_split + s, h, i, c], added
+// in increasing s (a fixed order: bitwise reproducible) and rounded once to T; likewise dpv.
+// One thread per output element; consecutive threads read consecutive floats of every partial.
+template <typename T>
+__global__ void __launch_bounds__(256) bwd_prompt_reduce_kernel(const AttnParams p) {
+  const int64_t unit_numel = (int64_t)p.H * p.P * p.d;
+  const int64_t n = (int64_t)(p.B / p.G) * unit_numel;
+  const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= n) return;
+  const int c = (int)(idx % p.d);
+  int64_t r = idx / p.d;
+  const int i = (int)(r % p.P);
+  r /= p.P;
+  const int h = (int)(r % p.H);
+  const int64_t bp = r / p.H;
+  const int64_t src = bp * p.prompt_split * unit_numel + ((int64_t)h * p.P + i) * p.d + c;
+  float acc_k = 0.f, acc_v = 0.f;
+#pragma unroll 4
+  for (int s = 0; s < p.prompt_split; ++s) {
+    acc_k += p.dpk_part[src + s * unit_numel];
+    acc_v += p.dpv_part[src + s * unit_numel];
+  }
+  static_cast<T*>(p.dpk)[bp * p.dpk_bs + (int64_t)h * p.dpk_hs + (int64_t)i * p.dpk_rs + c] = from_f<T>(acc_k);
+  static_cast<T*>(p.dpv)[bp * p.dpv_bs + (int64_t)h * p.dpv_hs + (int64_t)i * p.dpv_rs + c] = from_f<T>(acc_v);
 }
 
 }  // namespace kern

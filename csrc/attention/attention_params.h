@@ -34,8 +34,18 @@ struct AttnParams {
   int64_t dq_bs = 0, dq_hs = 0, dq_rs = 0;
   int64_t dk_bs = 0, dk_hs = 0, dk_rs = 0;
   int64_t dv_bs = 0, dv_hs = 0, dv_rs = 0;
-  float* dpk_acc = nullptr;  // float32 contiguous (Bp, H, P, d), zero-initialised, atomics
-  float* dpv_acc = nullptr;
+  // Prompt-key gradients, reduced without atomics (bitwise reproducible): the G query batches of
+  // prompt batch bp are cut into prompt_split chunks of prompt_per consecutive batches; chunk s
+  // writes its sum to dpk_part/dpv_part[bp * prompt_split + s], float32 contiguous
+  // (Bp * prompt_split, H, P, d), and bwd_prompt_reduce_kernel adds the chunks in increasing s
+  // into dpk/dpv (pk's dtype, (Bp, H, P, d) with the strides below).
+  float* dpk_part = nullptr;
+  float* dpv_part = nullptr;
+  int prompt_split = 1, prompt_per = 1;
+  void* dpk = nullptr;
+  void* dpv = nullptr;
+  int64_t dpk_bs = 0, dpk_hs = 0, dpk_rs = 0;
+  int64_t dpv_bs = 0, dpv_hs = 0, dpv_rs = 0;
 
   int B = 0, H = 0, Nq = 0, Nk = 0, P = 0, d = 0;
   int G = 1;   // query batches per prompt batch: B / Bp

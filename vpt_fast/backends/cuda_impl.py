@@ -1,5 +1,5 @@
 """CUDA backend: the attention primitives of `torch_impl` run by the C++/CUDA extension `vpt_fast._C`
-(csrc/): a prompt-aware FlashAttention (DESIGN.md §2.1, §2.4) and its exact multi-threaded CPU twin.
+(csrc/): a prompt-aware FlashAttention (docs/design.md §2.1, §2.4) and its exact multi-threaded CPU twin.
 
 The extension is optional (timm `fast_norm` pattern): `AVAILABLE` says whether `vpt_fast._C`
 imported; `ext_info()` says how it was built. The primitives call the torch operators
