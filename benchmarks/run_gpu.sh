@@ -1,125 +1,150 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (no package registry; torch, triton, nvcc, ninja, timm preinstalled):
-# install this checkout without dependencies (building vpt_fast._C), print versions and ext_info,
-# run the GPU tests, then the benchmark suite, one pytest process per benchmark file, each writing
-# its own results JSON and summary as soon as it ends, so a call cut short keeps what finished.
-# Results land in $RESULTS_DIR: $OUT/results/<device> when $OUT is set (the lent machine's return
-# folder), else benchmarks/results/<device>.
+# One call on a lent GPU machine: a fresh machine every call (torch, triton, nvcc, ninja, timm
+# preinstalled; no package registry), 10 minutes per call, at most 8 files come back from $OUT and
+# none more than 2 folders down. Every call installs this checkout without dependencies, building
+# vpt_fast._C for this device's architecture only (TORCH_CUDA_ARCH_LIST from the device's compute
+# capability, e.g. "9.0a" on an H100; MAX_JOBS = nproc), prints the versions, then runs the named
+# steps in order. The calls of a GPU session, in priority order (benchmarks/NOTES.md):
 #
-#   bash benchmarks/run_gpu.sh                 # everything
-#   SKIP_TESTS=1 bash benchmarks/run_gpu.sh    # benchmarks only
-#   SKIP_BENCH=1 bash benchmarks/run_gpu.sh    # build + tests only
-#   BENCH_FILES="bench_swin bench_attention" SKIP_TESTS=1 bash benchmarks/run_gpu.sh
-#   TESTS=tests/test_attention.py TEST_K="bf16" BENCH_K="attention" bash benchmarks/run_gpu.sh
-#   SKIP_EXT=1 ...                             # extension tests already run in an earlier call
-# Env: TESTS (test paths, default tests/), TEST_K / BENCH_K (pytest -k expressions), BENCH_FILES
-# (benchmark files in priority order, default "bench_model bench_swin bench_attention bench_windows"),
-# BENCH_BUDGET_S (start no further benchmark file after this many seconds of the script, default 540),
-# RESULTS_DIR, TORCH_CUDA_ARCH_LIST (default: setup.py's "8.0;9.0a"), MAX_JOBS (default: nproc), PYTHON.
-# The C++/CUDA extension's GPU tests run first, in their own process: if they fail (a kernel fault
-# poisons the CUDA context of the whole process), the cuda backend is left out of the remaining
-# tests and benchmarks (-k "not cuda") so that one call still measures everything else.
-# Exit status: the first failure among build, extension tests, tests, benchmarks (all run anyway).
-set -euo pipefail
+#   bash benchmarks/run_gpu.sh headline  # 1: ViT-B/16 training step, one JSON per method as measured
+#   bash benchmarks/run_gpu.sh tests     # 2: the extension's GPU tests (own process), then all GPU tests
+#   bash benchmarks/run_gpu.sh swin      # 3: Swin-B training step, attention and window-op
+#                                        #    microbenchmarks, ViT-B inference (pytest-benchmark JSONs)
+#   bash benchmarks/run_gpu.sh profile   # 4: per-kernel time of a ViT-B and a Swin-B training step
+#
+# Files, written as each piece ends, under $RESULTS_DIR ($OUT when set, else
+# benchmarks/results/<device>): call.log (this whole output), headline/<method>.json,
+# tests_ext.log, tests.log, bench_{swin,attention,windows,inference}.json, profile_{vit,swin}.txt.
+# `python benchmarks/gpu_headline.py --summarize DIR` and `python benchmarks/summarize.py FILE.json`
+# turn them into tables.
+#
+# Env: DEADLINE_S (nothing starts after this many seconds of the call and running pieces are cut
+# there; default 560), SKIP_INSTALL=1 (use the installed checkout: dry runs), VPT_FAST_NO_EXT=1 (no
+# extension), TEST_K / BENCH_K (pytest -k; BENCH_K unset: "not torch", as the pure-PyTorch backend is
+# the portable reference, not a fast path), HEADLINE_ARGS (extra gpu_headline.py arguments),
+# TORCH_CUDA_ARCH_LIST, MAX_JOBS, PYTHON, RESULTS_DIR.
+# If the extension's GPU tests fail (a kernel fault poisons the whole process's CUDA context), the
+# cuda backend is left out of the remaining tests of that call (-k "not cuda").
+# Exit status: the first failure among install and the steps (every step runs anyway).
+set -uo pipefail
 
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+DEADLINE_S=${DEADLINE_S:-560}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export PYTHONUNBUFFERED=1
 script_start=$(date +%s)
+steps=("$@")
+(( ${#steps[@]} )) || steps=(headline)
+for step in "${steps[@]}"; do
+  case $step in
+    headline | tests | swin | profile) ;;
+    *) echo "run_gpu.sh: unknown step '$step' (expected headline, tests, swin or profile)" >&2; exit 2 ;;
+  esac
+done
 
 device=$($PYTHON -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" \
          | tr -c 'A-Za-z0-9._\n-' '_' | sed 's/__*/_/g; s/_$//')
-if [[ -n "${OUT:-}" ]]; then
-  RESULTS_DIR=${RESULTS_DIR:-$OUT/results/$device}
-else
-  RESULTS_DIR=${RESULTS_DIR:-benchmarks/results/$device}
-fi
+RESULTS_DIR=${RESULTS_DIR:-${OUT:-benchmarks/results/$device}}
 mkdir -p "$RESULTS_DIR"
-log() { printf '\n=== %s ===\n' "$*"; }
-both() { if [[ -n "$1" && -n "$2" ]]; then echo "($1) and ($2)"; else echo "$1$2"; fi; }
+exec > >(tee -a "$RESULTS_DIR/call.log") 2>&1
 
-log "install (pip install --no-deps --no-build-isolation -e .)"
-start=$(date +%s)
-build_status=0
-$PYTHON -m pip install --no-deps --no-build-isolation -e . 2>&1 | tail -n 25 || build_status=$?
-build_s=$(( $(date +%s) - start ))
-echo "build status: $build_status, build time: ${build_s}s"
+log() { printf '\n=== %s (%ds into the call) ===\n' "$*" $(( $(date +%s) - script_start )); }
+left() { echo $(( DEADLINE_S - ($(date +%s) - script_start) )); }
+both() { if [[ -n "$1" && -n "$2" ]]; then echo "($1) and ($2)"; else echo "$1$2"; fi; }
+status=0
+keep() { if (( status == 0 )); then status=$1; fi; }
+
+# run_until NAME LOGFILE CMD...: runs CMD unless the deadline has passed, cut at the deadline, its
+# output also into LOGFILE unless that is "-"; returns CMD's exit status.
+run_until() {
+  local name=$1 logfile=$2 budget rc=0
+  shift 2
+  budget=$(left)
+  if (( budget < 20 )); then
+    echo "skipping $name: ${budget}s left before DEADLINE_S=$DEADLINE_S"
+    return 0
+  fi
+  log "$name (at most ${budget}s)"
+  if [[ "$logfile" == "-" ]]; then
+    timeout -k 10 "$budget" "$@" || rc=$?
+  else
+    timeout -k 10 "$budget" "$@" 2>&1 | tee "$logfile"
+    rc=${PIPESTATUS[0]}
+  fi
+  if (( rc == 124 || rc == 137 )); then
+    echo "$name: cut at the deadline (exit status $rc)"
+  else
+    echo "$name: exit status $rc"
+  fi
+  keep "$rc"
+  return "$rc"
+}
+
+if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
+  arch=$($PYTHON -c "import torch; M, m = torch.cuda.get_device_capability(); print(f'{M}.{m}' + ('a' if M == 9 else ''))" \
+         2>/dev/null) && export TORCH_CUDA_ARCH_LIST=$arch
+fi
+if [[ "${SKIP_INSTALL:-0}" != "1" ]]; then
+  log "install: pip install --no-deps --no-build-isolation -e . (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-the setup.py default}, MAX_JOBS=$MAX_JOBS)"
+  start=$(date +%s)
+  $PYTHON -m pip install --no-deps --no-build-isolation -e . 2>&1 | tail -n 25
+  rc=${PIPESTATUS[0]}
+  echo "install: exit status $rc, $(( $(date +%s) - start ))s"
+  keep "$rc"
+fi
 
 log "versions"
-$PYTHON - <<'PY' 2>&1 | tee "$RESULTS_DIR/versions.txt" || true
-import json, platform, subprocess
-import torch
-info = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda}
-try:
-    import triton; info["triton"] = triton.__version__
-except ImportError as e:
-    info["triton"] = f"missing: {e}"
-try:
-    import timm; info["timm"] = timm.__version__
-except ImportError as e:
-    info["timm"] = f"missing: {e}"
-if torch.cuda.is_available():
-    info["device"] = torch.cuda.get_device_name()
-    info["capability"] = torch.cuda.get_device_capability()
-try:
-    info["nvcc"] = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
-except Exception as e:  # noqa: BLE001
-    info["nvcc"] = f"missing: {e}"
-print(json.dumps(info, indent=1))
-from vpt_fast.backends import cuda_impl
-print("ext_info:", json.dumps(cuda_impl.ext_info(), indent=1))
+$PYTHON - <<'PY'
+import json
+import sys
+sys.path.insert(0, "benchmarks")
+from gpu_headline import full_environment
+print(json.dumps(full_environment(), indent=1))
 PY
+keep $?
 
-ext_status=0
-if [[ "${SKIP_EXT:-0}" != "1" ]]; then
-  log "C++/CUDA extension GPU tests (own process)"
-  $PYTHON -m pytest tests/test_ext.py -m gpu -q -x 2>&1 | tee "$RESULTS_DIR/tests_ext.log" | tail -n 25 || ext_status=$?
-  echo "extension tests status: $ext_status"
-fi
-without_cuda=""
-if (( ext_status != 0 )); then
-  without_cuda="not cuda"
-  echo "the cuda backend is left out of the remaining tests and benchmarks"
-fi
-
-test_status=0
-if [[ "${SKIP_TESTS:-0}" != "1" ]]; then
-  test_k=$(both "${TEST_K:-}" "$without_cuda")
-  log "GPU tests (pytest ${TESTS:-tests/} -m gpu --ignore=tests/test_ext.py --maxfail=25 -q -k '$test_k')"
-  # shellcheck disable=SC2086
-  $PYTHON -m pytest ${TESTS:-tests/} -m gpu --ignore=tests/test_ext.py --maxfail=25 -q -k "$test_k" 2>&1 \
-    | tee "$RESULTS_DIR/tests.log" | tail -n 40 || test_status=$?
-  echo "tests status: $test_status"
-fi
-
-bench_status=0
-if [[ "${SKIP_BENCH:-0}" != "1" ]]; then
-  bench_k=$(both "${BENCH_K:-}" "$without_cuda")
-  for name in ${BENCH_FILES:-bench_model bench_swin bench_attention bench_windows}; do
-    elapsed=$(( $(date +%s) - script_start ))
-    if (( elapsed > ${BENCH_BUDGET_S:-540} )); then
-      echo "skipping $name: ${elapsed}s into the call (BENCH_BUDGET_S=${BENCH_BUDGET_S:-540})"
-      continue
-    fi
-    log "benchmarks/$name.py (pytest --benchmark-only -k '$bench_k')"
-    status=0
-    $PYTHON -m pytest "benchmarks/$name.py" --benchmark-only --benchmark-json="$RESULTS_DIR/$name.json" -q \
-      -k "$bench_k" 2>&1 | tee "$RESULTS_DIR/$name.log" | tail -n 20 || status=$?
-    echo "$name status: $status"
-    (( bench_status == 0 )) && bench_status=$status
-    if [[ -s "$RESULTS_DIR/$name.json" ]]; then
-      $PYTHON benchmarks/summarize.py "$RESULTS_DIR/$name.json" --markdown "$RESULTS_DIR/$name.md" || true
-    else
-      rm -f "$RESULTS_DIR/$name.json"  # pytest-benchmark leaves an empty file when nothing ran
-    fi
-  done
-fi
-
-printf '{"device": "%s", "build_status": %d, "build_seconds": %d, "ext_tests_status": %d, "tests_status": %d, "bench_status": %d, "seconds": %d}\n' \
-  "$device" "$build_status" "$build_s" "$ext_status" "$test_status" "$bench_status" $(( $(date +%s) - script_start )) \
-  | tee "$RESULTS_DIR/status.json"
-
-for status in "$build_status" "$ext_status" "$test_status"; do
-  if (( status != 0 )); then exit "$status"; fi
+for step in "${steps[@]}"; do
+  case $step in
+    headline)
+      run_until "headline: ViT-B/16 training step" - \
+        $PYTHON benchmarks/gpu_headline.py --out "$RESULTS_DIR/headline" --deadline-s "$(( $(left) - 15 ))" \
+        ${HEADLINE_ARGS:-}
+      ;;
+    tests)
+      without_cuda=""
+      if ! run_until "tests: C++/CUDA extension GPU tests (own process)" "$RESULTS_DIR/tests_ext.log" \
+          $PYTHON -m pytest tests/test_ext.py -m gpu -q -rfE --maxfail=10 -p no:cacheprovider -k "${TEST_K:-}"; then
+        without_cuda="not cuda"
+        echo "the cuda backend is left out of the remaining tests"
+      fi
+      run_until "tests: GPU tests -k '$(both "${TEST_K:-}" "$without_cuda")'" "$RESULTS_DIR/tests.log" \
+        $PYTHON -m pytest tests/ -m gpu --ignore=tests/test_ext.py -q -rfE --maxfail=25 -p no:cacheprovider \
+        -k "$(both "${TEST_K:-}" "$without_cuda")"
+      ;;
+    swin)
+      for spec in bench_swin:bench_swin bench_attention:bench_attention bench_windows:bench_windows \
+                  bench_inference:bench_model:inference; do
+        IFS=: read -r name file only <<< "$spec"
+        run_until "benchmarks/$file.py -> $name.json" - \
+          $PYTHON -m pytest "benchmarks/$file.py" --benchmark-only --benchmark-json="$RESULTS_DIR/$name.json" -q \
+          -p no:cacheprovider -k "$(both "${BENCH_K-not torch}" "${only:-}")"
+        if [[ -s "$RESULTS_DIR/$name.json" ]]; then
+          $PYTHON benchmarks/summarize.py "$RESULTS_DIR/$name.json" || true
+        else
+          rm -f "$RESULTS_DIR/$name.json"  # pytest-benchmark leaves an empty file when nothing ran
+        fi
+      done
+      ;;
+    profile)
+      run_until "profile: ViT-B/16 batch 128" "$RESULTS_DIR/profile_vit.txt" \
+        $PYTHON benchmarks/profile_step.py --batch 128 --backends triton,cuda
+      run_until "profile: Swin-B batch 64" "$RESULTS_DIR/profile_swin.txt" \
+        $PYTHON benchmarks/profile_step.py --model swin_base_patch4_window7_224 --batch 64 --backends triton,cuda
+      ;;
+  esac
 done
-exit "$bench_status"
+
+log "done: exit status $status; files in $RESULTS_DIR"
+ls -la "$RESULTS_DIR" "$RESULTS_DIR/headline" 2>/dev/null
+exit "$status"
