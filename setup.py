@@ -1,14 +1,28 @@
-"""Build and install vpt_fast (see README.md for the supported install command).
+"""Build vpt_fast: the package layout and the C++/CUDA extension `vpt_fast._C` (FlashAttention style).
 
-The C++/CUDA extension `vpt_fast._C` (csrc/) is built with the package:
-- CUDAExtension (ninja) when a CUDA toolkit (nvcc) is found and torch is a CUDA build: CPU and CUDA
-  kernels. A compile or link error then fails the install; there is no silent fallback.
-- CppExtension (CPU kernels only) when there is no toolkit or torch is a CPU build.
-- nothing when VPT_FAST_NO_EXT=1 (the package then runs on its torch/triton backends).
+Project metadata, dependencies and tool settings live in pyproject.toml. Supported install (README.md):
+
+    pip install torch==2.14.1 torchvision==0.29.1 && pip install --no-build-isolation -e ".[test]"
+
+`--no-build-isolation` builds the extension against the torch already installed; torch is not a
+build requirement, so an isolated build environment would have no torch and the build fails.
+
+Package layout: kernels/ (the @triton.jit kernels) stays at the top level of the checkout and
+installs as `vpt_fast.kernels` (`package_dir` below). An editable install maps it through
+setuptools' editable finder; a plain source checkout on PYTHONPATH cannot import
+`vpt_fast.kernels` (the triton backend is then unavailable): install the package instead.
+
+The extension `vpt_fast._C` (csrc/):
+- CUDAExtension (ninja), CPU and CUDA kernels, when torch is a CUDA build and a CUDA toolkit is found.
+- CppExtension (CPU kernels only) when torch is a CPU build, or with VPT_FAST_FORCE_CPU_EXT=1.
+- nothing with VPT_FAST_NO_EXT=1 (every backend but `cuda` works without it).
+Anything else fails the install with a message saying why and how to skip the extension: torch not
+importable at build time, a CUDA torch without a CUDA toolkit, a compile or link error. There is no
+silent fallback to a lesser build.
 
 Environment:
   VPT_FAST_NO_EXT=1        skip the extension
-  VPT_FAST_FORCE_CPU_EXT=1 build the CPU-only extension even when CUDA is available
+  VPT_FAST_FORCE_CPU_EXT=1 build the CPU-only extension even with a CUDA torch and toolkit
   TORCH_CUDA_ARCH_LIST     CUDA architectures, default "8.0;9.0a" (sm_80 and sm_90a cubins)
   CUDA_HOME / CUDA_PATH    toolkit root; otherwise found from `nvcc` on PATH (wrapper scripts that
                            `exec` the real nvcc are resolved) or standard install locations
@@ -110,12 +124,22 @@ def _gencode_flags(arch_list):
     return flags, archs
 
 
+SKIP_HINT = ("To install without the extension (every backend but `cuda` works): "
+             "VPT_FAST_NO_EXT=1 pip install --no-build-isolation -e .")
+
+
+def _fail(reason: str) -> None:
+    """Stop the install with `reason` and how to skip the extension."""
+    raise SystemExit(f"\nvpt_fast: cannot build the C++/CUDA extension vpt_fast._C: {reason}\n{SKIP_HINT}\n")
+
+
 def build_extensions():
-    """(ext_modules, cmdclass) for vpt_fast._C, or ([], {}) when skipped."""
+    """(ext_modules, cmdclass) for vpt_fast._C, or ([], {}) with VPT_FAST_NO_EXT=1."""
     if _env_flag("VPT_FAST_NO_EXT"):
         print("vpt_fast: VPT_FAST_NO_EXT=1, not building the C++/CUDA extension", file=sys.stderr)
         return [], {}
-    cuda_home = None if _env_flag("VPT_FAST_FORCE_CPU_EXT") else find_cuda_home()
+    force_cpu = _env_flag("VPT_FAST_FORCE_CPU_EXT")
+    cuda_home = None if force_cpu else find_cuda_home()
     if cuda_home:
         # torch.utils.cpp_extension reads CUDA_HOME when imported: set it first.
         os.environ["CUDA_HOME"] = cuda_home
@@ -124,60 +148,63 @@ def build_extensions():
     try:
         import torch
         from torch.utils import cpp_extension as ce
-    except ImportError:
-        print("vpt_fast: torch is not importable at build time (use pip's --no-build-isolation); "
-              "not building the C++/CUDA extension", file=sys.stderr)
-        return [], {}
+    except ImportError as exc:
+        _fail(f"torch is not importable at build time ({exc}).\n"
+              "Install torch first, then build against it with pip's --no-build-isolation "
+              "(an isolated build environment has no torch):\n"
+              "  pip install torch && pip install --no-build-isolation -e .")
+
+    if torch.version.cuda is not None and not cuda_home and not force_cpu:
+        _fail(f"torch {torch.__version__} is a CUDA build (CUDA {torch.version.cuda}) but no CUDA toolkit "
+              "was found (looked at CUDA_HOME, CUDA_PATH, nvcc on PATH, /usr/local/cuda*, /opt/cuda, "
+              "/usr/lib/cuda).\nSet CUDA_HOME to the toolkit root to build the CUDA kernels, or build the "
+              "CPU-only extension (the `cuda` backend then runs on CPU tensors only) with "
+              "VPT_FAST_FORCE_CPU_EXT=1.")
 
     csrc = "csrc"
     sources = [f"{csrc}/bindings.cpp", f"{csrc}/attention/attention_cpu.cpp"]
+    cuda_sources = sorted(glob.glob(f"{csrc}/**/*.cu", recursive=True))
     cxx = ["-O3"]
     define_macros = []
-    with_cuda = (bool(cuda_home) and torch.version.cuda is not None
-                 and bool(glob.glob(f"{csrc}/**/*.cu", recursive=True)))
     if cuda_home and torch.version.cuda is None:
-        print("vpt_fast: torch is a CPU build; building the CPU-only extension", file=sys.stderr)
-    if not cuda_home and not _env_flag("VPT_FAST_FORCE_CPU_EXT"):
-        print("vpt_fast: no CUDA toolkit found; building the CPU-only extension", file=sys.stderr)
-
-    if with_cuda:
+        print(f"vpt_fast: torch {torch.__version__} is a CPU build; building the CPU-only extension",
+              file=sys.stderr)
+    if torch.version.cuda is not None and cuda_home:
         arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or DEFAULT_ARCHS
         gencode, archs = _gencode_flags(arch_list)
         # Our own -gencode flags are authoritative; keep torch from adding its arch flags.
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
-        sources += sorted(glob.glob(f"{csrc}/**/*.cu", recursive=True))
+        sources += cuda_sources
         define_macros += [("VPT_FAST_WITH_CUDA", "1"), ("VPT_FAST_ARCHS", f'"{" ".join(archs)}"')]
         nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
                 f"--threads={os.environ.get('NVCC_THREADS', '2')}"] + gencode
-        print(f"vpt_fast: building the CUDA extension with {cuda_home} for {' '.join(archs)}",
-              file=sys.stderr)
+        print(f"vpt_fast: building the CUDA extension with {cuda_home} for {' '.join(archs)}", file=sys.stderr)
         ext = ce.CUDAExtension("vpt_fast._C", sources, define_macros=define_macros,
                                extra_compile_args={"cxx": cxx, "nvcc": nvcc})
     else:
+        print("vpt_fast: building the CPU-only extension", file=sys.stderr)
         define_macros += [("VPT_FAST_ARCHS", '""')]
         ext = ce.CppExtension("vpt_fast._C", sources, define_macros=define_macros,
                               extra_compile_args={"cxx": cxx})
-    build_ext = ce.BuildExtension.with_options(use_ninja=True)
-    return [ext], {"build_ext": build_ext}
+
+    class BuildExtension(ce.BuildExtension):
+        """torch's BuildExtension (ninja); a failed compile or link ends with how to skip it."""
+
+        def build_extensions(self) -> None:
+            try:
+                super().build_extensions()
+            except Exception as exc:  # the compiler's own output is printed above
+                _fail(f"{type(exc).__name__}: {exc} (compiler output above).")
+
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = build_extensions()
 
 setup(
-    name="vpt_fast",
-    version="0.1.0",
-    description="Fast, memory-lean Visual Prompt Tuning (VPT) kernels for timm ViT and Swin",
-    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    # Metadata: pyproject.toml. kernels/ installs as vpt_fast.kernels (see the docstring).
     packages=find_packages(include=["vpt_fast", "vpt_fast.*"]) + ["vpt_fast.kernels"],
     package_dir={"vpt_fast.kernels": "kernels"},
-    install_requires=["torch>=2.4", "timm>=1.0", "numpy", "safetensors", "ninja"],
-    extras_require={
-        "test": ["pytest", "pytest-benchmark", "matplotlib"],
-        "plot": ["matplotlib"],
-    },
-    entry_points={"console_scripts": ["vpt-fast=vpt_fast.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -1,4 +1,5 @@
-"""Test configuration: Triton runs under its CPU interpreter when no GPU is present."""
+"""Test configuration: Triton runs under its CPU interpreter when no GPU is present; tests marked
+`gpu` are skipped without one (markers are registered in pyproject.toml)."""
 import os
 
 import torch
@@ -9,10 +10,6 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
 
 
 def pytest_collection_modifyitems(config, items):
