@@ -9,9 +9,9 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
-from test_models import prompted
 
 import vpt_fast
+from utils import prompted_vit as prompted
 from vpt_fast.cli import main as cli
 from vpt_fast.io import metadata
 

@@ -12,11 +12,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from test_models import tiny_vit
 from torch.nn.parallel import DistributedDataParallel
 
 import vpt_fast
-from utils import assert_close
+from utils import assert_close, tiny_vit
 
 WORLD_SIZE = 2
 BATCH = 4

@@ -1,12 +1,23 @@
-"""Exact work and memory counts (DESIGN.md §2, issue 2 acceptance): FLOPs counted by
+"""Exact work and memory counts (docs/design.md §2): FLOPs counted by
 FlopCounterMode, bytes saved for backward by saved_tensors_hooks, and resident activation memory in
 fresh processes — all below eager release-style VPT. Timings live in benchmarks/, not here."""
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 
-from vpt_fast.bench import (BenchConfig, activation_memory, build_model, count_flops, make_batch,
-                            saved_activation_bytes, training_step)
+from vpt_fast.bench import (
+    BenchConfig,
+    activation_memory,
+    build_model,
+    count_flops,
+    make_batch,
+    saved_activation_bytes,
+    training_step,
+)
+
+pytestmark = pytest.mark.slow  # ViT-S/16 models, memory probes in fresh processes
 
 CFG = BenchConfig(model="vit_small_patch16_224", batch=2, num_prompts=50, deep=True)
 
@@ -17,7 +28,7 @@ def counts():
     for backend, recompute in [("reference", "none"), ("torch", "none"), ("torch", "mlp"), ("torch", "block")]:
         model = build_model(CFG, backend, recompute)
         x, y = make_batch(CFG, model)
-        result[(backend, recompute)] = (count_flops(lambda: training_step(model, x, y, CFG)),
+        result[(backend, recompute)] = (count_flops(partial(training_step, model, x, y, CFG)),
                                         saved_activation_bytes(model, x, CFG))
     return result
 
@@ -30,8 +41,6 @@ def test_flops_and_saved_bytes_below_eager(counts, recompute, max_flops, max_sav
     if max_flops is not None:
         assert flops / eager_flops <= max_flops
     assert saved / eager_saved <= max_saved
-
-
 
 
 def test_resident_activation_memory_below_eager():

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import vpt_fast
-from test_models import prompted
+from utils import prompted_swin
+from utils import prompted_vit as prompted
 
 
 def test_round_trip_restores_logits(tmp_path):
@@ -22,6 +23,24 @@ def test_round_trip_restores_logits(tmp_path):
     vpt_fast.load_prompts(fresh, path)
     assert torch.equal(fresh(x), model(x))
 
+
+def test_swin_round_trip_restores_logits(tmp_path):
+    """Swin: every stage's prompts, the projections and the head survive save/load into a fresh
+    prompted model of the same configuration."""
+    config = dict(depths=(1, 1), num_heads=(1, 2), num_prompts=3, deep=True, project=6)
+    model = prompted_swin(seed=0, **config).eval()
+    path = tmp_path / "swin.safetensors"
+    vpt_fast.save_prompts(model, path)
+    assert {"prompts.0", "prompts.1", "proj.0.weight", "proj.1.weight"} <= set(vpt_fast.prompt_state_dict(model))
+    fresh = prompted_swin(seed=0, **config).eval()  # same backbone
+    with torch.no_grad():
+        for p in fresh.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    x = torch.randn(2, 3, 56, 56)
+    assert not torch.allclose(fresh(x), model(x))
+    vpt_fast.load_prompts(fresh, path)
+    assert torch.equal(fresh(x), model(x))
 
 def test_state_dict_layout():
     state = vpt_fast.prompt_state_dict(prompted(num_prompts=4, deep=True, project=16))

@@ -1,5 +1,5 @@
 """Prompted timm ViT models: every backend against the release-style `reference` backend
-(DESIGN.md §1, §5): logits and the gradients of prompts, projection and head, on fresh random inputs
+(docs/design.md §1, §5): logits and the gradients of prompts, projection and head, on fresh random inputs
 and random (not initial) prompts."""
 from __future__ import annotations
 
@@ -9,55 +9,22 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import ResPostBlock
 
-import vpt_fast
 import utils
-from utils import rel_error
+import vpt_fast
+from utils import VIT_VARIANTS, prompted_vit, random_batch, rel_error, tiny_vit
 
-TOL = 1e-4  # fp32 on CPU, DESIGN.md §5
+TOL = 1e-4  # fp32 on CPU, docs/design.md §5
 FAST_BACKENDS = [b for b in vpt_fast.available_backends() if b in ("torch", "cuda")]
 KERNEL_BACKENDS = [b for b in vpt_fast.available_backends() if b in ("triton", "cuda")]
-
-VARIANTS = {
-    "cls_token": {},
-    "registers": {"reg_tokens": 2},
-    "avg_pool": {"class_token": False, "global_pool": "avg"},
-    "registers_avg": {"reg_tokens": 3, "class_token": False, "global_pool": "avg"},
-    "layerscale_qknorm": {"init_values": 0.5, "qk_norm": True},
-    "odd_size_no_qkv_bias": {"img_size": 40, "qkv_bias": False},
-}
-
-
-def tiny_vit(**overrides) -> torch.nn.Module:
-    kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=5)
-    kwargs.update(overrides)
-    return timm.create_model("vit_small_patch16_224", pretrained=False, **kwargs)
-
-
-def prompted(seed: int = 0, variant: str = "cls_token", **prompt_kwargs) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = vpt_fast.prompt(tiny_vit(**VARIANTS[variant]), **prompt_kwargs)
-    with torch.no_grad():  # random, not initial, trainable state
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.5)
-    return model
-
-
-def random_batch(model, batch: int = 3, seed: int = 2):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 3, *model.patch_embed.img_size, generator=g)
-    y = torch.randint(0, model.num_classes, (batch,), generator=g)
-    return x, y
-
 
 def assert_matches_reference(model, backends, batch: int = 3):
     utils.assert_matches_reference(model, backends, *random_batch(model, batch), tol=TOL)
 
 
 @pytest.mark.parametrize("deep", [True, False], ids=["deep", "shallow"])
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", list(VIT_VARIANTS))
 def test_variants_match_reference(variant, deep):
-    model = prompted(variant=variant, num_prompts=7, deep=deep).train()
+    model = prompted_vit(variant=variant, num_prompts=7, deep=deep).train()
     assert_matches_reference(model, FAST_BACKENDS)
 
 
@@ -77,8 +44,8 @@ OPTIONS = [  # (num_prompts, deep, project, train, dropout, recompute)
 
 @pytest.mark.parametrize("num_prompts,deep,project,train,dropout,recompute", OPTIONS)
 def test_options_match_reference(num_prompts, deep, project, train, dropout, recompute):
-    model = prompted(num_prompts=num_prompts, deep=deep, project=project, dropout=dropout,
-                     recompute=recompute).train(train)
+    model = prompted_vit(num_prompts=num_prompts, deep=deep, project=project, dropout=dropout,
+                         recompute=recompute).train(train)
     assert_matches_reference(model, FAST_BACKENDS)
 
 
@@ -94,7 +61,7 @@ def test_kernel_backends_match_reference(deep):
 
 
 def test_prompt_dropout_masks_are_per_sample():
-    model = prompted(num_prompts=7, deep=True, dropout=0.5).train()
+    model = prompted_vit(num_prompts=7, deep=True, dropout=0.5).train()
     x = torch.randn(1, 3, 32, 32).expand(4, -1, -1, -1)
     torch.manual_seed(0)
     logits = model(x)
@@ -136,6 +103,7 @@ def test_backbone_frozen_and_in_eval_mode():
             assert torch.equal(p, frozen[n]), n
 
 
+@pytest.mark.slow  # two ViT-B/16
 @pytest.mark.parametrize("deep,expected", [(False, 38_400), (True, 460_800)])
 def test_paper_parameter_counts(deep, expected):
     model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=100)
@@ -217,9 +185,10 @@ def test_gpu_matches_reference(backend, deep):
     utils.assert_follows_reference_in_low_precision(model.train(), backend, x, y, "cuda")
 
 
+@pytest.mark.slow  # dynamo traces the whole model twice
 @pytest.mark.parametrize("deep", [True, False], ids=["deep", "shallow"])
 def test_torch_compile_traces_without_graph_breaks(deep):
-    model = prompted(num_prompts=3, deep=deep, backend="torch").train()
+    model = prompted_vit(num_prompts=3, deep=deep, backend="torch").train()
     x = torch.randn(2, 3, 32, 32)
     compiled = torch.compile(model, backend="eager", fullgraph=True)  # dynamo tracing, no codegen
     logits = compiled(x)
@@ -233,7 +202,7 @@ def test_torch_compile_traces_without_graph_breaks(deep):
 def test_bf16_autocast_follows_flash_rule(variant, deep):
     """Under bf16 autocast (CPU here; the GPU test repeats it on CUDA) every backend's error against
     the fp32 reference is at most 2x that of eager release-style VPT in bf16."""
-    model = prompted(variant=variant, num_prompts=7, deep=deep).train()
+    model = prompted_vit(variant=variant, num_prompts=7, deep=deep).train()
     x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])
     for backend in FAST_BACKENDS + KERNEL_BACKENDS:
         utils.assert_follows_reference_in_low_precision(model, backend, x, y, "cpu", fp32_tol=None)
@@ -243,7 +212,7 @@ def test_bf16_autocast_follows_flash_rule(variant, deep):
 def test_meta_device_forward_backward(backend):
     """A prompted model runs on the meta device (shape checks, FLOP counting without memory), also
     inside an autocast region of another device."""
-    model = prompted(num_prompts=4, deep=True, backend=backend).to("meta").train()
+    model = prompted_vit(num_prompts=4, deep=True, backend=backend).to("meta").train()
     x = torch.empty(2, 3, 32, 32, device="meta")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(x)
@@ -257,7 +226,7 @@ def test_recompute_is_bitwise_identical_under_autocast():
     LayerNorms feeding GEMMs write bf16): loss and prompt gradients are bit-identical."""
     results = {}
     for recompute in ("none", "mlp", "block"):
-        model = prompted(num_prompts=4, deep=True, backend="torch", recompute=recompute).train()
+        model = prompted_vit(num_prompts=4, deep=True, backend="torch", recompute=recompute).train()
         x, y = random_batch(model, batch=2)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = F.cross_entropy(model(x).float(), y)

@@ -1,4 +1,4 @@
-"""Prompted timm SwinTransformer (DESIGN.md §1 "Swin", §2, §5): every prompt-aware backend against
+"""Prompted timm SwinTransformer (docs/design.md §1 "Swin", §2, §5): every prompt-aware backend against
 the release-style `reference` backend (logits and gradients of prompts, projections and head, on
 fresh random inputs and random, not initial, prompts), the reference against a literal
 transcription of the released per-window code at batch 1, per-sample independence, exact FLOPs."""
@@ -13,69 +13,33 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import window_partition, window_reverse
 from torch.utils.flop_counter import FlopCounterMode
 
-import vpt_fast
 import utils
-from utils import rel_error
+import vpt_fast
+from utils import SWIN_SIZES, prompted_swin, random_batch, randomize, rel_error, tiny_swin
 from vpt_fast import set_backend
 from vpt_fast.bench import flop_mapping
 from vpt_fast.blocks.swin import SwinBlock, SwinPatchMerging
 from vpt_fast.config import PromptConfig
 from vpt_fast.models.swin import prompt_swin
 
-TOL = 1e-4  # fp32 on CPU, DESIGN.md §5
+TOL = 1e-4  # fp32 on CPU, docs/design.md §5
 FAST_BACKENDS = [b for b in vpt_fast.available_backends() if b in ("torch", "cuda")]
 KERNEL_BACKENDS = [b for b in vpt_fast.available_backends() if b in ("triton", "cuda")]
 
-SIZES = {  # image size, window: 56px/7 -> 14x14 grid (4 windows, shifted) then 7x7 (1 window)
-    "w7": (56, 7),
-    "w12": (96, 12),       # 24x24 grid (4 windows, shifted), then 12x12
-    "w7_padded": (40, 7),  # 10x10 grid padded to 14x14 (shifted), then 5x5 (window shrinks to 5)
-    "w4": (32, 4),         # 8x8 grid (4 windows, shifted), then 4x4: small enough for the Triton interpreter
-}
-
-
-def tiny_swin(size: str = "w7", depths=(2, 2), num_heads=(2, 4), **kwargs) -> torch.nn.Module:
-    img, window = SIZES[size]
-    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=img, window_size=window,
-                             embed_dim=32, depths=depths, num_heads=num_heads, num_classes=5, **kwargs)
-
-
-def randomize(model: torch.nn.Module) -> torch.nn.Module:
-    with torch.no_grad():  # random, not initial, trainable state
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.5)
-    return model
-
-
-def prompted(seed: int = 0, size: str = "w7", depths=(2, 2), num_heads=(2, 4), **prompt_kwargs):
-    torch.manual_seed(seed)
-    config = PromptConfig(**{"num_prompts": 5, **prompt_kwargs})
-    return randomize(prompt_swin(tiny_swin(size, depths, num_heads), config))
-
-
-def inputs(model, batch: int = 3, seed: int = 2):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 3, *model.patch_embed.img_size, generator=g)
-    y = torch.randint(0, model.num_classes, (batch,), generator=g)
-    device = next(model.parameters()).device
-    return x.to(device), y.to(device)
-
-
 def assert_matches_reference(model, backends=FAST_BACKENDS, batch: int = 3):
-    utils.assert_matches_reference(model, backends, *inputs(model, batch), tol=TOL)
+    utils.assert_matches_reference(model, backends, *random_batch(model, batch), tol=TOL)
 
 
 @pytest.mark.parametrize("deep", [True, False], ids=["deep", "shallow"])
-@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("size", list(SWIN_SIZES))
 def test_matches_reference(size, deep):
-    assert_matches_reference(prompted(size=size, deep=deep).train())
+    assert_matches_reference(prompted_swin(size=size, deep=deep).train())
 
 
 @pytest.mark.skipif(not KERNEL_BACKENDS, reason="no triton/cuda backend on this machine")
 @pytest.mark.parametrize("deep", [True, False], ids=["deep", "shallow"])
 def test_kernel_backends_match_reference(deep):
-    model = prompted(size="w4", num_prompts=3, deep=deep).train()  # head dim 16
+    model = prompted_swin(size="w4", num_prompts=3, deep=deep).train()  # head dim 16
     assert_matches_reference(model.to("cuda" if torch.cuda.is_available() else "cpu"), KERNEL_BACKENDS, batch=2)
 
 
@@ -94,8 +58,8 @@ OPTIONS = [  # (num_prompts, deep, project, train, dropout, recompute, depths)
 @pytest.mark.parametrize("num_prompts,deep,project,train,dropout,recompute,depths", OPTIONS)
 def test_options_match_reference(num_prompts, deep, project, train, dropout, recompute, depths):
     heads = (2,) * (len(depths) - 1) + (4,)
-    model = prompted(num_prompts=num_prompts, deep=deep, project=project, dropout=dropout,
-                     recompute=recompute, depths=depths, num_heads=heads, size="w7_padded")
+    model = prompted_swin(num_prompts=num_prompts, deep=deep, project=project, dropout=dropout,
+                          recompute=recompute, depths=depths, num_heads=heads, size="w7_padded")
     model.train(train)
     assert model.vpt.training == train and not model.layers.training
     assert_matches_reference(model)
@@ -105,9 +69,9 @@ def test_options_match_reference(num_prompts, deep, project, train, dropout, rec
 @pytest.mark.parametrize("deep", [True, False], ids=["deep", "shallow"])
 def test_samples_are_independent(backend, deep):
     """A sample's logits do not change when the other sample of its batch changes."""
-    model = prompted(deep=deep).eval()
+    model = prompted_swin(deep=deep).eval()
     set_backend(model, backend)
-    x, _ = inputs(model, batch=2)
+    x, _ = random_batch(model, batch=2)
     x2 = x.clone()
     x2[1] = torch.randn_like(x2[1])
     with torch.no_grad():
@@ -199,7 +163,7 @@ def test_batch1_equals_released_code(size, deep):
     model = randomize(prompt_swin(copy.deepcopy(timm_model), PromptConfig(num_prompts=5, deep=deep))).eval()
     timm_model.head.fc.load_state_dict(model.head.fc.state_dict())
     sets = [p.detach() for p in model.vpt.prompts]
-    x, _ = inputs(model, batch=2)
+    x, _ = random_batch(model, batch=2)
     x2 = x.clone()
     x2[1] = torch.randn_like(x2[1])
     with torch.no_grad():
@@ -207,7 +171,7 @@ def test_batch1_equals_released_code(size, deep):
         for backend in ["reference"] + FAST_BACKENDS:
             set_backend(model, backend)
             assert rel_error(model(x[:1]), released) < TOL, backend
-        # The released code's batch-order bug (DESIGN.md §1): at batch 2 sample 0 depends on sample 1
+        # The released code's batch-order bug (docs/design.md §1): at batch 2 sample 0 depends on sample 1
         # (shallow; deep prompts are the same for every sample, and their mixed-up window means are
         # thrown away except in the last block, which has one window here).
         a, b = released_forward(timm_model, sets, deep, x), released_forward(timm_model, sets, deep, x2)
@@ -287,7 +251,7 @@ def test_backbone_frozen_and_in_eval_mode():
     assert all(m.training for m in model.head.modules())
     set_backend(model, "torch")
     model.vpt.dropout.p = 0.0  # backbone dropout/drop-path must be off even under train()
-    x, y = inputs(model, batch=2)
+    x, y = random_batch(model, batch=2)
     assert torch.equal(model.forward_tokens(x), model.forward_tokens(x))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -320,7 +284,7 @@ def test_gpu_matches_reference(backend, deep):
     utils.assert_follows_reference_in_low_precision(model.train(), backend, x, y, "cuda")
 
 
-# -- exact FLOPs (DESIGN.md §2) ----------------------------------------------------------------
+# -- exact FLOPs (docs/design.md §2) ----------------------------------------------------------------
 
 def train_step_flops(model, backend: str, x, y) -> int:
     set_backend(model, backend)
@@ -329,13 +293,14 @@ def train_step_flops(model, backend: str, x, y) -> int:
     return counter.get_total_flops()
 
 
+@pytest.mark.slow  # Swin-T at 224px, two training steps under FlopCounterMode
 def test_flops_swin_t_deep():
     """Swin-T 224px, 50 deep prompts, batch 2: a training step of the prompt-aware path needs at
     most 0.70x the FLOPs of the eager release-style reference (measured: 41.6 vs 60.4 GFLOP, 0.688)."""
     torch.manual_seed(0)
     model = prompt_swin(timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10),
                         PromptConfig(num_prompts=50, deep=True)).train()
-    x, y = inputs(model, batch=2)
+    x, y = random_batch(model, batch=2)
     reference = train_step_flops(model, "reference", x, y)
     fast = train_step_flops(model, "torch", x, y)
     assert fast <= 0.70 * reference, f"torch {fast / 1e9:.2f} GFLOP vs reference {reference / 1e9:.2f} GFLOP"

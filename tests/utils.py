@@ -1,13 +1,80 @@
-"""Test helpers: comparisons that say where the largest difference is, and FlashAttention's
-tolerance rule (DESIGN.md §5)."""
+"""Test helpers: tiny prompted timm models and their inputs, comparisons that say where the largest
+difference is, and FlashAttention's tolerance rule (DESIGN.md §5)."""
 from __future__ import annotations
 
 from typing import Optional
 
+import timm
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+import vpt_fast
 from vpt_fast.backends import torch_impl
+
+# -- tiny prompted models and their inputs --------------------------------------------------
+
+VIT_VARIANTS = {  # timm ViT options a prompted model must support, as create_model kwargs
+    "cls_token": {},
+    "registers": {"reg_tokens": 2},
+    "avg_pool": {"class_token": False, "global_pool": "avg"},
+    "registers_avg": {"reg_tokens": 3, "class_token": False, "global_pool": "avg"},
+    "layerscale_qknorm": {"init_values": 0.5, "qk_norm": True},
+    "odd_size_no_qkv_bias": {"img_size": 40, "qkv_bias": False},
+}
+
+SWIN_SIZES = {  # image size, window: 56px/7 -> 14x14 grid (4 windows, shifted) then 7x7 (1 window)
+    "w7": (56, 7),
+    "w12": (96, 12),       # 24x24 grid (4 windows, shifted), then 12x12
+    "w7_padded": (40, 7),  # 10x10 grid padded to 14x14 (shifted), then 5x5 (window shrinks to 5)
+    "w4": (32, 4),         # 8x8 grid (4 windows, shifted), then 4x4: small enough for the Triton interpreter
+}
+
+
+def tiny_vit(**overrides) -> nn.Module:
+    """A 3-block timm ViT (32px, patch 8, width 48, 3 heads, 5 classes); `overrides` go to create_model."""
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=5)
+    kwargs.update(overrides)
+    return timm.create_model("vit_small_patch16_224", pretrained=False, **kwargs)
+
+
+def tiny_swin(size: str = "w7", depths=(2, 2), num_heads=(2, 4), **kwargs) -> nn.Module:
+    """A timm Swin of width 32 and 5 classes; `size` is a key of SWIN_SIZES (image size, window)."""
+    img, window = SWIN_SIZES[size]
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=img, window_size=window,
+                             embed_dim=32, depths=depths, num_heads=num_heads, num_classes=5, **kwargs)
+
+
+def randomize(model: nn.Module) -> nn.Module:
+    """Random, not initial, trainable state (prompts, projection, head): N(0, 0.5) in place."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    return model
+
+
+def prompted_vit(seed: int = 0, variant: str = "cls_token", **prompt_kwargs) -> nn.Module:
+    """`tiny_vit` with the VIT_VARIANTS options of `variant`, prompted with `prompt_kwargs`, randomized."""
+    torch.manual_seed(seed)
+    return randomize(vpt_fast.prompt(tiny_vit(**VIT_VARIANTS[variant]), **prompt_kwargs))
+
+
+def prompted_swin(seed: int = 0, size: str = "w7", depths=(2, 2), num_heads=(2, 4), **prompt_kwargs) -> nn.Module:
+    """`tiny_swin`, prompted with `prompt_kwargs` (5 prompts unless given), randomized."""
+    torch.manual_seed(seed)
+    return randomize(vpt_fast.prompt(tiny_swin(size, depths, num_heads), **{"num_prompts": 5, **prompt_kwargs}))
+
+
+def random_batch(model: nn.Module, batch: int = 3, seed: int = 2) -> tuple[Tensor, Tensor]:
+    """Images of the model's size and class labels, from their own generator, on the model's device."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, *model.patch_embed.img_size, generator=g)
+    y = torch.randint(0, model.num_classes, (batch,), generator=g)
+    device = next(model.parameters()).device
+    return x.to(device), y.to(device)
+
+
+# -- comparisons ------------------------------------------------------------------------------
 
 
 def max_error(actual: Tensor, expected: Tensor) -> float:
