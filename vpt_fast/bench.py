@@ -159,16 +159,28 @@ def probe_activation_memory(cfg: BenchConfig, backend: str, recompute: str) -> d
     return {"activation_bytes": held, "peak_bytes": None}
 
 
-def activation_memory(cfg: BenchConfig, backend: str, recompute: str = "none") -> dict:
-    """`probe_activation_memory` in a fresh process (CPU: MALLOC_MMAP_THRESHOLD_=65536 gives every
-    large tensor its own mapping, so RSS growth is what the graph holds)."""
+def in_fresh_process(module: str, request: dict) -> dict:
+    """Run `python -m <module> <request as JSON>` in a fresh process and return the JSON object its
+    last stdout line holds. CPU memory probes rely on it: MALLOC_MMAP_THRESHOLD_=65536 gives every
+    tensor over 64 KiB its own mapping, returned to the system when freed, so the resident set
+    follows the tensors alive.
+
+    Args:
+        module: the module whose `__main__` block answers the request.
+        request: JSON-serialisable arguments for it.
+    """
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    payload = json.dumps({"cfg": asdict(cfg), "backend": backend, "recompute": recompute})
-    proc = subprocess.run([sys.executable, "-m", "vpt_fast.bench", payload], env=env,
+    proc = subprocess.run([sys.executable, "-m", module, json.dumps(request)], env=env,
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"memory probe failed for backend={backend}:\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"memory probe `python -m {module}` failed for {request}:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def activation_memory(cfg: BenchConfig, backend: str, recompute: str = "none") -> dict:
+    """`probe_activation_memory` in a fresh process (`in_fresh_process`): RSS growth across the
+    forward is what the graph holds."""
+    return in_fresh_process("vpt_fast.bench", {"cfg": asdict(cfg), "backend": backend, "recompute": recompute})
 
 
 def _sync(device: str) -> None:

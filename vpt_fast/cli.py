@@ -7,6 +7,9 @@ import json
 import sys
 from dataclasses import asdict
 
+import torch
+
+from vpt_fast import memory as peak_memory
 from vpt_fast.bench import BenchConfig, activation_memory, environment, format_table, run_bench
 
 
@@ -37,11 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--recompute", default="none", choices=["none", "mlp", "block"])
     bench.add_argument("--compile", action="store_true", help="also time eager and the fastest backend under torch.compile")
     bench.add_argument("--json", default=None, help="write rows and environment to this file")
-    memory = sub.add_parser("memory", help="activation memory against batch size, eager vs vpt_fast")
-    _common(memory)
-    memory.add_argument("--batches", default="1,2,4,8,16", help="comma list of batch sizes")
-    memory.add_argument("--backend", default="torch", help="vpt_fast backend to compare with eager")
-    memory.add_argument("--plot", default=None, help="write a PNG plot here (needs matplotlib)")
+    _add_memory(sub)
     _add_export(sub)
     args = parser.parse_args(argv)
     if args.command == "export":
@@ -58,11 +57,42 @@ def main(argv: list[str] | None = None) -> None:
         _memory(args)
 
 
+def _add_memory(sub: argparse._SubParsersAction) -> None:
+    memory = sub.add_parser("memory", help="activation memory against batch size, eager vs vpt_fast; "
+                                           "--total: peak of a whole training step vs full fine-tuning",
+                            description=f"--model also takes {', '.join(peak_memory.MODEL_ALIASES)} (random weights).")
+    _common(memory)
+    memory.add_argument("--batches", default="1,2,4,8,16", help="comma list of batch sizes")
+    memory.add_argument("--backend", default=None,
+                        help="vpt_fast backend (default: torch for activations, auto for --total/--max-batch)")
+    memory.add_argument("--plot", default=None, help="write a PNG plot here (needs matplotlib)")
+    mode = memory.add_mutually_exclusive_group()
+    mode.add_argument("--total", action="store_true",
+                      help="peak memory of a whole AdamW training step (parameters, gradients, optimizer "
+                           "state, activations, workspace): full fine-tuning, linear probe, eager VPT, vpt_fast")
+    mode.add_argument("--max-batch", action="store_true",
+                      help="per method, the largest batch whose training step stays within --budget")
+    memory.add_argument("--budget", default=None, help="memory budget for --max-batch, e.g. 16GiB, 512MiB "
+                                                       "(default on CUDA: the device's memory)")
+    memory.add_argument("--batch-limit", type=int, default=None,
+                        help="--max-batch stops there if the step still fits (CPU: bounds the run time)")
+    memory.add_argument("--methods", default=",".join(peak_memory.methods()),
+                        help="comma list for --total/--max-batch (default: all)")
+    memory.add_argument("--json", default=None, help="--total/--max-batch: write the results to this file")
+
+
 def _memory(args: argparse.Namespace) -> None:
+    args.model = peak_memory.resolve_model_name(args.model)
+    if args.total or args.max_batch:
+        _total_memory(args)
+        return
+    if args.budget or args.batch_limit or args.json:
+        raise SystemExit("--budget, --batch-limit and --json go with --total or --max-batch")
+    backend = args.backend or "torch"
     batches = [int(b) for b in args.batches.split(",") if b]
-    series = {"eager": ("reference", "none"), f"vpt_fast[{args.backend}]": (args.backend, "none"),
-              f"vpt_fast[{args.backend}, recompute=mlp]": (args.backend, "mlp"),
-              f"vpt_fast[{args.backend}, recompute=block]": (args.backend, "block")}
+    series = {"eager": ("reference", "none"), f"vpt_fast[{backend}]": (backend, "none"),
+              f"vpt_fast[{backend}, recompute=mlp]": (backend, "mlp"),
+              f"vpt_fast[{backend}, recompute=block]": (backend, "block")}
     results = {name: [] for name in series}
     print(f"{'batch':>6}" + "".join(f"{name:>36}" for name in series))
     for batch in batches:
@@ -78,6 +108,60 @@ def _memory(args: argparse.Namespace) -> None:
     if args.plot:
         _plot(args, batches, results)
         print(f"wrote {args.plot}")
+
+
+def _total_memory(args: argparse.Namespace) -> None:
+    catalogue = peak_memory.methods(args.backend or "auto")
+    keys = [k for k in args.methods.split(",") if k]
+    unknown = [k for k in keys if k not in catalogue]
+    if unknown or not keys:
+        raise SystemExit(f"--methods: expected a comma list of {', '.join(catalogue)}, got {args.methods!r}")
+    chosen = {k: catalogue[k] for k in keys}
+    cfg = _config(args)
+    title = (f"{args.model}, {args.prompts} {'shallow' if args.shallow else 'deep'} prompts, {args.dtype}, "
+             f"{args.device}, AdamW")
+    if args.max_batch:
+        if args.plot:
+            raise SystemExit("--plot draws --total results; --max-batch prints a table")
+        budget = _budget(args)
+        print(f"largest batch within {budget / 2**30:.2f} GiB: {title}", flush=True)
+        results = {}
+        for key, method in chosen.items():
+            _progress(f"[max-batch] {method.label}")
+            results[key] = peak_memory.max_batch(cfg, method, budget, args.batch_limit, _progress)
+        print(peak_memory.format_max_batch_table(results, chosen))
+        payload = {"budget_bytes": budget, "results": results}
+    else:
+        if args.budget or args.batch_limit:
+            raise SystemExit("--budget and --batch-limit go with --max-batch")
+        batches = [int(b) for b in args.batches.split(",") if b]
+        _progress(f"vpt-fast memory --total: {title}; one fresh process per (method, batch)")
+        results = peak_memory.total_memory(cfg, chosen, batches, _progress)
+        print(f"peak memory of a training step, MiB: {title}")
+        print(peak_memory.format_total_table(results, chosen))
+        if args.plot:
+            peak_memory.plot_total(results, chosen, f"peak memory of a training step: {title}", args.plot)
+            print(f"wrote {args.plot}")
+        payload = {"results": {str(b): r for b, r in results.items()}}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": asdict(cfg), "environment": environment(),
+                       "methods": {k: asdict(m) for k, m in chosen.items()}, **payload}, f, indent=2)
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _budget(args: argparse.Namespace) -> int:
+    if args.budget:
+        try:
+            return peak_memory.parse_bytes(args.budget)
+        except ValueError as exc:
+            raise SystemExit(f"--budget: {exc}") from exc
+    if args.device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(args.device)).total_memory
+    raise SystemExit("--max-batch on the CPU needs --budget (e.g. --budget 16GiB)")
 
 
 def _plot(args, batches, results) -> None:

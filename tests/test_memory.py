@@ -1,0 +1,100 @@
+"""Peak memory of a whole training step (`vpt-fast memory --total` / `--max-batch`) on ViT-Ti.
+
+Each probe is a fresh process; the models are tiny so the file runs in about a minute.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vpt_fast.bench import BenchConfig
+from vpt_fast.memory import largest_batch, max_batch, methods, parse_bytes, resolve_model_name, step_memory
+
+TINY_VIT = "vit_tiny_patch16_224"
+
+
+def test_total_orders_the_methods(tmp_path):
+    """At 224 px with 50 deep prompts activations are tens of MiB, well above measurement noise."""
+    out = tmp_path / "total.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "vpt_fast", "memory", "--total", "--model", "vit_t", "--batches", "2",
+         "--methods", "full,linear,eager,vpt_fast,vpt_fast_block", "--json", str(out)],
+        capture_output=True, text=True, check=True)
+    assert "[5/5] vpt_fast[auto] recompute=block, batch 2" in proc.stderr  # progress output
+    assert [line.split()[1] for line in proc.stdout.splitlines()[3:]] == [
+        "full", "linear", "eager", "vpt_fast[auto]", "vpt_fast[auto]"]
+    peak = {key: r["peak_bytes"] for key, r in json.loads(out.read_text())["results"]["2"].items()}
+    assert peak["linear"] < peak["vpt_fast_block"] < peak["vpt_fast"] < peak["eager"] < peak["full"]
+    result = json.loads(out.read_text())["results"]["2"]["vpt_fast"]
+    assert result["ratio_to_full"] == pytest.approx(peak["vpt_fast"] / peak["full"])
+
+
+def test_full_finetuning_peak_counts_gradients_and_optimizer_state():
+    """At 32 px activations are negligible, so without AdamW's two moments (or without gradients)
+    full fine-tuning would peak near 2x (1x) the parameter bytes above the linear probe."""
+    cfg = BenchConfig(model=TINY_VIT, img_size=32, batch=2, num_prompts=4)
+    full = step_memory(cfg, methods()["full"])
+    linear = step_memory(cfg, methods()["linear"])
+    param_bytes = full["trainable_params"] * 4
+    assert full["grad_optimizer_bytes"] == pytest.approx(3 * param_bytes, rel=1e-3)  # grads, exp_avg, exp_avg_sq
+    assert full["peak_bytes"] > 3 * param_bytes
+    assert full["peak_bytes"] - linear["peak_bytes"] > 2.7 * param_bytes
+    assert linear["peak_bytes"] < 1.3 * param_bytes
+
+
+def test_max_batch_is_the_last_probe_within_budget():
+    budget = 110 * 2**20  # vpt_fast on ViT-Ti 224 px: about 25 MiB per image on top of 25 MiB
+    progress = []
+    result = max_batch(BenchConfig(model=TINY_VIT, num_prompts=50), methods()["vpt_fast"], budget,
+                       log=progress.append)
+    batch, probes = result["batch"], result["probes"]
+    assert batch >= 1 and not result["reached_limit"]
+    assert probes[batch] <= budget and result["peak_bytes"] == probes[batch]
+    assert probes[batch + 1] is None or probes[batch + 1] > budget  # the search measured the next batch
+    assert len(progress) == len(probes)
+
+
+def test_budget_probe_refuses_allocations_far_past_the_budget():
+    """ViT-B full fine-tuning needs ~1.4 GB before its first forward: a 1-byte budget stops it."""
+    result = step_memory(BenchConfig(model="vit_base_patch16_224", batch=1), methods()["full"], limit_bytes=1)
+    assert result["out_of_memory"] is True and "allocate" in result["error"]
+
+
+def test_largest_batch_doubles_then_bisects():
+    probes = []
+
+    def fits(batch: int) -> bool:
+        probes.append(batch)
+        return batch <= 13
+
+    assert largest_batch(fits) == 13
+    assert probes == [1, 2, 4, 8, 16, 12, 14, 13]
+    assert largest_batch(lambda b: b <= 13, batch_limit=8) == 8
+    assert largest_batch(lambda b: b <= 13, batch_limit=20) == 13
+    assert largest_batch(lambda b: False) == 0
+    with pytest.raises(ValueError, match="batch_limit"):
+        largest_batch(fits, batch_limit=0)
+
+
+def test_parse_bytes_and_model_aliases():
+    assert parse_bytes("16GiB") == 16 * 2**30
+    assert parse_bytes("512 MiB") == 512 * 2**20
+    assert parse_bytes("2GB") == 2 * 10**9
+    assert parse_bytes("1.5gib") == int(1.5 * 2**30)
+    with pytest.raises(ValueError, match="16GiB"):
+        parse_bytes("lots")
+    assert resolve_model_name("vit_l") == "vit_large_patch16_224"
+    assert resolve_model_name("vit_h") == "vit_huge_patch14_224"
+    assert resolve_model_name("swin_b") == "swin_base_patch4_window7_224"
+    assert resolve_model_name("deit_small_patch16_224") == "deit_small_patch16_224"
+
+
+def test_cli_rejects_unknown_methods_and_cpu_max_batch_without_budget():
+    base = [sys.executable, "-m", "vpt_fast", "memory", "--model", "vit_t"]
+    proc = subprocess.run(base + ["--total", "--methods", "full,lora"], capture_output=True, text=True)
+    assert proc.returncode != 0 and "--methods" in proc.stderr and "lora" in proc.stderr
+    proc = subprocess.run(base + ["--max-batch"], capture_output=True, text=True)
+    assert proc.returncode != 0 and "--budget" in proc.stderr
