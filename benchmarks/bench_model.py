@@ -10,11 +10,11 @@ import os
 
 import pytest
 import torch
+from conftest import default_config, run_timed
 
 import vpt_fast
-from conftest import default_config, run_timed
-from vpt_fast.bench import build_model, count_flops, make_batch, saved_activation_bytes, training_step
 from vpt_fast.backends import resolve_auto
+from vpt_fast.bench import build_model, count_flops, make_batch, saved_activation_bytes, training_step
 
 _CFG = default_config()
 _BACKENDS = [b for b in vpt_fast.available_backends() if b != "reference"

@@ -17,11 +17,11 @@ import os
 import pytest
 import timm
 import torch
+from conftest import default_config, run_timed
 
 import vpt_fast
-from conftest import default_config, run_timed
-from vpt_fast.bench import count_flops, make_batch, saved_activation_bytes, training_step
 from vpt_fast.backends import resolve_auto
+from vpt_fast.bench import count_flops, make_batch, saved_activation_bytes, training_step
 from vpt_fast.config import PromptConfig
 from vpt_fast.models.swin import prompt_swin
 
@@ -29,8 +29,9 @@ from vpt_fast.models.swin import prompt_swin
 def swin_config():
     cfg = default_config()
     cuda = cfg.device == "cuda"
+    default_model = "swin_base_patch4_window7_224" if cuda else "swin_tiny_patch4_window7_224"
     return dataclasses.replace(
-        cfg, model=os.environ.get("VPT_BENCH_SWIN_MODEL", "swin_base_patch4_window7_224" if cuda else "swin_tiny_patch4_window7_224"),
+        cfg, model=os.environ.get("VPT_BENCH_SWIN_MODEL", default_model),
         batch=int(os.environ.get("VPT_BENCH_SWIN_BATCH", 64 if cuda else 2)), num_prompts=50, deep=True)
 
 

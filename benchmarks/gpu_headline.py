@@ -276,7 +276,8 @@ def format_table(records: list[dict]) -> str:
         ok = r.get("status") == "ok"
         ips, peak = r.get("img_per_s"), r.get("peak_memory_bytes")
         speed = ips / base["img_per_s"] if ok and base and ips else None
-        peak_ratio = peak / base["peak_memory_bytes"] if ok and base and peak and base.get("peak_memory_bytes") else None
+        base_peak = base.get("peak_memory_bytes") if ok and base else None
+        peak_ratio = peak / base_peak if peak and base_peak else None
         above = r.get("peak_above_resident_bytes")
         lines.append(
             f"| {r.get('method')} | {num(ips, '.1f')} | {num(speed, '.2f')} | {num(r.get('step_ms_median'), '.2f')} "
