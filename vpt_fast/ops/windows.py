@@ -36,9 +36,13 @@ def window_index(height: int, width: int, window_size: tuple[int, int], shift_si
     index = torch.where((i < height) & (j < width), (i + sh) % height * width + (j + sw) % width,
                         height * width)
     # Grid row (r, c) sits at padded-grid position ((r - sh) % H, (c - sw) % W), never padding.
+    # Every operand of `%` and `//` is kept non-negative: under torch.compile these maps are built
+    # inside the graph and inductor fuses them into the gather as index arithmetic, which it can
+    # only express (and bound) for non-negative operands; a negative one leaves a remainder whose
+    # value range inductor cannot bound, and code generation fails in the gather.
     r = torch.arange(height, device=device)[:, None]
     c = torch.arange(width, device=device)[None, :]
-    i, j = (r - sh) % height, (c - sw) % width
+    i, j = (r + (height - sh % height)) % height, (c + (width - sw % width)) % width
     inverse = ((i // wh * per_row + j // ww) * area + i % wh * ww + j % ww).reshape(-1)
     return index, inverse
 
