@@ -8,19 +8,20 @@ from the NHWC token grid:
     x, p = block(x, prompts, need_prompts=True)   # x (B, H, W, C), prompts (Bp, P, C), Bp in {1, B}
     x, p = merging(x, prompts)                    # prompts repeated [p, p, p, p], norm, reduction
 
-Semantics (DESIGN.md §1 "Swin"): the prompts of an image go through `norm1`, join every attention
+Semantics (docs/design.md §1 "Swin"): the prompts of an image go through `norm1`, join every attention
 window of that image as extra keys/values and queries with zero relative-position bias and zero
 shift mask for every pair involving a prompt; a prompt's attention output is the mean over the
 windows of its image; then residual, `norm2` and MLP as for any token. Backends:
 - "reference": release-style eager, per-sample correct: prompts concatenated to every window as
   extra rows, timm's attention math on the joint rows; prompt outputs are always computed;
-- "torch" / "triton" / "cuda": prompt-aware (DESIGN.md §2): prompt `norm1` and K/V computed once
+- "torch" / "triton" / "cuda": prompt-aware (docs/design.md §2): prompt `norm1` and K/V computed once
   per prompt batch (Bp = 1 for deep prompts shared by the batch) and read by every window through
   the attention op's prompt segment (query batch b = image * nW + window reads prompt batch
   b // (B * nW // Bp), no nW copies); relative-position bias and shift mask enter through the op's
-  `bias` hook (own keys only); prompt queries, output projection and MLP run only when
-  `need_prompts` (deep VPT needs them in the last block only), the projection once per image on
-  the window-mean (it is affine, so this equals the mean of the projected windows).
+  `bias` hook (own keys only), built once per grid and cached while the bias table is unchanged;
+  prompt queries, output projection and MLP run only when `need_prompts` (deep VPT needs them in
+  the last block only), the projection once per image on the window-mean (it is affine, so this
+  equals the mean of the projected windows).
 """
 from __future__ import annotations
 
@@ -60,8 +61,22 @@ def _check_prompts(prompts: Tensor, batch: int, dim: int) -> None:
         raise ValueError(f"prompts must be (1 or B={batch}, P, C={dim}), got {tuple(prompts.shape)}")
 
 
+def _snapshot(t: Optional[Tensor]) -> Optional[tuple[Tensor, Tensor, int]]:
+    """What `_unchanged` compares: the object, an alias of its current storage (kept alive, so a
+    new storage cannot reuse its address) and its version counter."""
+    return None if t is None else (t, t.detach(), t._version)
+
+
+def _unchanged(t: Optional[Tensor], snapshot: Optional[tuple[Tensor, Tensor, int]]) -> bool:
+    if t is None or snapshot is None:
+        return t is None and snapshot is None
+    obj, alias, version = snapshot
+    return (t is obj and t._version == version and t.data_ptr() == alias.data_ptr()
+            and t.dtype == alias.dtype and t.device == alias.device and t.shape == alias.shape)
+
+
 class SwinBlock(nn.Module):
-    """Prompt-aware timm Swin block (DESIGN.md §1 "Swin", §2).
+    """Prompt-aware timm Swin block (docs/design.md §1 "Swin", §2).
 
     Args:
         block: a timm `swin_transformer.SwinTransformerBlock` whose submodules are taken over.
@@ -92,10 +107,15 @@ class SwinBlock(nn.Module):
         self.backend = validate_backend(backend)
         self.recompute = _check_recompute(recompute)
         self._window_cache: dict[tuple, tuple[Tensor, Tensor]] = {}  # see _window_maps
+        self._bias_cache: dict[tuple, tuple[tuple, Tensor]] = {}  # see _bias
 
     @classmethod
     def from_timm(cls, block: nn.Module, **kwargs) -> "SwinBlock":
         return cls(block, **kwargs)
+
+    def __getstate__(self) -> dict:
+        # the caches are derived from the weights and rebuilt on demand: not part of a pickle or deepcopy
+        return {**self.__dict__, "_window_cache": {}, "_bias_cache": {}}
 
     # timm's window / shift / mask bookkeeping, reused as is (it reads only the attributes above),
     # so `SwinTransformer.set_input_size` keeps working on a prompted model.
@@ -123,21 +143,27 @@ class SwinBlock(nn.Module):
             return window_index(height, width, self.window_size, self.shift_size, device)
         key = (height, width, self.window_size, self.shift_size, device)
         if key not in self._window_cache:
-            self._window_cache[key] = window_index(height, width, self.window_size, self.shift_size, device)
+            # normal tensors even under torch.inference_mode: the gathers save them for backward later
+            with torch.inference_mode(False):
+                self._window_cache[key] = window_index(height, width, self.window_size, self.shift_size, device)
         return self._window_cache[key]
 
-    def _to_windows(self, xn: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-        """Normalised grid (B, H, W, C) -> (windows (B*nW, N, C), shift mask (nW, N, N) or None):
-        timm's shift, padding and partition as one gather (`vpt_fast.ops.windows`)."""
+    def _to_windows(self, xn: Tensor) -> Tensor:
+        """Normalised grid (B, H, W, C) -> windows (B*nW, N, C): timm's shift, padding and
+        partition as one gather (`vpt_fast.ops.windows`)."""
         batch, height, width, dim = xn.shape
         index, inverse = self._window_maps(height, width, xn.device)
         windows = window_partition(xn.reshape(batch, height * width, dim), index, inverse)
-        if self.dynamic_mask:  # timm's mask of the padded grid (it reads only shape, device, dtype)
-            wh, ww = self.window_size
-            mask = self.get_attn_mask(xn.new_empty(0, -(-height // wh) * wh, -(-width // ww) * ww, 0))
-        else:
-            mask = self.attn_mask
-        return windows.view(-1, self.window_area, dim), mask
+        return windows.view(-1, self.window_area, dim)
+
+    def _shift_mask(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> Optional[Tensor]:
+        """timm's shift mask (nW, N, N) for an (H, W) grid, or None without shift."""
+        if not self.dynamic_mask:
+            return self.attn_mask
+        # timm's mask of the padded grid (get_attn_mask reads only its shape, device and dtype)
+        wh, ww = self.window_size
+        return self.get_attn_mask(torch.empty(0, -(-height // wh) * wh, -(-width // ww) * ww, 0,
+                                              device=device, dtype=dtype))
 
     def _from_windows(self, windows: Tensor, height: int, width: int) -> Tensor:
         """(B*nW, N, C) -> (B, H, W, C): the inverse gather of `_to_windows`."""
@@ -180,17 +206,22 @@ class SwinBlock(nn.Module):
         prompt-aware (deep VPT replaces them before the next block)."""
         if x.dim() != 4 or x.shape[-1] != self.dim:
             raise ValueError(f"expected x of shape (B, H, W, C={self.dim}), got {tuple(x.shape)}")
+        if x.shape[0] == 0:  # timm's own Swin block fails on an empty batch too (in WindowAttention)
+            raise ValueError(f"expected a batch of at least one image, got x of shape {tuple(x.shape)} (batch 0)")
         if prompts is not None:
             _check_prompts(prompts, x.shape[0], self.dim)
         backend = resolve_auto(self.backend, x.device)
         if backend == "reference" or self.attn.relative_position_bias_table.requires_grad:
             # (an unfrozen rel-pos table needs its gradient: the attention op gives none for `bias`)
-            x, p = self.forward_reference(x, prompts)
-        elif self.recompute == "block" and torch.is_grad_enabled() and (
-                x.requires_grad or (prompts is not None and prompts.requires_grad)):
-            x, p = checkpoint(self._forward, x, prompts, need_prompts, backend, use_reentrant=False)
+            run, args = self.forward_reference, (x, prompts)
         else:
-            x, p = self._forward(x, prompts, need_prompts, backend)
+            run, args = self._forward, (x, prompts, need_prompts, backend)
+        # "block" (and timm's set_grad_checkpointing) applies to every backend, the reference included
+        if self.recompute == "block" and torch.is_grad_enabled() and (
+                x.requires_grad or (prompts is not None and prompts.requires_grad)):
+            x, p = checkpoint(run, *args, use_reentrant=False)
+        else:
+            x, p = run(*args)
         return x if prompts is None else (x, p)
 
     def forward_reference(self, x: Tensor, prompts: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
@@ -252,10 +283,46 @@ class SwinBlock(nn.Module):
             return norm_mlp(x, self.norm2, self.mlp, self.recompute == "mlp", backend)
         return self.mlp(layer_norm(x, self.norm2, backend))
 
-    def _bias(self, mask: Optional[Tensor]) -> Tensor:
-        """Relative-position bias (1, H, N, N), plus the shift mask: (nW, H, N, N)."""
+    def _build_bias(self, height: int, width: int) -> Tensor:
+        """Relative-position bias (1, H, N, N), plus the shift mask of an (H, W) grid: (nW, H, N, N);
+        in the dtype and on the device of the bias table."""
         bias = self.attn._get_rel_pos_bias()
+        mask = self._shift_mask(height, width, bias.device, bias.dtype)
         return bias if mask is None else bias + mask.unsqueeze(1).to(bias.dtype)
+
+    def _bias_sources(self) -> tuple[Optional[Tensor], ...]:
+        """The tensors `_build_bias` reads (timm replaces them on `set_window_size` / `set_input_size`)."""
+        attn = self.attn
+        return (attn.relative_position_bias_table, attn.relative_position_index,
+                None if self.dynamic_mask else self.attn_mask)
+
+    def _bias(self, height: int, width: int) -> Tensor:
+        """`_build_bias`, built once per grid and reused while its sources are unchanged.
+
+        An entry is reused only while every source is the same tensor object with the same storage,
+        dtype, device and version counter, so `load_state_dict`, in-place updates, `.to(dtype)`,
+        `.to(device)` and `set_input_size` all rebuild it (an in-place change through `.data`
+        bypasses the version counter, as it bypasses autograd's checks: call `clear_caches()` then).
+        A table that requires grad is never cached (its bias needs autograd), and under
+        torch.compile the bias is built inside the graph (filling a cache there would recompile)."""
+        table = self.attn.relative_position_bias_table
+        if torch.compiler.is_compiling() or table.requires_grad:
+            return self._build_bias(height, width)
+        key = (height, width, self.window_size, self.shift_size)
+        sources = self._bias_sources()
+        entry = self._bias_cache.get(key)
+        if entry is not None and all(_unchanged(t, snap) for t, snap in zip(sources, entry[0])):
+            return entry[1]
+        # a normal tensor without history even under torch.inference_mode (saved for backward later)
+        with torch.inference_mode(False), torch.no_grad():
+            bias = self._build_bias(height, width)
+        self._bias_cache[key] = (tuple(_snapshot(t) for t in sources), bias)
+        return bias
+
+    def clear_caches(self) -> None:
+        """Drop the cached window maps and attention biases (rebuilt on the next forward)."""
+        self._window_cache.clear()
+        self._bias_cache.clear()
 
     def _attention(self, xn: Tensor, pn: Optional[Tensor], need_prompts: bool,
                    backend: str) -> tuple[Tensor, Optional[Tensor]]:
@@ -266,7 +333,7 @@ class SwinBlock(nn.Module):
         heads = attn.num_heads
         attn_dim = attn.qkv.out_features // 3
         head_dim = attn_dim // heads
-        windows, mask = self._to_windows(xn)
+        windows = self._to_windows(xn)
         bw, n, _ = windows.shape
         qkv = linear(windows, attn.qkv.weight, attn.qkv.bias)
         q, k, v = qkv.view(bw, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
@@ -276,7 +343,7 @@ class SwinBlock(nn.Module):
             kv_bias = None if attn.qkv.bias is None else attn.qkv.bias[attn_dim:]
             kv = linear(pn, attn.qkv.weight[attn_dim:], kv_bias)
             pk, pv = kv.view(bp, num_prompts, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
-        o = prompt_attention(q, k, v, pk, pv, scale=attn.scale, bias=self._bias(mask), backend=backend)
+        o = prompt_attention(q, k, v, pk, pv, scale=attn.scale, bias=self._bias(height, width), backend=backend)
         o = linear(o.transpose(1, 2).reshape(bw, n, attn_dim), attn.proj.weight, attn.proj.bias)
         out = self._from_windows(o, height, width)
         if pn is None or not need_prompts:
@@ -288,7 +355,8 @@ class SwinBlock(nn.Module):
         if bp == 1:
             qp = qp.expand(bw, -1, -1, -1)  # a view: one query set read by every window
         else:
-            qp = qp.unsqueeze(1).expand(bp, num_windows, heads, num_prompts, head_dim).reshape(bw, heads, num_prompts, head_dim)
+            qp = qp.unsqueeze(1).expand(bp, num_windows, heads, num_prompts, head_dim)
+            qp = qp.reshape(bw, heads, num_prompts, head_dim)
         op = prompt_attention(qp, k, v, pk, pv, scale=attn.scale, backend=backend)
         op = op.view(batch, num_windows, heads, num_prompts, head_dim).mean(1)
         op = op.transpose(1, 2).reshape(batch, num_prompts, attn_dim)
@@ -297,7 +365,7 @@ class SwinBlock(nn.Module):
 
 class SwinPatchMerging(nn.Module):
     """Prompt-aware timm Swin `PatchMerging`: tokens merge 2x2 as in timm; prompts are repeated
-    along channels ([p, p, p, p]) and go through the same norm and reduction (DESIGN.md §1).
+    along channels ([p, p, p, p]) and go through the same norm and reduction (docs/design.md §1).
 
     Args:
         merging: a timm `swin_transformer.PatchMerging` whose norm and reduction are taken over.
