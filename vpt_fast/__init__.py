@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 
 from vpt_fast.backends import available_backends
+from vpt_fast.bank import PromptBank
 from vpt_fast.blocks import SwinBlock, SwinPatchMerging, ViTBlock
 from vpt_fast.config import PromptConfig
 from vpt_fast.io import load_prompt_state_dict, load_prompts, prompt_state_dict, save_prompts
@@ -26,7 +27,7 @@ def ext_info() -> dict:
 
 
 __all__ = [
-    "PromptConfig", "SwinBlock", "SwinPatchMerging", "ViTBlock", "available_backends", "ext_info", "load_prompt_state_dict",
+    "PromptBank", "PromptConfig", "SwinBlock", "SwinPatchMerging", "ViTBlock", "available_backends", "ext_info", "load_prompt_state_dict",
     "load_prompts", "prompt", "prompt_state_dict", "register_timm", "save_prompts", "set_backend",
     "trainable_parameters",
 ]

@@ -145,16 +145,22 @@ def save_prompts(model: nn.Module, path: str | os.PathLike) -> None:
     save_file(tensors, os.fspath(path), metadata=metadata(model))
 
 
-def load_prompts(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a file written by `save_prompts`. A checkpoint made for another configuration (family,
-    width, depth, prompts, deep/shallow, projection, classes) raises ValueError naming the
-    differences, and the model is left unchanged."""
+def read_prompt_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, metadata) of a file written by `save_prompts` (ValueError for any other file)."""
     from safetensors import safe_open
     with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
         meta = f.metadata() or {}
         state = {name: f.get_tensor(name) for name in f.keys()}
     if meta.get("format") != _FORMAT:
         raise ValueError(f"{os.fspath(path)} is not a vpt_fast prompt checkpoint (format {meta.get('format')!r})")
+    return state, meta
+
+
+def load_prompts(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a file written by `save_prompts`. A checkpoint made for another configuration (family,
+    width, depth, prompts, deep/shallow, projection, classes) raises ValueError naming the
+    differences, and the model is left unchanged."""
+    state, meta = read_prompt_file(path)
     expected = metadata(model)
     diffs = {k: (meta.get(k), v) for k, v in expected.items()
              if k not in ("vpt_fast_version", "format") and meta.get(k) != v}

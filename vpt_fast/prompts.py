@@ -71,6 +71,13 @@ class VisualPrompts(nn.Module):
         """Set `index` of `stage` as it enters the sequence: (1, P, width) when it is the same for
         every sample, (B, P, width) when prompt dropout draws a mask per sample (as the released
         code, which applies dropout after expanding to the batch)."""
+        p = self.clean_tokens(index, stage)
+        if self.training and self.dropout.p > 0:
+            return self.dropout(p.expand(batch, -1, -1))
+        return p
+
+    def clean_tokens(self, index: int, stage: int = 0) -> Tensor:
+        """Set `index` of `stage`, projected, before dropout: (1, P, width)."""
         p = self.stage_prompts(stage)[index]
         if not torch.is_grad_enabled():
             # a view of a parameter keeps requires_grad even under no_grad / inference_mode, which
@@ -78,6 +85,32 @@ class VisualPrompts(nn.Module):
             p = p.detach()
         if self.proj is not None:
             p = (self.proj[stage] if self.per_stage else self.proj)(p)
-        if self.training and self.dropout.p > 0:
-            return self.dropout(p.expand(batch, -1, -1))
         return p.unsqueeze(0)
+
+    def prompt_sets(self, index: int, batch: int, stage: int = 0) -> tuple[Tensor, Optional[Tensor]]:
+        """What block `index` of `stage` reads: (prompt rows, None); see `tokens`. A bank of tasks
+        answers (sets (S, P, width), per-sample set index) instead."""
+        return self.tokens(index, batch, stage), None
+
+    def cache_key(self) -> Optional[tuple]:
+        """Identifies the current prompt values (parameter storage, version, dtype, device), or None
+        while prompt dropout draws new rows on every call (nothing to cache)."""
+        if self.training and self.dropout.p > 0:
+            return None
+        return parameter_key(self.parameters())
+
+    @property
+    def kv_cache(self) -> dict:
+        """Per-block prompt keys/values computed without gradients (see models' `_block_prompts`)."""
+        return self.__dict__.setdefault("_kv_cache", {})
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state.pop("_kv_cache", None)  # derived values: never pickled or deep-copied
+        return state
+
+
+def parameter_key(tensors) -> tuple:
+    """(storage, version, dtype, device) of every tensor: changes whenever a value may have changed
+    (optimizer steps and `copy_` bump the version, `.data =` and `.to()` change the storage)."""
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)

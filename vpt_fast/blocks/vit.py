@@ -15,7 +15,7 @@ before the next block (DESIGN.md §1). With `prompts=None` it is timm's block. B
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vpt_fast.backends import resolve_auto, validate_backend
 from vpt_fast.config import RECOMPUTE
-from vpt_fast.ops.attention import prompt_attention
+from vpt_fast.ops.attention import gather_sets, prompt_attention
 from vpt_fast.ops.layer_norm import layer_norm
 from vpt_fast.ops.linear import linear
 from vpt_fast.ops.mlp import is_fusable, norm_mlp
@@ -69,27 +69,40 @@ class ViTBlock(nn.Module):
     def from_timm(cls, block: nn.Module, **kwargs) -> "ViTBlock":
         return cls(block, **kwargs)
 
-    def forward(self, x: Tensor, prompts: Optional[Tensor] = None, query_rows: Optional[int] = None) -> Tensor:
-        """x (B, N, D) token rows, prompts (1 or B, P, D) or None -> token rows (B, N, D).
+    def forward(self, x: Tensor, prompts: Union[Tensor, PromptKV, None] = None, query_rows: Optional[int] = None,
+                prompt_index: Optional[Tensor] = None) -> Tensor:
+        """x (B, N, D) token rows -> token rows (B, N, D).
 
-        `query_rows=r` returns the first r rows only (B, r, D): every row still gives keys and
-        values, but queries, attention rows, projection and MLP run for those r rows only (the last
-        block of a model whose head reads the class token). The reference backend computes every row
-        and slices, as the released code does.
+        Args:
+            prompts: the prompt rows (Bp, P, D) with Bp in {1, B}, or (S, P, D) prompt sets read by
+                `prompt_index`; or their keys and values already computed by `prompt_kv` (a cache,
+                prompt-aware backends only); or None (timm's block).
+            query_rows: return the first r rows only (B, r, D): every row still gives keys and
+                values, but queries, attention rows, projection and MLP run for those r rows only
+                (the last block of a model whose head reads the class token). The reference backend
+                computes every row and slices, as the released code does.
+            prompt_index: (B,) integer tensor, sample b reads prompt set `prompt_index[b]`.
         """
         backend = resolve_auto(self.backend, x.device)
-        if prompts is not None and (prompts.dim() != 3 or prompts.shape[0] not in (1, x.shape[0])
-                                    or prompts.shape[2] != x.shape[2]):
-            raise ValueError(f"prompts must be (1 or B={x.shape[0]}, P, D={x.shape[2]}), got {tuple(prompts.shape)}")
+        if isinstance(prompts, PromptKV):
+            if backend == "reference":
+                raise ValueError("precomputed prompt keys/values need a prompt-aware backend, not 'reference'")
+        elif prompts is not None:
+            sets = prompts.shape[0] if prompt_index is not None else x.shape[0]
+            if prompts.dim() != 3 or prompts.shape[0] not in (1, sets) or prompts.shape[2] != x.shape[2]:
+                raise ValueError(f"prompts must be (1 or {'S' if prompt_index is not None else 'B'}={sets}, P, "
+                                 f"D={x.shape[2]}), got {tuple(prompts.shape)}")
         if query_rows is not None and not 1 <= query_rows <= x.shape[1]:
             raise ValueError(f"query_rows must be in [1, N={x.shape[1]}], got {query_rows}")
         if backend == "reference":
+            if prompt_index is not None:
+                prompts = gather_sets(prompts, prompt_index)  # release-style: every sample its own rows
             run, args = self._reference_rows, (x, prompts, query_rows)
         else:
-            run, args = self._forward, (x, prompts, backend, query_rows)
+            run, args = self._forward, (x, prompts, backend, query_rows, prompt_index)
         # "block" (and timm's set_grad_checkpointing) applies to every backend, the reference included
-        if self.recompute == "block" and torch.is_grad_enabled() and (x.requires_grad or (
-                prompts is not None and prompts.requires_grad)):
+        if self.recompute == "block" and torch.is_grad_enabled() and (x.requires_grad or any(
+                t.requires_grad for t in _tensors(prompts))):
             return checkpoint(run, *args, use_reentrant=False)
         return run(*args)
 
@@ -110,16 +123,27 @@ class ViTBlock(nn.Module):
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
-    def _forward(self, x: Tensor, prompts: Optional[Tensor], backend: str, query_rows: Optional[int] = None) -> Tensor:
+    def _forward(self, x: Tensor, prompts, backend: str, query_rows: Optional[int] = None,
+                 prompt_index: Optional[Tensor] = None) -> Tensor:
         residual = x if query_rows is None else x[:, :query_rows]
-        x = residual + self.drop_path1(self.ls1(self._attention(x, prompts, backend, query_rows)))
+        x = residual + self.drop_path1(self.ls1(self._attention(x, prompts, backend, query_rows, prompt_index)))
         if is_fusable(self.norm2, self.mlp):
             y = norm_mlp(x, self.norm2, self.mlp, self.recompute == "mlp", backend)
         else:
             y = self.mlp(layer_norm(x, self.norm2, backend))
         return x + self.drop_path2(self.ls2(y))
 
-    def _attention(self, x: Tensor, prompts: Optional[Tensor], backend: str, query_rows: Optional[int] = None) -> Tensor:
+    def prompt_kv(self, prompts: Tensor, backend: str) -> PromptKV:
+        """Prompt rows (S, P, D) -> their keys and values (S, H, P, d): norm1, the K/V rows of the qkv
+        projection, k-norm. Prompt rows need nothing else: their queries and outputs are discarded."""
+        attn, backend = self.attn, resolve_auto(backend, prompts.device)
+        kv = linear(layer_norm(prompts, self.norm1, backend, feeds_matmul=True),
+                    *_rows_of(attn.qkv, attn.attn_dim, 3 * attn.attn_dim))
+        pk, pv = kv.view(prompts.shape[0], prompts.shape[1], 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        return PromptKV(self._qk_norm(pk, attn.k_norm, backend), pv)
+
+    def _attention(self, x: Tensor, prompts, backend: str, query_rows: Optional[int] = None,
+                   prompt_index: Optional[Tensor] = None) -> Tensor:
         attn = self.attn
         batch, num_tokens, dim = x.shape
         heads, head_dim, attn_dim = attn.num_heads, attn.head_dim, attn.attn_dim
@@ -133,14 +157,9 @@ class ViTBlock(nn.Module):
             kv = linear(xn, *_rows_of(attn.qkv, attn_dim, 3 * attn_dim))
             k, v = kv.view(batch, num_tokens, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
         q, k = self._qk_norm(q, attn.q_norm, backend), self._qk_norm(k, attn.k_norm, backend)
-        pk = pv = None
-        if prompts is not None:
-            # Prompt rows need keys and values only: their queries and outputs are discarded.
-            kv = linear(layer_norm(prompts, self.norm1, backend, feeds_matmul=True),
-                        *_rows_of(attn.qkv, attn_dim, 3 * attn_dim))
-            pk, pv = kv.view(prompts.shape[0], prompts.shape[1], 2, heads, head_dim).permute(2, 0, 3, 1, 4)
-            pk = self._qk_norm(pk, attn.k_norm, backend)
-        o = prompt_attention(q, k, v, pk, pv, scale=attn.scale, backend=backend)
+        pk, pv = (None, None) if prompts is None else (
+            prompts if isinstance(prompts, PromptKV) else self.prompt_kv(prompts, backend))
+        o = prompt_attention(q, k, v, pk, pv, scale=attn.scale, backend=backend, prompt_index=prompt_index)
         o = o.transpose(1, 2).reshape(batch, q.shape[2], attn_dim)
         if not isinstance(attn.norm, nn.Identity):
             o = layer_norm(o, attn.norm, backend, feeds_matmul=True)
@@ -154,3 +173,15 @@ class ViTBlock(nn.Module):
 def _rows_of(layer: nn.Linear, start: int, stop: int) -> tuple[Tensor, Optional[Tensor]]:
     """Output rows [start, stop) of a Linear: (weight, bias) views."""
     return layer.weight[start:stop], None if layer.bias is None else layer.bias[start:stop]
+
+
+class PromptKV(NamedTuple):
+    """Prompt keys and values (S, H, P, d), as `ViTBlock.prompt_kv` computes them."""
+    k: Tensor
+    v: Tensor
+
+
+def _tensors(prompts) -> tuple[Tensor, ...]:
+    if prompts is None:
+        return ()
+    return tuple(prompts) if isinstance(prompts, PromptKV) else (prompts,)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from vpt_fast.blocks.swin import SwinBlock, SwinPatchMerging
 from vpt_fast.config import PromptConfig
 from vpt_fast.models.common import PromptedModel, check_unprompted, install, prompt_module, warn_ignored_dropout
+from vpt_fast.ops.attention import gather_sets
 
 _HEAD = ("head",)
 
@@ -38,9 +39,10 @@ class PromptedSwinTransformer(PromptedModel, SwinTransformer):
     _TRAINABLE_MODULES = _HEAD
 
     def _prompted_stages(self, x: Tensor, num_stages: int, need_last_prompts: bool,
-                         take: Optional[set[int]] = None) -> tuple[Tensor, Optional[Tensor], list[Tensor]]:
+                         take: Optional[set[int]] = None, source=None) -> tuple[Tensor, Optional[Tensor], list[Tensor]]:
         """Images -> (patch grid (B, H, W, C) after `num_stages` stages, the prompt rows after the
-        last block when `need_last_prompts` (else possibly None), the grids after stages in `take`)."""
+        last block when `need_last_prompts` (else possibly None), the grids after stages in `take`).
+        `source`: where prompts come from (default `self.vpt`; a `PromptBank` passes its tasks')."""
         if x.dim() != 4:
             raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(x.shape)}")
         img_size = getattr(self.patch_embed, "img_size", None)
@@ -48,8 +50,9 @@ class PromptedSwinTransformer(PromptedModel, SwinTransformer):
             raise ValueError(f"image size {tuple(x.shape[-2:])} does not match the model's {tuple(img_size)} "
                              f"(create the model with that img_size, or strict_img_size=False)")
         x = self.patch_embed(x)
-        vpt, deep, batch = self.vpt, self.vpt_config.deep, x.shape[0]
-        prompts = vpt.tokens(0, batch)
+        source = self.vpt if source is None else source
+        deep, batch = self.vpt_config.deep, x.shape[0]
+        prompts = _sample_rows(*source.prompt_sets(0, batch))
         taken = []
         for s, stage in enumerate(self.layers[:num_stages]):
             if isinstance(stage.downsample, SwinPatchMerging) and prompts is not None:
@@ -58,16 +61,16 @@ class PromptedSwinTransformer(PromptedModel, SwinTransformer):
                 x = stage.downsample(x)
             for i, block in enumerate(stage.blocks):
                 if deep and (s, i) != (0, 0):
-                    prompts = vpt.tokens(i, batch, stage=s)
+                    prompts = _sample_rows(*source.prompt_sets(i, batch, stage=s))
                 last = s == num_stages - 1 and i == len(stage.blocks) - 1
                 x, prompts = block(x, prompts, need_prompts=not deep or (last and need_last_prompts))
             if take is not None and s in take:
                 taken.append(x)
         return x, prompts, taken
 
-    def forward_tokens(self, x: Tensor) -> Tensor:
+    def forward_tokens(self, x: Tensor, source=None) -> Tensor:
         """Images -> the final-normalised [prompts, patches] rows (B, P + H*W, C) the head pools."""
-        x, prompts, _ = self._prompted_stages(x, len(self.layers), need_last_prompts=True)
+        x, prompts, _ = self._prompted_stages(x, len(self.layers), need_last_prompts=True, source=source)
         tokens = torch.cat([prompts.expand(x.shape[0], -1, -1), x.flatten(1, 2)], dim=1)
         return self.norm(tokens)
 
@@ -88,6 +91,10 @@ class PromptedSwinTransformer(PromptedModel, SwinTransformer):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_tokens(x))
+
+    def forward_pre_logits(self, x: Tensor, source=None) -> Tensor:
+        """Images -> what the classifier reads (the pool over prompts and patches, after head dropout)."""
+        return self.forward_head(self.forward_tokens(x, source), pre_logits=True)
 
     def forward_intermediates(
             self, x: Tensor, indices: Optional[Union[int, list[int]]] = None, norm: bool = False,
@@ -123,6 +130,12 @@ class PromptedSwinTransformer(PromptedModel, SwinTransformer):
         # stage s's prompts enter its first block: (s,) coarse, (s, 0) fine
         matcher["blocks"] = blocks + self._prompt_matchers(lambda s: (s,) if coarse else (s, 0))
         return matcher
+
+
+def _sample_rows(sets: Tensor, index: Optional[Tensor]) -> Tensor:
+    """Prompt rows as a Swin block takes them: (1 or B, P, C); a bank's sets are gathered per image
+    (each image's prompts also join every one of its windows as queries)."""
+    return sets if index is None else gather_sets(sets, index)
 
 
 def check_swin(model: SwinTransformer) -> None:

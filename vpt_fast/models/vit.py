@@ -14,9 +14,13 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor
 
+from vpt_fast.backends import resolve_auto
 from vpt_fast.blocks.vit import ViTBlock
 from vpt_fast.config import PromptConfig
 from vpt_fast.models.common import PromptedModel, check_unprompted, install, prompt_module, warn_ignored_dropout
+from vpt_fast.ops import autocast_dtype
+from vpt_fast.ops.attention import gather_sets
+from vpt_fast.prompts import parameter_key
 
 SUPPORTED_POOLS = ("token", "avg", "")
 _HEAD = ("fc_norm", "head_drop", "head")
@@ -28,25 +32,32 @@ class PromptedVisionTransformer(PromptedModel, VisionTransformer):
     _TRAINABLE_MODULES = _HEAD
 
     def _prompted_tokens(self, x: Tensor, blocks, take: Optional[set[int]] = None,
-                         last_query_rows: Optional[int] = None) -> tuple[Tensor, list[Tensor]]:
+                         last_query_rows: Optional[int] = None, source=None) -> tuple[Tensor, list[Tensor]]:
         """Images -> token rows after `blocks` (prompt rows dropped), and the token rows after every
-        block index in `take`. `last_query_rows=r`: the last block computes its first r rows only."""
+        block index in `take`. `last_query_rows=r`: the last block computes its first r rows only.
+        `source`: where prompts come from (default `self.vpt`; a `PromptBank` passes its tasks')."""
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         x = self.patch_drop(x)
         x = self.norm_pre(x)
-        vpt, batch, npfx = self.vpt, x.shape[0], self.num_prefix_tokens
+        source = self.vpt if source is None else source
+        batch, npfx = x.shape[0], self.num_prefix_tokens
         deep = self.vpt_config.deep
         num_prompts = 0
         if not deep:
-            prompts = vpt.tokens(0, batch).expand(batch, -1, -1)
+            sets, index = source.prompt_sets(0, batch)
+            prompts = sets.expand(batch, -1, -1) if index is None else gather_sets(sets, index)
             num_prompts = prompts.shape[1]
             x = torch.cat([x[:, :npfx], prompts, x[:, npfx:]], dim=1)
         taken = []
         last = len(blocks) - 1
         for i, block in enumerate(blocks):
             rows = last_query_rows if i == last else None
-            x = block(x, vpt.tokens(i, batch), query_rows=rows) if deep else block(x, query_rows=rows)
+            if deep:
+                prompts, index = block_prompts(block, i, batch, source, self.vpt_config.backend, x.device)
+                x = block(x, prompts, query_rows=rows, prompt_index=index)
+            else:
+                x = block(x, query_rows=rows)
             if take is not None and i in take:
                 taken.append(torch.cat([x[:, :npfx], x[:, npfx + num_prompts:]], dim=1) if num_prompts else x)
         if num_prompts and last_query_rows is None:
@@ -64,10 +75,16 @@ class PromptedVisionTransformer(PromptedModel, VisionTransformer):
         every row), and the final norm runs on it: exact, and what makes the prompted model cheaper
         than its backbone."""
         _check_no_mask(attn_mask, is_causal)
-        if self.global_pool != "token" or self.attn_pool is not None:
-            return self.forward_head(self.forward_features(x))
-        x, _ = self._prompted_tokens(x, self.blocks, last_query_rows=1)
-        return self.forward_head(self.norm(x))
+        return self.head(self.forward_pre_logits(x))
+
+    def forward_pre_logits(self, x: Tensor, source=None) -> Tensor:
+        """Images -> what the classifier reads (pooled, fc-normed features after head dropout);
+        `source` as in `_prompted_tokens`."""
+        if self.global_pool == "token" and self.attn_pool is None:
+            x, _ = self._prompted_tokens(x, self.blocks, last_query_rows=1, source=source)
+        else:
+            x, _ = self._prompted_tokens(x, self.blocks, source=source)
+        return self.forward_head(self.norm(x), pre_logits=True)
 
     def forward_intermediates(
             self, x: Tensor, indices: Optional[Union[int, list[int]]] = None, return_prefix_tokens: bool = False,
@@ -115,6 +132,27 @@ class PromptedVisionTransformer(PromptedModel, VisionTransformer):
         # blocks.<i> map to (group, i): the prompts enter block 0 (shallow) or start there (deep)
         matcher["blocks"] = list(matcher["blocks"]) + self._prompt_matchers(lambda stage: (0,))
         return matcher
+
+
+def block_prompts(block: ViTBlock, i: int, batch: int, source, backend: str, device: torch.device):
+    """(prompts, prompt_index) for deep block `i`. Without gradients, the prompt keys/values are
+    computed once and cached on the source, keyed by everything they depend on: the prompt and
+    projection parameters (storage and version), the block's norm1/qkv/k-norm parameters, backend,
+    device and autocast dtype; any change recomputes them, so the cache never returns a stale value."""
+    sets, index = source.prompt_sets(i, batch)
+    backend = resolve_auto(backend, device)
+    if torch.is_grad_enabled() or backend == "reference" or torch.compiler.is_compiling():
+        return sets, index
+    key = source.cache_key()
+    if key is None:
+        return sets, index
+    attn = block.attn
+    key = (key, parameter_key(t for m in (block.norm1, attn.qkv, attn.k_norm) for t in m.parameters()),
+           backend, device, autocast_dtype(device))
+    hit = source.kv_cache.get(i)
+    if hit is None or hit[0] != key:
+        hit = source.kv_cache[i] = (key, block.prompt_kv(sets, backend))
+    return hit[1], index
 
 
 def _check_no_mask(attn_mask: Optional[Tensor], is_causal: bool) -> None:

@@ -9,6 +9,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
+from torch.autograd.function import once_differentiable
 
 from vpt_fast.backends import resolve
 from vpt_fast.ops import autocast_dtype
@@ -25,15 +27,44 @@ class PromptAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, _dlse):
         q, k, v, pk, pv, bias, out, lse = ctx.saved_tensors
         dq, dk, dv, dpk, dpv = ctx.impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, ctx.scale, bias)
         return dq, dk, dv, dpk, dpv, None, None, None
 
 
+class GatherSets(torch.autograd.Function):
+    """`table[index]` along dim 0, with a deterministic backward: the gradient of each set is a
+    one-hot GEMM over the samples that read it (no atomics, same result on every run)."""
+
+    @staticmethod
+    def forward(ctx, table: Tensor, index: Tensor) -> Tensor:
+        ctx.save_for_backward(index)
+        ctx.num_sets = table.shape[0]
+        return table.index_select(0, index)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        (index,) = ctx.saved_tensors
+        acc = torch.promote_types(grad.dtype, torch.float32)
+        one_hot = torch.nn.functional.one_hot(index, ctx.num_sets).to(acc).t()
+        summed = (one_hot @ grad.reshape(grad.shape[0], -1).to(acc)).to(grad.dtype)
+        return summed.view(ctx.num_sets, *grad.shape[1:]), None
+
+
+def gather_sets(table: Tensor, index: Tensor) -> Tensor:
+    """Rows of `table` (S, ...) for each entry of `index` (B,): (B, ...)."""
+    if index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"prompt_index must be a 1-dim integer tensor, got {index.dtype} of shape {tuple(index.shape)}")
+    return GatherSets.apply(table, index.long())
+
+
 def prompt_attention(q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor] = None,
                      pv: Optional[Tensor] = None, *, scale: Optional[float] = None,
-                     bias: Optional[Tensor] = None, backend: str = "torch") -> Tensor:
+                     bias: Optional[Tensor] = None, backend: str = "torch",
+                     prompt_index: Optional[Tensor] = None) -> Tensor:
     """softmax(q [pk; k]^T * scale + [0, bias]) [pv; v] per query batch.
 
     Args:
@@ -44,6 +75,9 @@ def prompt_attention(q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor] = Non
         scale: softmax scale, default d ** -0.5.
         bias: optional (nB, H, Nq, Nk) additive bias on own keys (query batch b reads b % nB).
         backend: "torch", "triton" or "cuda".
+        prompt_index: optional (B,) integer tensor: query batch b reads prompt set
+            `prompt_index[b]` of pk, pv (S, H, P, d) instead (several tasks in one batch). The sets
+            are gathered per sample; their gradients are summed per set in a fixed order.
 
     Returns:
         (B, H, Nq, d) attention output.
@@ -53,6 +87,11 @@ def prompt_attention(q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor] = Non
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
     if (pk is None) != (pv is None):
         raise ValueError("pk and pv must be given together")
+    if prompt_index is not None:
+        if pk is None or prompt_index.shape != (q.shape[0],):
+            raise ValueError(f"prompt_index needs pk, pv and one entry per query batch ({q.shape[0]}), "
+                             f"got shape {tuple(prompt_index.shape)}")
+        pk, pv = gather_sets(pk, prompt_index), gather_sets(pv, prompt_index)
     if pk is not None:
         if pk.shape != pv.shape or pk.dim() != 4 or pk.shape[1] != q.shape[1] or pk.shape[3] != q.shape[3]:
             raise ValueError(f"expected pk, pv of shape (Bp, H={q.shape[1]}, P, d={q.shape[3]}), "
