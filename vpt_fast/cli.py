@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--recompute", default="none", choices=["none", "mlp", "block"])
     bench.add_argument("--compile", action="store_true", help="also time eager and the fastest backend under torch.compile")
     bench.add_argument("--json", default=None, help="write rows and environment to this file")
+    bench.add_argument("--inference", action="store_true",
+                       help="serving instead: bare backbone, eager VPT, vpt_fast with cached prompt K/V, and "
+                            "PromptBanks with --tasks tasks mixed in one batch vs one pass per task")
+    bench.add_argument("--tasks", default="1,8,64", help="--inference: comma list of task counts")
     _add_memory(sub)
     _add_export(sub)
     args = parser.parse_args(argv)
@@ -48,8 +52,14 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "bench":
         cfg = _config(args, steps=args.steps, compile=args.compile,
                       backends=[b for b in args.backends.split(",") if b])
-        rows = run_bench(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
-        print(format_table(rows))
+        log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+        if args.inference:
+            from vpt_fast.serving_bench import format_inference_table, run_inference_bench
+            rows = run_inference_bench(cfg, [int(n) for n in args.tasks.split(",") if n], log=log)
+            print(format_inference_table(rows))
+        else:
+            rows = run_bench(cfg, log=log)
+            print(format_table(rows))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"config": asdict(cfg), "environment": environment(), "rows": rows}, f, indent=2)

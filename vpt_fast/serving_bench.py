@@ -1,0 +1,85 @@
+"""`vpt-fast bench --inference`: serving many tasks from one backbone (docs/design.md §8).
+
+Inference (eval, no gradients) img/s and FLOPs, in one interleaved run, of: the bare backbone (the
+timm model without prompts), eager release-style VPT, vpt_fast (prompt K/V cached), and PromptBanks
+with N tasks mixed in one batch against one forward per task group on the same images.
+"""
+from __future__ import annotations
+
+import statistics
+from typing import Callable, Sequence
+
+import torch
+
+from vpt_fast.bank import PromptBank
+from vpt_fast.bench import BenchConfig, _infer, build_model, count_flops, interleaved_times, make_batch
+
+
+def _bank(model: torch.nn.Module, num_tasks: int, seed: int) -> PromptBank:
+    """A bank of `num_tasks` tasks with random prompts and heads on `model`'s backbone."""
+    from vpt_fast.io import prompt_state_dict
+    g = torch.Generator().manual_seed(seed)
+    bank = PromptBank(model).eval()
+    for t in range(num_tasks):
+        state = {k: (torch.randn(v.shape, generator=g) * 0.5).to(v) for k, v in prompt_state_dict(model).items()}
+        bank.add(f"task{t}", state)
+    return bank
+
+
+def _task_ids(batch: int, num_tasks: int, device) -> torch.Tensor:
+    """Every task present, samples interleaved (the worst case for grouping)."""
+    return (torch.arange(batch) % num_tasks).to(device)
+
+
+def run_inference_bench(cfg: BenchConfig, task_counts: Sequence[int] = (1, 8, 64),
+                        log: Callable[[str], None] = print) -> list[dict]:
+    """One row per method: img/s (median of interleaved rounds), GFLOP per batch, ratio to the bare backbone."""
+    import timm
+    log(f"vpt-fast bench --inference: {cfg.model}, batch {cfg.batch}, {cfg.num_prompts} "
+        f"{'deep' if cfg.deep else 'shallow'} prompts, {cfg.dtype}, {cfg.device}")
+    torch.manual_seed(cfg.seed)
+    kwargs = {} if cfg.img_size is None else {"img_size": cfg.img_size}
+    bare = timm.create_model(cfg.model, pretrained=False, num_classes=cfg.num_classes, **kwargs).to(cfg.device).eval()
+    eager = build_model(cfg, "reference").eval()
+    fast = build_model(cfg, "auto").eval()
+    x, _ = make_batch(cfg, fast)
+    fns = {"bare backbone": lambda: _infer(bare, x, cfg), "eager VPT": lambda: _infer(eager, x, cfg),
+           "vpt_fast (cached prompt K/V)": lambda: _infer(fast, x, cfg)}
+    for n in task_counts:
+        if n > cfg.batch:
+            continue
+        bank, ids = _bank(fast, n, cfg.seed + n), _task_ids(cfg.batch, n, cfg.device)
+        groups = [(ids == t).nonzero().squeeze(1) for t in range(n)]
+        fns[f"bank: {n} tasks mixed, 1 pass"] = lambda b=bank, i=ids: _infer_bank(b, x, i, cfg)
+        if n > 1:
+            fns[f"bank: {n} tasks, 1 pass per task"] = (
+                lambda b=bank, gs=groups: [_infer_bank(b, x[g], torch.full_like(g, t), cfg) for t, g in enumerate(gs)])
+    log(f"[time] {len(fns)} methods, {cfg.steps} interleaved rounds")
+    times = interleaved_times(fns, cfg.steps, cfg.warmup, cfg.device, log)
+    bare_s = statistics.median(times["bare backbone"])
+    rows = []
+    for name, fn in fns.items():
+        with torch.inference_mode():
+            flops = count_flops(fn)
+        median = statistics.median(times[name])
+        rows.append({"method": name, "infer_img_s": cfg.batch / median, "speed_vs_bare": bare_s / median,
+                     "gflops": flops / 1e9})
+    bare_flops = rows[0]["gflops"]
+    for row in rows:
+        row["flops_vs_bare"] = row["gflops"] / bare_flops
+    return rows
+
+
+def _infer_bank(bank: PromptBank, x: torch.Tensor, ids: torch.Tensor, cfg: BenchConfig):
+    from vpt_fast.bench import _autocast
+    with torch.inference_mode(), _autocast(cfg):
+        return bank(x, ids)
+
+
+def format_inference_table(rows: list[dict]) -> str:
+    head = f"{'method':<36}{'img/s':>10}{'vs bare':>9}{'GFLOP':>10}{'FLOPs vs bare':>15}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['method']:<36}{r['infer_img_s']:10.2f}{r['speed_vs_bare']:9.2f}{r['gflops']:10.1f}"
+                     f"{r['flops_vs_bare']:15.3f}")
+    return "\n".join(lines)
