@@ -386,9 +386,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     }
     if (dpk.defined() && p.P > 0) {  // sum the chunks' partials in a fixed order
       const unsigned blocks = (unsigned)((dpk.numel() + 255) / 256);
-      if (q.scalar_type() == at::kBFloat16) kern::bwd_prompt_reduce_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(p);
-      else if (q.scalar_type() == at::kHalf) kern::bwd_prompt_reduce_kernel<__half><<<blocks, 256, 0, stream>>>(p);
-      else kern::bwd_prompt_reduce_kernel<float><<<blocks, 256, 0, stream>>>(p);
+      if (q.scalar_type() == at::kBFloat16) {
+        kern::bwd_prompt_reduce_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(p);
+      } else if (q.scalar_type() == at::kHalf) {
+        kern::bwd_prompt_reduce_kernel<__half><<<blocks, 256, 0, stream>>>(p);
+      } else {
+        kern::bwd_prompt_reduce_kernel<float><<<blocks, 256, 0, stream>>>(p);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }

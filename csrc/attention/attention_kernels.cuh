@@ -477,8 +477,12 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_tc_kernel(const AttnParams 
     v_rs = p.v_rs;
   }
 
-  load_tile<T, D, LDT>(Ks, BN, p.vec, [&](int r) { return n0 + r < n_keys ? kb + (int64_t)(n0 + r) * k_rs : nullptr; });
-  load_tile<T, D, LDT>(Vs, BN, p.vec, [&](int r) { return n0 + r < n_keys ? vb + (int64_t)(n0 + r) * v_rs : nullptr; });
+  load_tile<T, D, LDT>(Ks, BN, p.vec, [&](int r) {
+    return n0 + r < n_keys ? kb + (int64_t)(n0 + r) * k_rs : nullptr;
+  });
+  load_tile<T, D, LDT>(Vs, BN, p.vec, [&](int r) {
+    return n0 + r < n_keys ? vb + (int64_t)(n0 + r) * v_rs : nullptr;
+  });
 
   FragC dk[D / 16], dv[D / 16];
 #pragma unroll
