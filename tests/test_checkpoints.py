@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import vpt_fast
+from utils import prompted_swin, tiny_vit
 from utils import prompted_vit as prompted
 from vpt_fast.cli import main as cli
 from vpt_fast.io import metadata
@@ -73,7 +74,6 @@ def test_whole_model_state_dict_vit(prefix):
 
 
 def test_whole_model_state_dict_swin():
-    from test_swin import prompted as prompted_swin
     source = prompted_swin(seed=1, num_prompts=3, deep=True)
     full = source.state_dict()
     assert "head.fc.weight" in full and "vpt.prompts.1" in full  # Swin's classifier is head.fc
@@ -95,7 +95,6 @@ def test_whole_model_state_dict_is_strict():
     nan_prompts = dict(prompted(seed=1, num_prompts=4).state_dict(), **{"vpt.prompts": plain["prompts"] * float("nan")})
     with pytest.raises(ValueError, match="'prompts'.*non-finite"):
         vpt_fast.load_prompt_state_dict(model, nan_prompts)
-    from test_models import tiny_vit
     with pytest.raises(ValueError, match="must be a prompted model's"):
         vpt_fast.load_prompt_state_dict(model, tiny_vit().state_dict())
     assert_state_equal(vpt_fast.prompt_state_dict(model), before)
