@@ -21,7 +21,9 @@
 # Env: DEADLINE_S (nothing starts after this many seconds of the call and running pieces are cut
 # there; default 560), SKIP_INSTALL=1 (use the installed checkout: dry runs), VPT_FAST_NO_EXT=1 (no
 # extension), TEST_K / BENCH_K (pytest -k; BENCH_K unset: "not torch", as the pure-PyTorch backend is
-# the portable reference, not a fast path), HEADLINE_ARGS (extra gpu_headline.py arguments),
+# the portable reference, not a fast path), BENCH_FILES (the swin step's pieces to run, default all:
+# "bench_swin bench_attention bench_windows bench_inference"), HEADLINE_ARGS (extra gpu_headline.py
+# arguments, e.g. --methods eager_compile,triton_compile),
 # TORCH_CUDA_ARCH_LIST, MAX_JOBS, PYTHON, RESULTS_DIR.
 # If the extension's GPU tests fail (a kernel fault poisons the whole process's CUDA context), the
 # cuda backend is left out of the remaining tests of that call (-k "not cuda").
@@ -126,6 +128,7 @@ for step in "${steps[@]}"; do
       for spec in bench_swin:bench_swin bench_attention:bench_attention bench_windows:bench_windows \
                   bench_inference:bench_model:inference; do
         IFS=: read -r name file only <<< "$spec"
+        if [[ -n "${BENCH_FILES:-}" && " $BENCH_FILES " != *" $name "* ]]; then continue; fi
         run_until "benchmarks/$file.py -> $name.json" - \
           $PYTHON -m pytest "benchmarks/$file.py" --benchmark-only --benchmark-json="$RESULTS_DIR/$name.json" -q \
           -p no:cacheprovider -k "$(both "${BENCH_K-not torch}" "${only:-}")"
