@@ -284,3 +284,41 @@ def test_bank_caches_the_task_table_without_gradients(kv_calls):
     assert kv_calls == [2, 2, 2]  # both tasks' sets, once per block
     assert rel_error(first["a"], second["a"].flip(0)) < 1e-6
     assert isinstance(bank.model, PromptedVisionTransformer)
+
+
+def test_inference_compiles_fullgraph_and_exports():
+    models = _task_models(tiny_vit, 2, num_prompts=3, deep=True, backend="torch")
+    bank = vpt_fast.PromptBank(models[0]).eval()
+    bank.add("a", models[0])
+    bank.add("b", randomize(vpt_fast.prompt(tiny_vit(num_classes=7), num_prompts=3)))
+    x, _ = random_batch(models[0], 3)
+    ids = torch.tensor([1, 0, 1])
+    with torch.no_grad():
+        expected = bank(x, ["b", "a", "b"])
+        padded = bank.logits(x, ids)
+        assert torch.equal(padded[1, 5:], torch.full((2,), float("-inf")))
+        assert rel_error(padded[[0, 2]], expected["b"]) < 1e-6 and rel_error(padded[1, :5], expected["a"][0]) < 1e-6
+        # no graph break anywhere on the inference paths (dynamo's eager backend: tracing only)
+        torch._dynamo.reset()
+        model_out = torch.compile(models[0], backend="eager", fullgraph=True)(x)
+        assert rel_error(model_out, models[0](x)) < 1e-6
+        compiled = torch.compile(bank.logits, backend="eager", fullgraph=True)(x, ids)
+        assert _padded_close(compiled, padded)
+    exported = torch.export.export(models[0], (x,))
+    assert rel_error(exported.module()(x), models[0](x)) < 1e-6
+    exported_bank = torch.export.export(_Logits(bank), (x, ids))
+    assert _padded_close(exported_bank.module()(x, ids), padded)
+
+
+def _padded_close(a, b) -> bool:
+    finite = torch.isfinite(b)
+    return torch.equal(torch.isfinite(a), finite) and rel_error(a[finite], b[finite]) < 1e-6
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, bank):
+        super().__init__()
+        self.bank = bank
+
+    def forward(self, x, ids):
+        return self.bank.logits(x, ids)

@@ -225,6 +225,23 @@ class PromptBank(nn.Module):
             out[names[t]] = self.tasks[names[t]].head(pooled.index_select(0, rows))
         return out
 
+    def logits(self, images: Tensor, task_ids: Tensor) -> Tensor:
+        """(B, C_max): sample b's logits under task `task_ids[b]`, padded with -inf past that task's
+        classes. One static graph, for `torch.compile(fullgraph=True)` and `torch.export`: every
+        head runs on every sample (cheap next to the backbone) and each sample keeps its own task's."""
+        if not self.tasks:
+            raise ValueError("the bank has no tasks: add some with bank.add(name, source)")
+        if not torch.compiler.is_compiling():
+            task_ids = self.task_index(task_ids, images.shape[0], images.device)
+        tasks = list(self.tasks.values())
+        pooled = self.model.forward_pre_logits(images, source=TaskPrompts(self, tasks, task_ids))
+        width = max(task.head.out_features for task in tasks)
+        out = pooled.new_full((images.shape[0], width), float("-inf"))
+        for t, task in enumerate(tasks):
+            logits = nn.functional.pad(task.head(pooled), (0, width - task.head.out_features), value=float("-inf"))
+            out = torch.where((task_ids == t)[:, None], logits, out)
+        return out
+
     @property
     def kv_cache(self) -> dict:
         return self.__dict__.setdefault("_kv_cache", {})
