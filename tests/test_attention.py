@@ -7,10 +7,10 @@ rule (error <= 2x the error of eager PyTorch in the same precision, DESIGN.md §
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from utils import assert_close, assert_flash_rule, eager_attention_low_precision
-from vpt_fast.backends import torch_impl
-from vpt_fast.backends import backend_module
+from utils import assert_close, assert_flash_rule, eager_attention_low_precision, rel_error
+from vpt_fast.backends import backend_module, torch_impl
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -234,33 +234,133 @@ def test_attention_gpu_fp32(backend, d):
     _check_exact(impl, args, d ** -0.5, 1e-4)
 
 
-@pytest.mark.parametrize("math_path", [False, True], ids=["cpu_flash", "math"])
-@pytest.mark.parametrize("bp", [1, 2, 4])
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_torch_impl_matches_naive_attention(bp, math_path, with_bias, monkeypatch):
-    """The executable spec itself against a literal softmax over [expanded prompts; own keys]."""
-    monkeypatch.setattr(torch_impl, "_FORCE_MATH", math_path)
-    g = torch.Generator().manual_seed(bp)
-    B, H, N, P, d, nb = 4, 3, 11, 5, 16, 2
-    q, k, v = (torch.randn(B, H, N, d, generator=g, dtype=torch.float64) for _ in range(3))
-    pk, pv = (torch.randn(bp, H, P, d, generator=g, dtype=torch.float64) for _ in range(2))
-    bias = torch.randn(nb, H, N, N, generator=g, dtype=torch.float64) if with_bias else None
-    leaves = [t.clone().requires_grad_() for t in (q, k, v, pk, pv)]
+class _OpRecorder(TorchDispatchMode):
+    """Records the aten ops that run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _naive_prompt_attention(q, k, v, pk, pv, bias, dout, scale):
+    """A literal softmax over [expanded prompts; own keys] in float64 with autograd: (out, lse, grads)."""
+    leaves = [None if t is None else t.detach().double().requires_grad_() for t in (q, k, v, pk, pv)]
     lq, lk, lv, lpk, lpv = leaves
-    owner = torch.arange(B) // (B // bp)  # query batch b reads prompt batch b // (B // Bp)
-    keys, values = torch.cat([lpk[owner], lk], 2), torch.cat([lpv[owner], lv], 2)
-    scores = lq @ keys.transpose(-1, -2) / d ** 0.5
+    B, P = q.shape[0], 0 if pk is None else pk.shape[2]
+    keys, values = lk, lv
+    if pk is not None:
+        owner = torch.arange(B) // (B // pk.shape[0])  # query batch b reads prompt batch b // (B // Bp)
+        keys, values = torch.cat([lpk[owner], lk], 2), torch.cat([lpv[owner], lv], 2)
+    scores = lq @ keys.transpose(-1, -2) * scale
     if bias is not None:
-        scores = scores + torch.nn.functional.pad(bias[torch.arange(B) % nb], (P, 0))
-    expected = torch.softmax(scores, -1) @ values
-    dout = torch.randn(expected.shape, generator=g, dtype=torch.float64)
-    expected.backward(dout)
-    out, lse = torch_impl.attention_fwd(q, k, v, pk, pv, d ** -0.5, bias)
-    assert_close(out, expected, atol=1e-6, rtol=1e-6, name="out")
-    assert_close(lse, torch.logsumexp(scores, -1).detach(), atol=1e-6, rtol=1e-6, name="lse")
-    grads = torch_impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, d ** -0.5, bias)
-    for name, got, leaf in zip(("dq", "dk", "dv", "dpk", "dpv"), grads, leaves):
-        assert_close(got, leaf.grad, atol=1e-6, rtol=1e-6, name=name)
+        scores = scores + torch.nn.functional.pad(bias.double()[torch.arange(B) % bias.shape[0]], (P, 0))
+    out = torch.softmax(scores, -1) @ values
+    grads = torch.autograd.grad(out, [t for t in leaves if t is not None], dout.double())
+    return out.detach(), torch.logsumexp(scores, -1).detach(), list(grads) + [None] * (5 - len(grads))
+
+
+# (B, H, Nq, Nk, P, Bp, d, nB): batch-shared, per-window-group and per-sample prompt segments; Nq != Nk;
+# an empty prompt segment; no own keys; no prompts.
+TORCH_IMPL_SHAPES = [(4, 3, 11, 11, 5, 1, 16, 2), (4, 3, 11, 11, 5, 2, 16, 0), (4, 3, 11, 11, 5, 4, 16, 1),
+                     (2, 2, 9, 13, 7, 1, 32, 1), (2, 2, 9, 9, 0, 1, 16, 2), (2, 2, 9, 0, 4, 2, 16, 0),
+                     (3, 2, 9, 9, 0, 0, 16, 3)]
+
+
+@pytest.mark.parametrize("path", ["segmented_fp32", "one_call_fp32", "math_fp32", "math_fp64"])
+@pytest.mark.parametrize("views", [True, False], ids=["qkv_views", "contiguous"])
+@pytest.mark.parametrize("shape", TORCH_IMPL_SHAPES, ids=[str(s) for s in TORCH_IMPL_SHAPES])
+def test_torch_impl_matches_naive_attention(shape, views, path, monkeypatch):
+    """The executable spec against a literal float64 softmax over [expanded prompts; own keys], within
+    1e-5 relative in float32: the segmented path that CUDA runs (own keys and the prompt segment each
+    through a fused kernel, here the CPU flash kernel, merged by log-sum-exp; backward from the merged
+    out and lse), the CPU's one flash call over the concatenated keys, and the math path (float32 and
+    float64)."""
+    B, H, Nq, Nk, P, Bp, d, nb = shape
+    dtype = torch.float64 if path == "math_fp64" else torch.float32
+    monkeypatch.setattr(torch_impl, "_FORCE_MATH", path.startswith("math"))
+    monkeypatch.setattr(torch_impl, "_CPU_ONE_CALL", path == "one_call_fp32")
+    q, k, v, pk, pv, bias, dout = _inputs(B, H, Nq, Nk, P, max(Bp, 1), d, nb, dtype, views=views, device="cpu",
+                                          seed=sum(shape))
+    if Bp == 0:
+        pk = pv = None
+    scale = d ** -0.5
+    want_out, want_lse, want_grads = _naive_prompt_attention(q, k, v, pk, pv, bias, dout, scale)
+    with _OpRecorder() as recorder:
+        out, lse = torch_impl.attention_fwd(q, k, v, pk, pv, scale, bias)
+        grads = torch_impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, scale, bias)
+    calls = {"segmented_fp32": int(Nk > 0) + int(pk is not None and P > 0) or 1, "one_call_fp32": 1}.get(path, 0)
+    fused_calls = (recorder.ops.count("_scaled_dot_product_flash_attention_for_cpu"),
+                   recorder.ops.count("_scaled_dot_product_flash_attention_for_cpu_backward"))
+    assert fused_calls == (calls, calls), recorder.ops
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    assert out.dtype == dtype and lse.dtype == dtype
+    assert rel_error(out, want_out) < tol, ("out", rel_error(out, want_out))
+    assert_close(lse, want_lse, atol=tol, rtol=tol, name="lse")
+    for name, got, want in zip(GRAD_NAMES, grads, want_grads):
+        if want is None:
+            assert got is None, name
+            continue
+        assert got.shape == want.shape and got.dtype == dtype, name
+        if want.numel():  # an empty segment has empty gradients
+            assert rel_error(got, want) < tol, (name, rel_error(got, want))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", TORCH_IMPL_SHAPES[:4], ids=[str(s) for s in TORCH_IMPL_SHAPES[:4]])
+def test_torch_impl_segmented_low_precision(shape, dtype, monkeypatch):
+    """The segmented path in bf16/fp16 (two fused kernel calls merged by log-sum-exp, CUDA's path, here
+    through the CPU flash kernel) follows FlashAttention's rule against float64: at most 2x (plus one
+    ulp at the tensor's scale) the error of one flash call over the concatenated keys in the same
+    precision (what eager timm runs), output and every gradient."""
+    monkeypatch.setattr(torch_impl, "_CPU_ONE_CALL", False)
+    B, H, Nq, Nk, P, Bp, d, nb = shape
+    args = _inputs(B, H, Nq, Nk, P, Bp, d, nb, dtype, device="cpu", seed=sum(shape))
+    q, k, v, pk, pv, bias, dout = args
+    scale = d ** -0.5
+    want_out, _, want_grads = _naive_prompt_attention(*args, scale)
+    out, lse = torch_impl.attention_fwd(q, k, v, pk, pv, scale, bias)
+    grads = torch_impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, scale, bias)
+
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, pk, pv)]
+    kk, vv = torch_impl._joint_kv(leaves[1], leaves[2], leaves[3], leaves[4])
+    mask = torch_impl._joint_bias(bias, B, P)
+    one_call = torch.nn.functional.scaled_dot_product_attention(
+        leaves[0], kk, vv, attn_mask=None if mask is None else mask.to(dtype), scale=scale)
+    one_call_grads = torch.autograd.grad(one_call, leaves, dout)
+    ulp = torch.finfo(dtype).eps
+    for name, got, want, base in zip(("out",) + GRAD_NAMES, [out, *grads], [want_out, *want_grads],
+                                     [one_call, *one_call_grads]):
+        assert_flash_rule(got, want, base, name, atol=ulp * want.abs().max().item())
+
+
+@pytest.mark.parametrize("kernel,dtype,nb", [("flash", torch.bfloat16, 0), ("efficient", torch.bfloat16, 4),
+                                            ("efficient", torch.float32, 0), ("efficient", torch.float16, 1)])
+@pytest.mark.parametrize("Bp", [1, 2], ids=["shared_prompts", "per_image_prompts"])
+def test_torch_impl_cuda_kernel_calls_on_meta(kernel, dtype, nb, Bp):
+    """The segmented path's CUDA calls (flash / efficient SDPA forward and backward, the efficient
+    kernel's aligned bias and padded log-sum-exp) traced on meta tensors: argument lists the aten
+    schemas accept, and shapes and dtypes of out, lse and every gradient."""
+    B, H, N, P, d = 8, 3, 49, 5, 32
+    meta = dict(device="meta", dtype=dtype)
+    qkv = torch.empty(B, N, 3, H, d, **meta).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    pk, pv = torch.empty(Bp, H, P, d, **meta), torch.empty(Bp, H, P, d, **meta)
+    bias = torch.empty(nb, H, N, N, device="meta") if nb else None
+    with _OpRecorder() as recorder:
+        out, lse = torch_impl._fused_attention_fwd(kernel, q, k, v, pk, pv, 0.2, bias)
+        grads = torch_impl._fused_attention_bwd(kernel, torch.empty_like(out), q, k, v, pk, pv, out, lse, 0.2, bias)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert lse.shape == (B, H, N) and lse.dtype == torch.float32
+    for name, got, like in zip(GRAD_NAMES, grads, (q, k, v, pk, pv)):
+        assert got.shape == like.shape and got.dtype == dtype, name
+    prompt_kernel = "flash" if dtype != torch.float32 else "efficient"
+    expected = {f"_scaled_dot_product_{kernel}_attention", f"_scaled_dot_product_{prompt_kernel}_attention"}
+    assert {op for op in recorder.ops if op.startswith("_scaled_dot") and not op.endswith("backward")} == expected
+    assert sum(op.startswith("_scaled_dot") and op.endswith("backward") for op in recorder.ops) == 2
 
 
 def test_gpu_query_tile_fits_short_query_sets(impl, monkeypatch):
