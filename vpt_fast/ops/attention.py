@@ -10,7 +10,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-from torch.autograd.function import once_differentiable
 
 from vpt_fast.backends import resolve
 from vpt_fast.ops import autocast_dtype

@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from vpt_fast.backends import resolve
 from vpt_fast.ops import autocast_dtype
@@ -21,6 +22,7 @@ class FrozenLayerNorm(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy: Tensor):
         x, weight, mean, rstd = ctx.saved_tensors
         return ctx.impl.layer_norm_bwd(dy.contiguous(), x, weight, mean, rstd), None, None, None, None, None

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 
 class FrozenLinear(torch.autograd.Function):
@@ -21,6 +22,7 @@ class FrozenLinear(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy: Tensor):
         (weight,) = ctx.saved_tensors
         dx = torch.matmul(dy, weight.to(dy.dtype)).to(ctx.x_dtype)

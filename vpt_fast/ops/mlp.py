@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from vpt_fast.backends import resolve
 from vpt_fast.ops.layer_norm import matmul_input_dtype, upcast_for_autocast
@@ -29,6 +30,7 @@ class FrozenNormMlp(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         x, nw, nb, mean, rstd, w1, b1, w2, h = ctx.saved_tensors
         if ctx.recompute_fc1:

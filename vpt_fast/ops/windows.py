@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 
 def window_index(height: int, width: int, window_size: tuple[int, int], shift_size: tuple[int, int],
@@ -65,6 +66,7 @@ class RowGather(torch.autograd.Function):
         return _take(x, index)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout: Tensor):
         (inverse,) = ctx.saved_tensors
         return _take(dout, inverse), None, None
