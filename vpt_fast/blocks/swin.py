@@ -115,7 +115,7 @@ class SwinBlock(nn.Module):
 
     def __getstate__(self) -> dict:
         # the caches are derived from the weights and rebuilt on demand: not part of a pickle or deepcopy
-        return {**self.__dict__, "_window_cache": {}, "_bias_cache": {}}
+        return {**super().__getstate__(), "_window_cache": {}, "_bias_cache": {}}
 
     # timm's window / shift / mask bookkeeping, reused as is (it reads only the attributes above),
     # so `SwinTransformer.set_input_size` keeps working on a prompted model.
