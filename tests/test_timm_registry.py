@@ -41,11 +41,14 @@ def test_pretrained_cfgs_are_the_base_models():
         assert get_pretrained_cfg(f"vpt_{name}") == get_pretrained_cfg(name), name
     tagged = timm.create_model("vpt_vit_tiny_patch16_224.augreg_in21k", pretrained=False, **TINY_VIT, num_prompts=2)
     base = timm.create_model("vit_tiny_patch16_224.augreg_in21k", pretrained=False, **TINY_VIT)
-    assert tagged.pretrained_cfg == base.pretrained_cfg and tagged.default_cfg == base.default_cfg
+    # the same config, except that rebuilding from it (a Hub push's config.json) builds the prompted model
+    vpt_cfg = {**base.pretrained_cfg, "architecture": "vpt_vit_tiny_patch16_224"}
+    assert tagged.pretrained_cfg == vpt_cfg and tagged.default_cfg == vpt_cfg
     assert tagged.pretrained_cfg["tag"] == "augreg_in21k"
     assert tagged.pretrained_cfg["hf_hub_id"] == "timm/vit_tiny_patch16_224.augreg_in21k"  # the base weights
     untagged = timm.create_model("vpt_vit_tiny_patch16_224", pretrained=False, **TINY_VIT, num_prompts=2)
-    assert untagged.pretrained_cfg == timm.create_model("vit_tiny_patch16_224", **TINY_VIT).pretrained_cfg
+    assert untagged.pretrained_cfg == {**timm.create_model("vit_tiny_patch16_224", **TINY_VIT).pretrained_cfg,
+                                       "architecture": "vpt_vit_tiny_patch16_224"}
 
 
 def test_kwargs_go_to_prompt_and_to_the_base_model():

@@ -36,7 +36,12 @@ def _entrypoint(base: str, prompt_kwargs: tuple[str, ...]) -> Callable[..., nn.M
     def create(pretrained: bool = False, **kwargs: Any) -> nn.Module:
         from vpt_fast import prompt
         prompting = {name: kwargs.pop(name) for name in prompt_kwargs if name in kwargs}
-        return prompt(model_entrypoint(base)(pretrained=pretrained, **kwargs), **prompting)
+        model = prompt(model_entrypoint(base)(pretrained=pretrained, **kwargs), **prompting)
+        # what rebuilds a model from its config (a Hub push's config.json) must rebuild the prompted one
+        for attr in ("pretrained_cfg", "default_cfg"):
+            if isinstance(getattr(model, attr, None), dict):
+                setattr(model, attr, {**getattr(model, attr), "architecture": PREFIX + base})
+        return model
 
     create.__name__ = create.__qualname__ = PREFIX + base
     create.__module__ = __name__
