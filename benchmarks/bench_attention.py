@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vpt_fast.backends import backend_module
 from vpt_fast.backends.flops import attention_flops
 from vpt_fast.bench import environment
-from vpt_fast.backends import backend_module
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -56,7 +56,8 @@ class GatherSets(torch.autograd.Function):
 def gather_sets(table: Tensor, index: Tensor) -> Tensor:
     """Rows of `table` (S, ...) for each entry of `index` (B,): (B, ...)."""
     if index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"prompt_index must be a 1-dim integer tensor, got {index.dtype} of shape {tuple(index.shape)}")
+        raise ValueError(f"prompt_index must be a 1-dim integer tensor, got {index.dtype} of shape "
+                         f"{tuple(index.shape)}")
     return GatherSets.apply(table, index.long())
 
 

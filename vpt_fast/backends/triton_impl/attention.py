@@ -15,8 +15,18 @@ from torch import Tensor
 
 from vpt_fast.backends.flops import register_attention_flops
 from vpt_fast.backends.triton_impl.common import (
-    DTYPES, INTERPRET, call, check_available, check_same_device, check_tensor, custom_op, kernel_module,
-    last_dim_unit, launch, triton)
+    DTYPES,
+    INTERPRET,
+    call,
+    check_available,
+    check_same_device,
+    check_tensor,
+    custom_op,
+    kernel_module,
+    last_dim_unit,
+    launch,
+    triton,
+)
 
 kernels = kernel_module("attention")
 

@@ -9,8 +9,17 @@ import torch
 from torch import Tensor
 
 from vpt_fast.backends.triton_impl.common import (
-    INTERPRET, call, check_affine, check_available, check_same_device, check_tensor, custom_op, kernel_module,
-    launch, triton)
+    INTERPRET,
+    call,
+    check_affine,
+    check_available,
+    check_same_device,
+    check_tensor,
+    custom_op,
+    kernel_module,
+    launch,
+    triton,
+)
 
 kernels = kernel_module("bias_gelu")
 

@@ -10,8 +10,18 @@ import torch
 from torch import Tensor
 
 from vpt_fast.backends.triton_impl.common import (
-    DTYPES, INTERPRET, call, check_affine, check_available, check_same_device, check_tensor, custom_op,
-    kernel_module, launch, triton)
+    DTYPES,
+    INTERPRET,
+    call,
+    check_affine,
+    check_available,
+    check_same_device,
+    check_tensor,
+    custom_op,
+    kernel_module,
+    launch,
+    triton,
+)
 
 kernels = kernel_module("layer_norm")
 
