@@ -2,10 +2,12 @@
 
 Project metadata, dependencies and tool settings live in pyproject.toml. Supported install (README.md):
 
-    pip install torch==2.14.1 torchvision==0.29.1 && pip install --no-build-isolation -e ".[test]"
+    pip install torch==2.14.1 torchvision==0.29.1 "setuptools>=64" wheel ninja
+    pip install --no-build-isolation -e ".[test]"
 
-`--no-build-isolation` builds the extension against the torch already installed; torch is not a
-build requirement, so an isolated build environment would have no torch and the build fails.
+`--no-build-isolation` builds the extension against the torch already installed, with the build
+tools already installed (pyproject.toml's build requirements: setuptools, wheel, ninja). torch is
+not a build requirement, so an isolated build environment would have no torch and the build fails.
 
 Package layout: kernels/ (the @triton.jit kernels) stays at the top level of the checkout and
 installs as `vpt_fast.kernels` (`package_dir` below). An editable install maps it through
@@ -33,6 +35,7 @@ import os
 import re
 import shutil
 import sys
+from typing import NoReturn
 
 from setuptools import find_packages, setup
 
@@ -128,7 +131,7 @@ SKIP_HINT = ("To install without the extension (every backend but `cuda` works):
              "VPT_FAST_NO_EXT=1 pip install --no-build-isolation -e .")
 
 
-def _fail(reason: str) -> None:
+def _fail(reason: str) -> NoReturn:
     """Stop the install with `reason` and how to skip the extension."""
     raise SystemExit(f"\nvpt_fast: cannot build the C++/CUDA extension vpt_fast._C: {reason}\n{SKIP_HINT}\n")
 
