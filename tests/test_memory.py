@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from vpt_fast.bench import BenchConfig
+from vpt_fast.cli import main
 from vpt_fast.memory import largest_batch, max_batch, methods, parse_bytes, resolve_model_name, step_memory
 
 TINY_VIT = "vit_tiny_patch16_224"
@@ -93,8 +94,10 @@ def test_parse_bytes_and_model_aliases():
 
 
 def test_cli_rejects_unknown_methods_and_cpu_max_batch_without_budget():
-    base = [sys.executable, "-m", "vpt_fast", "memory", "--model", "vit_t"]
-    proc = subprocess.run(base + ["--total", "--methods", "full,lora"], capture_output=True, text=True)
-    assert proc.returncode != 0 and "--methods" in proc.stderr and "lora" in proc.stderr
-    proc = subprocess.run(base + ["--max-batch"], capture_output=True, text=True)
-    assert proc.returncode != 0 and "--budget" in proc.stderr
+    base = ["memory", "--model", "vit_t"]
+    with pytest.raises(SystemExit, match="--methods: expected a comma list of full, .*'full,lora'"):
+        main(base + ["--total", "--methods", "full,lora"])
+    with pytest.raises(SystemExit, match="--max-batch on the CPU needs --budget"):
+        main(base + ["--max-batch"])
+    with pytest.raises(SystemExit, match="--budget"):
+        main(base + ["--max-batch", "--budget", "lots"])
