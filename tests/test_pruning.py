@@ -87,3 +87,42 @@ def test_query_rows_is_checked():
     with pytest.raises(ValueError, match="query_rows"):
         model.blocks[0](x, query_rows=0)
     assert model.blocks[0](x, query_rows=3).shape == (2, 3, D)
+
+
+# -- deep VPT's first block: no input gradient below the prompts ----------------------------------------
+
+
+def _training_flops_per_block(model, x, y):
+    with FlopCounterMode(display=False, custom_mapping=flop_mapping()) as counter:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    counts = counter.get_flop_counts()
+    return [counts[f"{type(model).__name__}.blocks.{i}"] for i in range(len(model.blocks))]
+
+
+def test_first_block_backward_computes_only_the_prompt_columns():
+    model = prompted_vit(num_prompts=4, deep=True, backend="torch").train()
+    x, y = random_batch(model, B)
+    first, second = _training_flops_per_block(model, x, y)[:2]
+    flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    assert flash_bwd in second and flash_bwd not in first  # no dQ, no image-row dK/dV
+    # the prompt columns' backward (P of N + P keys) is a few batched GEMMs, far below the full one
+    mm, bmm = torch.ops.aten.mm, torch.ops.aten.bmm
+    assert first.get(bmm, 0) < 0.2 * second[flash_bwd]
+    assert first[mm] < second[mm]  # and no qkv input-gradient GEMM for the image rows
+
+
+@pytest.mark.parametrize("backend", [b for b in vpt_fast.available_backends() if b in ("torch", "cuda")])
+def test_unfrozen_embeddings_get_their_full_gradient(backend):
+    model = prompted_vit(num_prompts=4, deep=True).train()
+    model.patch_embed.proj.weight.requires_grad_(True)
+    model.pos_embed.requires_grad_(True)
+    x, y = random_batch(model, 3)
+    grads = {}
+    for name in ("reference", backend):
+        vpt_fast.set_backend(model, name)
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert "patch_embed.proj.weight" in grads[backend] and "pos_embed" in grads[backend]
+    for n, g in grads["reference"].items():
+        assert rel_error(grads[backend][n], g) < 1e-5, n

@@ -259,6 +259,25 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, pk: Optional[Te
     return dq, dkk[:, :, num_prompts:].to(k.dtype), dvv[:, :, num_prompts:].to(v.dtype), dpk, dpv
 
 
+def attention_bwd_prompts(dout: Tensor, q: Tensor, pk: Tensor, pv: Tensor, out: Tensor, lse: Tensor,
+                          scale: float) -> tuple[Tensor, Tensor]:
+    """(dpk, dpv) alone, for when q, k and v need no gradient (deep VPT's first block: frozen
+    embeddings, images without gradient): the prompt columns of the flash backward, from the merged
+    output and log-sum-exp of any backend's forward. Costs the P prompt columns instead of every key;
+    prompt columns carry no bias. dpk/dpv have pk's shape (summed over the batches sharing it)."""
+    acc = _acc_dtype(q)
+    batch = q.shape[0]
+    qa, do = q.to(acc), dout.to(acc)
+    pke, pve = _expand_prompts(pk, batch).to(acc), _expand_prompts(pv, batch).to(acc)
+    p = torch.exp(torch.matmul(qa, pke.transpose(-1, -2)) * scale - lse.to(acc)[..., None])
+    dpv = torch.matmul(p.transpose(-1, -2), do)
+    delta = (do * out.to(acc)).sum(-1, keepdim=True)
+    ds = p * (torch.matmul(do, pve.transpose(-1, -2)) - delta) * scale
+    dpk = torch.matmul(ds.transpose(-1, -2), qa)
+    bp = pk.shape[0]
+    return _reduce_prompt_grad(dpk, bp).to(pk.dtype), _reduce_prompt_grad(dpv, bp).to(pv.dtype)
+
+
 def layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                    out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor]:
     """LayerNorm over the last dim. Returns (y, mean, rstd): y in `out_dtype` (default x's dtype),

@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from vpt_fast.backends import resolve
+from vpt_fast.backends.torch_impl import attention_bwd_prompts
 from vpt_fast.ops import autocast_dtype
 
 
@@ -29,6 +30,10 @@ class PromptAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout, _dlse):
         q, k, v, pk, pv, bias, out, lse = ctx.saved_tensors
+        if pk is not None and not any(ctx.needs_input_grad[:3]):
+            # only the prompt segment needs a gradient (deep VPT's first block): its P columns
+            dpk, dpv = attention_bwd_prompts(dout, q, pk, pv, out, lse, ctx.scale)
+            return None, None, None, dpk, dpv, None, None, None
         dq, dk, dv, dpk, dpv = ctx.impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, ctx.scale, bias)
         return dq, dk, dv, dpk, dpv, None, None, None
 
