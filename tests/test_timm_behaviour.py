@@ -299,8 +299,8 @@ def test_head_parameters_come_last(family):
 
 @pytest.mark.parametrize("family", ["vit", "swin"])
 def test_layer_decay_groups_prompts_with_their_first_block(family):
-    from timm.optim import param_groups_layer_decay
     from timm.models import group_parameters
+    from timm.optim import param_groups_layer_decay
     model = prompted_vit(num_prompts=3, deep=False, project=8) if family == "vit" else prompted_swin(num_prompts=3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -3,11 +3,8 @@
     model = timm.create_model("vit_base_patch16_224", pretrained=True, num_classes=100)
     model = vpt_fast.prompt(model, num_prompts=50, deep=True)
 
-See DESIGN.md §4 for the public API contract.
+See docs/design.md §4 for the public API contract.
 """
-__version__ = "0.1.0"
-
-
 from vpt_fast.backends import available_backends
 from vpt_fast.bank import PromptBank
 from vpt_fast.blocks import SwinBlock, SwinPatchMerging, ViTBlock
@@ -15,6 +12,7 @@ from vpt_fast.config import PromptConfig
 from vpt_fast.io import load_prompt_state_dict, load_prompts, prompt_state_dict, save_prompts
 from vpt_fast.prompting import prompt, set_backend, trainable_parameters
 from vpt_fast.timm_models import register_timm
+from vpt_fast.version import __version__  # noqa: F401  (re-exported)
 
 
 def ext_info() -> dict:
@@ -27,7 +25,8 @@ def ext_info() -> dict:
 
 
 __all__ = [
-    "PromptBank", "PromptConfig", "SwinBlock", "SwinPatchMerging", "ViTBlock", "available_backends", "ext_info", "load_prompt_state_dict",
+    "PromptBank", "PromptConfig", "SwinBlock", "SwinPatchMerging", "ViTBlock", "available_backends", "ext_info",
+    "load_prompt_state_dict",
     "load_prompts", "prompt", "prompt_state_dict", "register_timm", "save_prompts", "set_backend",
     "trainable_parameters",
 ]

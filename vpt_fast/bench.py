@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-import vpt_fast
-from vpt_fast.backends import resolve_auto
+from vpt_fast.backends import available_backends, resolve_auto
+from vpt_fast.prompting import prompt
+from vpt_fast.version import __version__
 
 aten = torch.ops.aten
 
@@ -74,7 +75,7 @@ def build_model(cfg: BenchConfig, backend: str = "reference", recompute: Optiona
     torch.manual_seed(cfg.seed)
     kwargs = {} if cfg.img_size is None else {"img_size": cfg.img_size}
     model = timm.create_model(cfg.model, pretrained=False, num_classes=cfg.num_classes, **kwargs)
-    vpt_fast.prompt(model, num_prompts=cfg.num_prompts, deep=cfg.deep, backend=backend,
+    prompt(model, num_prompts=cfg.num_prompts, deep=cfg.deep, backend=backend,
                     recompute=recompute or cfg.recompute)
     with torch.no_grad():  # random, not initial, prompts
         for name, tensor in model.vpt.state_tensors().items():
@@ -191,7 +192,7 @@ def _sync(device: str) -> None:
 def interleaved_times(fns: dict[str, Callable[[], object]], steps: int, warmup: int, device: str,
                       progress: Optional[Callable[[str], None]] = None) -> dict[str, list[float]]:
     """Seconds per call of each fn, measured round-robin so drift hits every fn alike."""
-    for name, fn in fns.items():
+    for fn in fns.values():
         for _ in range(warmup):
             fn()
         _sync(device)
@@ -210,7 +211,7 @@ def interleaved_times(fns: dict[str, Callable[[], object]], steps: int, warmup: 
 
 def environment() -> dict:
     info = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "cpu_threads": torch.get_num_threads(), "vpt_fast": vpt_fast.__version__}
+            "cpu_threads": torch.get_num_threads(), "vpt_fast": __version__}
     try:
         import triton
         info["triton"] = triton.__version__
@@ -229,7 +230,7 @@ def environment() -> dict:
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict]:
     """Eager release-style VPT vs each backend: img/s (train, inference), activation memory, FLOPs,
     max |logit difference| vs eager. Returns one row per method."""
-    backends = cfg.backends or [b for b in vpt_fast.available_backends() if b != "reference"]
+    backends = cfg.backends or [b for b in available_backends() if b != "reference"]
     if not cfg.device.startswith("cuda"):
         backends = [b for b in backends if b != "triton"]  # the interpreter is for tests, not timing
     methods = [("eager", "reference")] + ([("eager+compile", "reference")] if cfg.compile else [])
@@ -258,7 +259,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
         model, runner, x, y = models[name]
         log(f"[measure] {name}: FLOPs, memory, logits")
         compiled = name.endswith("+compile")  # FLOPs and memory: those of the same model uncompiled
-        flops = None if compiled else count_flops(lambda: training_step(model, x, y, cfg))
+        flops = None if compiled else count_flops(lambda m=model, x=x, y=y: training_step(m, x, y, cfg))
         mem = {} if compiled else activation_memory(cfg, backend)
         logits = _infer(runner, x, cfg).float()
         rows.append({
@@ -285,7 +286,8 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         mem = r["activation_bytes"]
         mem_s = f"{mem / 2**20:10.1f}" if mem is not None else f"{'-':>10}"
-        mem_r = f"{mem / base['activation_bytes']:11.2f}" if mem is not None and base["activation_bytes"] else f"{'-':>11}"
+        has_ratio = mem is not None and base["activation_bytes"]
+        mem_r = f"{mem / base['activation_bytes']:11.2f}" if has_ratio else f"{'-':>11}"
         fl = r["train_gflops"]
         fl_s = f"{fl:11.1f}{fl / base['train_gflops']:11.3f}" if fl is not None else f"{'-':>11}{'-':>11}"
         lines.append(f"{r['method']:<26}{r['train_img_s']:12.2f}{r['train_img_s'] / base['train_img_s']:9.2f}"

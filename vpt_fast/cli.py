@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--steps", type=int, default=5, help="timed rounds per method (median reported)")
     bench.add_argument("--backends", default="", help="comma list (default: every available backend)")
     bench.add_argument("--recompute", default="none", choices=["none", "mlp", "block"])
-    bench.add_argument("--compile", action="store_true", help="also time eager and the fastest backend under torch.compile")
+    bench.add_argument("--compile", action="store_true",
+                       help="also time eager and the fastest backend under torch.compile")
     bench.add_argument("--json", default=None, help="write rows and environment to this file")
     bench.add_argument("--inference", action="store_true",
                        help="serving instead: bare backbone, eager VPT, vpt_fast with cached prompt K/V, and "

@@ -40,7 +40,8 @@ class PromptConfig:
             raise ValueError(f"num_prompts must be an integer >= 1, got {self.num_prompts!r}")
         if not isinstance(self.deep, bool):
             raise TypeError(f"deep must be a bool (True: VPT-Deep, False: VPT-Shallow), got {self.deep!r}")
-        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0.0 <= self.dropout < 1.0:
+        dropout = self.dropout
+        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a float in [0, 1), got {self.dropout!r}")
         if self.project is not None and (not _is_int(self.project) or self.project < 1):
             raise ValueError(f"project must be None or an integer >= 1 (the prompt dimension), got {self.project!r}")

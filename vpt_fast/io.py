@@ -121,7 +121,7 @@ def load_prompt_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> Non
 
 
 def metadata(model: nn.Module) -> dict[str, str]:
-    from vpt_fast import __version__
+    from vpt_fast.version import __version__
     _prompted(model)
     config = model.vpt_config
     depth = len(model.blocks) if hasattr(model, "blocks") else [len(s.blocks) for s in model.layers]

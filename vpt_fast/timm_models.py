@@ -24,7 +24,7 @@ __all__ = ["register_timm"]
 
 
 def _prompt_kwargs() -> tuple[str, ...]:
-    from vpt_fast import prompt
+    from vpt_fast.prompting import prompt
     return tuple(name for name in inspect.signature(prompt).parameters if name != "model")
 
 
@@ -34,7 +34,7 @@ def _entrypoint(base: str, prompt_kwargs: tuple[str, ...]) -> Callable[..., nn.M
     from timm.models import model_entrypoint
 
     def create(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-        from vpt_fast import prompt
+        from vpt_fast.prompting import prompt
         prompting = {name: kwargs.pop(name) for name in prompt_kwargs if name in kwargs}
         model = prompt(model_entrypoint(base)(pretrained=pretrained, **kwargs), **prompting)
         # what rebuilds a model from its config (a Hub push's config.json) must rebuild the prompted one
