@@ -203,7 +203,7 @@ def test_bf16_autocast_follows_flash_rule(variant, deep):
     """Under bf16 autocast (CPU here; the GPU test repeats it on CUDA) every backend's error against
     the fp32 reference is at most 2x that of eager release-style VPT in bf16."""
     model = prompted_vit(variant=variant, num_prompts=7, deep=deep).train()
-    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])
+    x, y = random_batch(model, 3)
     for backend in FAST_BACKENDS + KERNEL_BACKENDS:
         utils.assert_follows_reference_in_low_precision(model, backend, x, y, "cpu", fp32_tol=None)
 

@@ -2,6 +2,7 @@
 difference is, and FlashAttention's tolerance rule (DESIGN.md §5)."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import timm
@@ -180,5 +181,10 @@ def assert_follows_reference_in_low_precision(model, backend: str, x: Tensor, y:
             assert rel_error(got, ref) < fp32_tol, f"{backend} fp32 output {i}"
     baseline = result("reference", dtype)
     ulp = torch.finfo(dtype).eps
+    # Triton's CPU interpreter truncates when it casts to bf16/fp16 (round toward zero: up to 1 ulp
+    # per cast where a GPU rounds to nearest, 1/2 ulp), which doubles the per-cast error bound: the
+    # rule's factor doubles with it there. On a GPU (the gpu-marked tests) it is FlashAttention's 2x.
+    factor = 4.0 if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1" else 2.0
     for i, (got, ref, base) in enumerate(zip(result(backend, dtype), reference, baseline)):
-        assert_flash_rule(got, ref, base, name=f"{backend} {dtype} output {i}", atol=ulp * ref.abs().max().item())
+        assert_flash_rule(got, ref, base, name=f"{backend} {dtype} output {i}", factor=factor,
+                          atol=ulp * ref.abs().max().item())
