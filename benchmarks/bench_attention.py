@@ -4,7 +4,7 @@ ViT-B/16 deep VPT shape (B=128, H=12, N=197, P=50 batch-shared prompts, d=64, bf
 backends read the shared prompt segment once (batch stride 0); SDPA needs the release-style
 concatenation [pk.expand(B); k], which is inside the timed region as it is in eager VPT.
 Run: `pytest benchmarks/bench_attention.py --benchmark-only` (skipped without CUDA). Compare ratios
-within one run only (DESIGN.md §6).
+within one run only (docs/design.md §6).
 """
 import pytest
 import torch

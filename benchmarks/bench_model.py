@@ -1,5 +1,5 @@
 """Whole-model VPT: training step (forward + backward + optimizer step on prompts and head) and
-inference, eager release-style vs eager under torch.compile vs each vpt_fast backend (DESIGN.md §6).
+inference, eager release-style vs eager under torch.compile vs each vpt_fast backend (docs/design.md §6).
 
 extra_info: FLOPs per step (FlopCounterMode), bytes saved for backward, CUDA peak memory, device
 and versions. Ratios: `python benchmarks/summarize.py <json>` (same run only).

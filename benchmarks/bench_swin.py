@@ -1,8 +1,8 @@
-"""Prompted Swin (DESIGN.md §1 "Swin", §6): a training step (forward + backward of the cross-entropy
+"""Prompted Swin (docs/design.md §1 "Swin", §6): a training step (forward + backward of the cross-entropy
 on prompts and head), eager release-style VPT (`reference`) vs each vpt_fast backend, and on CUDA the
 fastest backend under torch.compile.
 
-CPU: Swin-T 224px, 50 deep prompts, batch 2, fp32. CUDA: Swin-B 224px (issue 5's acceptance model),
+CPU: Swin-T 224px, 50 deep prompts, batch 2, fp32. CUDA: Swin-B 224px (the GPU target model),
 50 deep prompts, batch 64, bf16 autocast. Override with
 VPT_BENCH_SWIN_MODEL / VPT_BENCH_SWIN_BATCH / VPT_BENCH_DTYPE. extra_info: FLOPs per step
 (FlopCounterMode, CPU flash attention counted by `vpt_fast.bench.flop_mapping`), bytes saved for

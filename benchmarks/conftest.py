@@ -1,6 +1,6 @@
 """Benchmark configuration: one setting per device, shared by every bench_*.py.
 
-CUDA: ViT-B/16, 224px, batch 128, 50 deep prompts, bf16 autocast (the issue-3 acceptance shape).
+CUDA: ViT-B/16, 224px, batch 128, 50 deep prompts, bf16 autocast (the GPU headline shape).
 CPU: ViT-S/16, batch 8, 50 deep prompts, fp32 (the `vpt-fast bench` default).
 Override with VPT_BENCH_MODEL / VPT_BENCH_BATCH / VPT_BENCH_DTYPE. Every result carries the device
 and versions in extra_info; compare ratios within one run only (`python benchmarks/summarize.py`).

@@ -1,4 +1,4 @@
-# Prompt-aware flash attention (DESIGN.md §2.1, §2.4): softmax(q [pk; k]^T * scale + [0, bias]) [pv; v].
+# Prompt-aware flash attention (docs/design.md §2.1, §2.4): softmax(q [pk; k]^T * scale + [0, bias]) [pv; v].
 #
 # A query row of batch b attends to two key segments in one online-softmax pass: the prompt segment
 # pk/pv of prompt batch b // group (group = B // Bp; Bp = 1 is deep VPT's batch-shared segment, read

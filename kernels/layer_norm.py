@@ -1,7 +1,7 @@
 # LayerNorm over the last dim, one program per row (rows = all leading dims flattened).
 # Forward writes y (Y's dtype: under autocast the fp32 residual stream is normalised straight into the
 # bf16/fp16 the next GEMM reads) and fp32 mean / rstd; backward gives dX only (the affine is frozen,
-# DESIGN.md §2.3): dx = rstd * (g - xhat * mean(g * xhat) - mean(g)), g = dy * weight.
+# docs/design.md §2.3): dx = rstd * (g - xhat * mean(g * xhat) - mean(g)), g = dy * weight.
 #
 # Tuned shape, ViT-B/16 deep VPT block norm: rows = B*N = 128*197 = 25,216, C = 768, bf16.
 #   forward : ~8 FLOP/element = 0.15 GFLOP; bytes: read x 38.7 MB, write y 38.7 MB (+0.2 MB stats)

@@ -2,7 +2,7 @@
 
 On the CPU the Triton kernels run in the interpreter (TRITON_INTERPRET=1, set by conftest.py), with
 small shapes; `@pytest.mark.gpu` tests use ViT-B shapes and check bf16/fp16 with FlashAttention's
-rule (error <= 2x the error of eager PyTorch in the same precision, DESIGN.md §5).
+rule (error <= 2x the error of eager PyTorch in the same precision, docs/design.md §5).
 """
 
 import pytest

@@ -1,4 +1,4 @@
-"""Prompt checkpoints (DESIGN.md §4): round trip, strictness, and configuration mismatch."""
+"""Prompt checkpoints (docs/design.md §4): round trip, strictness, and configuration mismatch."""
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,5 @@
 """Test helpers: tiny prompted timm models and their inputs, comparisons that say where the largest
-difference is, and FlashAttention's tolerance rule (DESIGN.md §5)."""
+difference is, and FlashAttention's tolerance rule (docs/design.md §5)."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,4 @@
-"""Prompt checkpoints: the trainable state of a prompted model (DESIGN.md §4), as safetensors with
+"""Prompt checkpoints: the trainable state of a prompted model (docs/design.md §4), as safetensors with
 metadata that identifies the configuration it was trained for."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """FLOP formulas of the prompt-aware attention ops, registered for every backend's custom ops so
-`torch.utils.flop_counter.FlopCounterMode` counts them (DESIGN.md §6)."""
+`torch.utils.flop_counter.FlopCounterMode` counts them (docs/design.md §6)."""
 from __future__ import annotations
 
 import torch

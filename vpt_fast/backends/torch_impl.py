@@ -1,11 +1,11 @@
 """Prompt-aware primitives in plain PyTorch (aten ops only): the executable specification.
 
 Each op comes as a forward primitive and a backward primitive that computes input gradients only
-(the backbone is frozen, DESIGN.md §2.3). `vpt_fast/ops/<op>.py` wraps a pair in one
+(the backbone is frozen, docs/design.md §2.3). `vpt_fast/ops/<op>.py` wraps a pair in one
 `torch.autograd.Function` and decides what is saved; the triton and cuda backends provide the same
 primitives with the same signatures, so every backend is checked against this file.
 
-Attention (DESIGN.md §2.1): queries are a sample's own rows; keys/values are the sample's own rows
+Attention (docs/design.md §2.1): queries are a sample's own rows; keys/values are the sample's own rows
 plus an optional prompt segment `pk/pv` of shape (Bp, H, P, d), where Bp divides B and query batch
 `b` reads prompt batch `b // (B // Bp)`: Bp == 1 is the batch-shared (stride 0) segment of deep VPT,
 Bp == B a per-sample segment, and B = Bp * nW the per-image segment shared by nW Swin windows.

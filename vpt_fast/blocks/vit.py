@@ -6,10 +6,10 @@ separately from the token rows:
     out = block(x, prompts)     # x (B, N, D) token rows, prompts (Bp, P, D) with Bp in {1, B} or None
 
 and returns the token rows only: the prompt rows' outputs are thrown away, as deep VPT replaces them
-before the next block (DESIGN.md §1). With `prompts=None` it is timm's block. Backends:
+before the next block (docs/design.md §1). With `prompts=None` it is timm's block. Backends:
 - "reference": release-style eager — concatenate [prefix, prompts, patches], run timm's own block
   math, drop the prompt rows;
-- "torch" / "triton" / "cuda": the prompt-aware algorithm (DESIGN.md §2): prompt LayerNorm and K/V
+- "torch" / "triton" / "cuda": the prompt-aware algorithm (docs/design.md §2): prompt LayerNorm and K/V
   computed once per prompt batch (Bp = 1 when shared), no prompt queries/attention rows/MLP,
   frozen-backbone ops that compute and save only what input gradients need.
 """

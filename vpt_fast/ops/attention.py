@@ -1,4 +1,4 @@
-"""Prompt-aware attention (DESIGN.md §2.1): a sample's queries attend to its own keys/values plus a
+"""Prompt-aware attention (docs/design.md §2.1): a sample's queries attend to its own keys/values plus a
 prompt segment that is shared by the batch (deep VPT), by the windows of one image (Swin) or per
 sample. One autograd.Function saves q, k, v, the prompt segment once (never its B expanded copies),
 the output and the log-sum-exp; backward recomputes probabilities as flash attention does.

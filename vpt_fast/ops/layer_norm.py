@@ -1,4 +1,4 @@
-"""Frozen LayerNorm: dX-only backward; saves the input and per-row statistics (DESIGN.md §2.3)."""
+"""Frozen LayerNorm: dX-only backward; saves the input and per-row statistics (docs/design.md §2.3)."""
 from __future__ import annotations
 
 from typing import Optional

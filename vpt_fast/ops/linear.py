@@ -1,7 +1,7 @@
 """Frozen linear layer: y = x W^T + b whose backward computes dX only and saves nothing.
 
 With a frozen weight, dX = dY W needs neither x nor y, so nothing is kept alive for backward
-(DESIGN.md §2.3). Weights the user explicitly unfreezes take autograd's ordinary path instead.
+(docs/design.md §2.3). Weights the user explicitly unfreezes take autograd's ordinary path instead.
 """
 from __future__ import annotations
 
