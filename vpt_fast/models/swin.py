@@ -43,8 +43,9 @@ class PromptedSwinTransformer(PromptedModel, SwinTransformer):
         """Images -> (patch grid (B, H, W, C) after `num_stages` stages, the prompt rows after the
         last block when `need_last_prompts` (else possibly None), the grids after stages in `take`).
         `source`: where prompts come from (default `self.vpt`; a `PromptBank` passes its tasks')."""
-        if x.dim() != 4:
-            raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(x.shape)}")
+        if x.dim() != 4 or x.shape[0] == 0:
+            raise ValueError(f"expected images of shape (B, C, H, W) with B >= 1, got {tuple(x.shape)}"
+                             f"{' (batch 0)' if x.dim() == 4 else ''}")
         img_size = getattr(self.patch_embed, "img_size", None)
         if getattr(self.patch_embed, "strict_img_size", False) and tuple(x.shape[-2:]) != tuple(img_size):
             raise ValueError(f"image size {tuple(x.shape[-2:])} does not match the model's {tuple(img_size)} "
