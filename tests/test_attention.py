@@ -205,7 +205,7 @@ def test_attention_bad_inputs_raise_clear_errors():
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("P,Bp,nb", [(50, 1, 0), (50, 8, 0), (0, 1, 0), (1, 1, 0), (7, 2, 4)])
+@pytest.mark.parametrize("P,Bp,nb", [(50, 1, 0), (50, 8, 0), (0, 1, 0), (1, 1, 0), (7, 2, 4), (50, 1, 1)])
 def test_attention_gpu_vit_b(backend, dtype, P, Bp, nb):
     impl = _backend(backend)
     args = _inputs(8, 12, 197, 197, P, Bp, 64, nb, dtype, device="cuda")
@@ -227,10 +227,23 @@ def test_attention_gpu_head_dims(backend, dtype, d):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("d", [32, 80, 128])
-def test_attention_gpu_fp32(backend, d):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("Nq,Nk,P,Bp", [(1, 1, 1, 1), (3, 0, 5, 1), (65, 63, 1, 3), (130, 7, 64, 3),
+                                         (17, 129, 0, 1)])
+def test_attention_gpu_odd_lengths(backend, dtype, Nq, Nk, P, Bp):
+    """Tile edges: single rows, prompt-only keys, lengths just off multiples of 64."""
     impl = _backend(backend)
-    args = _inputs(4, 3, 197, 197, 50, 1, d, 2, torch.float32, device="cuda", seed=d)
+    args = _inputs(3, 2, Nq, Nk, P, Bp, 64, 0, dtype, device="cuda", views=False, seed=Nq)
+    _check_flash_rule(impl, args, 0.125)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d", [32, 64, 80, 128])
+@pytest.mark.parametrize("N,P,Bp,nb", [(197, 50, 1, 2), (67, 50, 1, 2), (67, 7, 4, 0), (67, 0, 1, 1)])
+def test_attention_gpu_fp32(backend, d, N, P, Bp, nb):
+    impl = _backend(backend)
+    args = _inputs(4, 3, N, N, P, Bp, d, nb, torch.float32, device="cuda", seed=d)
     _check_exact(impl, args, d ** -0.5, 1e-4)
 
 
