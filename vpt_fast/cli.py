@@ -9,7 +9,7 @@ from dataclasses import asdict
 
 import torch
 
-from vpt_fast import memory as peak_memory
+import vpt_fast.memory as peak_memory
 from vpt_fast.bench import BenchConfig, activation_memory, environment, format_table, run_bench
 
 

@@ -25,7 +25,7 @@ from torch import Tensor
 from vpt_fast.backends.flops import register_attention_flops
 
 try:
-    from vpt_fast import _C
+    import vpt_fast._C as _C
     _IMPORT_ERROR: Optional[BaseException] = None
 except ImportError as e:  # extension not built (VPT_FAST_NO_EXT=1, no compiler, ...)
     _C = None
