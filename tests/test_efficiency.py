@@ -33,7 +33,7 @@ def counts():
     return result
 
 
-@pytest.mark.parametrize("recompute,max_flops,max_saved", [("none", 0.74, 0.84), ("mlp", None, 0.55),
+@pytest.mark.parametrize("recompute,max_flops,max_saved", [("none", 0.75, 0.84), ("mlp", None, 0.55),
                                                             ("block", 1.25, 0.15)])
 def test_flops_and_saved_bytes_below_eager(counts, recompute, max_flops, max_saved):
     eager_flops, eager_saved = counts[("reference", "none")]
