@@ -316,3 +316,15 @@ def test_layer_decay_groups_prompts_with_their_first_block(family):
     deep = prompted_vit(num_prompts=3, deep=True)
     with pytest.warns(UserWarning, match="layer decay"):
         deep.group_matcher()
+
+
+def test_recompute_mlp_warns_where_it_cannot_apply():
+    from timm.layers import SwiGLUPacked
+    model = tiny_vit(mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU, mlp_ratio=2.0)
+    with pytest.warns(UserWarning, match='recompute="mlp" applies to timm'):
+        vpt_fast.prompt(model, num_prompts=3, recompute="mlp")
+    x, _ = random_batch(model, 2)
+    assert model(x).shape == (2, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vpt_fast.set_backend(model, "torch", "none")  # nothing to warn about

@@ -74,12 +74,19 @@ class PromptedModel:
 
 def apply_block_settings(model: nn.Module) -> None:
     """Push the model's backend and effective recompute policy to every prompt-aware module."""
+    from vpt_fast.ops.mlp import is_fusable
     config = model.vpt_config
     recompute = "block" if getattr(model, "grad_checkpointing", False) else config.recompute
+    unfused = 0
     for module in model.modules():
         if getattr(module, "is_vpt_block", False):
             module.backend = config.backend
             module.recompute = recompute
+            if hasattr(module, "mlp") and not is_fusable(module.norm2, module.mlp):
+                unfused += 1
+    if recompute == "mlp" and unfused:
+        warnings.warn(f'recompute="mlp" applies to timm\'s standard Mlp only: {unfused} block(s) with another MLP '
+                      f"save their activations as with recompute=\"none\" (results are the same)", stacklevel=3)
 
 
 def warn_ignored_dropout(model: nn.Module, keep: tuple[str, ...]) -> None:
