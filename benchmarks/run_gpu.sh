@@ -11,10 +11,13 @@
 #   bash benchmarks/run_gpu.sh swin      # 3: Swin-B training step, attention and window-op
 #                                        #    microbenchmarks, ViT-B inference (pytest-benchmark JSONs)
 #   bash benchmarks/run_gpu.sh profile   # 4: per-kernel time of a ViT-B and a Swin-B training step
+#   bash benchmarks/run_gpu.sh ops       # 5: serving (PromptBank, cached prompt K/V), LayerNorm and
+#                                        #    bias+GELU microbenchmarks (pytest-benchmark JSONs)
 #
 # Files, written as each piece ends, under $RESULTS_DIR ($OUT when set, else
 # benchmarks/results/<device>): call.log (this whole output), headline/<method>.json,
-# tests_ext.log, tests.log, bench_{swin,attention,windows,inference}.json, profile_{vit,swin}.txt.
+# tests_ext.log, tests.log, bench_{swin,attention,windows,inference}.json, profile_{vit,swin}.txt,
+# bench_{serving,layer_norm,bias_gelu}.json.
 # `python benchmarks/gpu_headline.py --summarize DIR` and `python benchmarks/summarize.py FILE.json`
 # turn them into tables.
 #
@@ -40,8 +43,8 @@ steps=("$@")
 (( ${#steps[@]} )) || steps=(headline)
 for step in "${steps[@]}"; do
   case $step in
-    headline | tests | swin | profile) ;;
-    *) echo "run_gpu.sh: unknown step '$step' (expected headline, tests, swin or profile)" >&2; exit 2 ;;
+    headline | tests | swin | ops | profile) ;;
+    *) echo "run_gpu.sh: unknown step '$step' (expected headline, tests, swin, ops or profile)" >&2; exit 2 ;;
   esac
 done
 
@@ -106,6 +109,23 @@ print(json.dumps(full_environment(), indent=1))
 PY
 keep $?
 
+# run_benches NAME:FILE[:K]...: each benchmarks/FILE.py into NAME.json (skipped when BENCH_FILES omits NAME)
+run_benches() {
+  local spec name file only
+  for spec in "$@"; do
+    IFS=: read -r name file only <<< "$spec"
+    if [[ -n "${BENCH_FILES:-}" && " $BENCH_FILES " != *" $name "* ]]; then continue; fi
+    run_until "benchmarks/$file.py -> $name.json" - \
+      $PYTHON -m pytest "benchmarks/$file.py" --benchmark-only --benchmark-json="$RESULTS_DIR/$name.json" -q \
+      -p no:cacheprovider -k "$(both "${BENCH_K-not torch}" "${only:-}")"
+    if [[ -s "$RESULTS_DIR/$name.json" ]]; then
+      $PYTHON benchmarks/summarize.py "$RESULTS_DIR/$name.json" || true
+    else
+      rm -f "$RESULTS_DIR/$name.json"  # pytest-benchmark leaves an empty file when nothing ran
+    fi
+  done
+}
+
 for step in "${steps[@]}"; do
   case $step in
     headline)
@@ -125,19 +145,11 @@ for step in "${steps[@]}"; do
         -k "$(both "${TEST_K:-}" "$without_cuda")"
       ;;
     swin)
-      for spec in bench_swin:bench_swin bench_attention:bench_attention bench_windows:bench_windows \
-                  bench_inference:bench_model:inference; do
-        IFS=: read -r name file only <<< "$spec"
-        if [[ -n "${BENCH_FILES:-}" && " $BENCH_FILES " != *" $name "* ]]; then continue; fi
-        run_until "benchmarks/$file.py -> $name.json" - \
-          $PYTHON -m pytest "benchmarks/$file.py" --benchmark-only --benchmark-json="$RESULTS_DIR/$name.json" -q \
-          -p no:cacheprovider -k "$(both "${BENCH_K-not torch}" "${only:-}")"
-        if [[ -s "$RESULTS_DIR/$name.json" ]]; then
-          $PYTHON benchmarks/summarize.py "$RESULTS_DIR/$name.json" || true
-        else
-          rm -f "$RESULTS_DIR/$name.json"  # pytest-benchmark leaves an empty file when nothing ran
-        fi
-      done
+      run_benches bench_swin:bench_swin bench_attention:bench_attention bench_windows:bench_windows \
+                  bench_inference:bench_model:inference
+      ;;
+    ops)
+      run_benches bench_serving:bench_serving bench_layer_norm:bench_layer_norm bench_bias_gelu:bench_bias_gelu
       ;;
     profile)
       run_until "profile: ViT-B/16 batch 128" "$RESULTS_DIR/profile_vit.txt" \
