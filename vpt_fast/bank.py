@@ -21,11 +21,10 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from vpt_fast.io import _check_entry, metadata, read_prompt_file
-from vpt_fast.models.common import PromptedModel
+from vpt_fast.io import _check_entry, _named_tensors, metadata, read_prompt_file
 from vpt_fast.ops.attention import gather_sets
 from vpt_fast.prompting import _prompted
-from vpt_fast.prompts import VisualPrompts, parameter_key
+from vpt_fast.prompts import KVCacheOwner, VisualPrompts, parameter_key
 
 TaskSource = Union[str, os.PathLike, Mapping[str, Tensor], nn.Module]
 
@@ -79,7 +78,7 @@ class TaskPrompts:
         return self.bank.kv_cache
 
 
-class PromptBank(nn.Module):
+class PromptBank(KVCacheOwner):
     """Several VPT tasks on one prompted backbone.
 
     Args:
@@ -111,7 +110,7 @@ class PromptBank(nn.Module):
             raise ValueError(f"task {name!r} is already in the bank")
         if isinstance(source, nn.Module):
             self._check_model(name, source)
-            state = {n: t.detach() for n, t in _task_tensors(source).items()}
+            state = {n: t.detach() for n, t in _named_tensors(source).items()}
         elif isinstance(source, (str, os.PathLike)):
             state, meta = read_prompt_file(source)
             expected = metadata(self.model)
@@ -210,13 +209,12 @@ class PromptBank(nn.Module):
             raise ValueError("the bank has no tasks: add some with bank.add(name, source)")
         index = self.task_index(tasks, images.shape[0], images.device)
         names = self.task_names
+        present = torch.unique(index).tolist()
         if torch.is_grad_enabled():  # train only what is present; without gradients the table is cached whole
-            present = torch.unique(index).tolist()
             remap = torch.full((len(names),), -1, dtype=torch.long, device=index.device)
             remap[present] = torch.arange(len(present), device=index.device)
             source = TaskPrompts(self, [self.tasks[names[t]] for t in present], remap[index])
         else:
-            present = torch.unique(index).tolist()
             source = TaskPrompts(self, list(self.tasks.values()), index)
         pooled = self.model.forward_pre_logits(images, source=source)
         out = {}
@@ -242,15 +240,6 @@ class PromptBank(nn.Module):
             out = torch.where((task_ids == t)[:, None], logits, out)
         return out
 
-    @property
-    def kv_cache(self) -> dict:
-        return self.__dict__.setdefault("_kv_cache", {})
-
-    def __getstate__(self) -> dict:
-        state = dict(super().__getstate__())
-        state.pop("_kv_cache", None)
-        return state
-
     def train(self, mode: bool = True) -> "PromptBank":
         super().train(mode)
         self.model.train(mode)
@@ -259,12 +248,6 @@ class PromptBank(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         self.model._apply(fn, recurse)
         return super()._apply(fn, recurse)
-
-
-def _task_tensors(model: PromptedModel) -> dict[str, Tensor]:
-    named = dict(model.vpt.state_tensors())
-    named.update({f"head.{n}": p for n, p in model.get_classifier().named_parameters()})
-    return named
 
 
 def _field_hint(entry: str, target: Tensor, got: Tensor) -> str:

@@ -19,7 +19,21 @@ import torch
 from torch import Tensor, nn
 
 
-class VisualPrompts(nn.Module):
+class KVCacheOwner(nn.Module):
+    """A module that holds per-block prompt keys/values computed without gradients (see
+    `vpt_fast.models.vit.block_prompts`): derived values, never pickled or deep-copied."""
+
+    @property
+    def kv_cache(self) -> dict:
+        return self.__dict__.setdefault("_kv_cache", {})
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state.pop("_kv_cache", None)
+        return state
+
+
+class VisualPrompts(KVCacheOwner):
     """Prompt sets per stage, their optional projections, and prompt dropout.
 
     Args:
@@ -98,16 +112,6 @@ class VisualPrompts(nn.Module):
         if self.training and self.dropout.p > 0:
             return None
         return parameter_key(self.parameters())
-
-    @property
-    def kv_cache(self) -> dict:
-        """Per-block prompt keys/values computed without gradients (see models' `_block_prompts`)."""
-        return self.__dict__.setdefault("_kv_cache", {})
-
-    def __getstate__(self) -> dict:
-        state = dict(super().__getstate__())
-        state.pop("_kv_cache", None)  # derived values: never pickled or deep-copied
-        return state
 
 
 def parameter_key(tensors) -> tuple:

@@ -12,12 +12,12 @@ from typing import Callable, Sequence
 import torch
 
 from vpt_fast.bank import PromptBank
-from vpt_fast.bench import BenchConfig, _infer, build_model, count_flops, interleaved_times, make_batch
+from vpt_fast.bench import BenchConfig, _autocast, _infer, build_model, count_flops, interleaved_times, make_batch
+from vpt_fast.io import prompt_state_dict
 
 
 def _bank(model: torch.nn.Module, num_tasks: int, seed: int) -> PromptBank:
     """A bank of `num_tasks` tasks with random prompts and heads on `model`'s backbone."""
-    from vpt_fast.io import prompt_state_dict
     g = torch.Generator().manual_seed(seed)
     bank = PromptBank(model).eval()
     for t in range(num_tasks):
@@ -71,7 +71,6 @@ def run_inference_bench(cfg: BenchConfig, task_counts: Sequence[int] = (1, 8, 64
 
 
 def _infer_bank(bank: PromptBank, x: torch.Tensor, ids: torch.Tensor, cfg: BenchConfig):
-    from vpt_fast.bench import _autocast
     with torch.inference_mode(), _autocast(cfg):
         return bank(x, ids)
 

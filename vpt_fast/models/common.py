@@ -8,9 +8,8 @@ new module built before the model changes, and any failure restores the model ex
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional
+from typing import Callable
 
-import torch
 from torch import nn
 
 from vpt_fast.config import PromptConfig
@@ -149,8 +148,7 @@ def install(model: nn.Module, cls: type, prompts: VisualPrompts, config: PromptC
             parent._modules[name] = module
         for p, flag in saved_flags:
             p.requires_grad_(flag)
-        for attr in ("vpt_config",):
-            model.__dict__.pop(attr, None)
+        model.__dict__.pop("vpt_config", None)
         if saved_ckpt is None:
             model.__dict__.pop("grad_checkpointing", None)
         else:
@@ -164,18 +162,12 @@ def check_unprompted(model: nn.Module) -> None:
         raise ValueError("model is already prompted (it has a `vpt` module); create a fresh model")
 
 
-def device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+def prompt_module(model: nn.Module, num_sets: list[int], widths: list[int], config: PromptConfig,
+                  per_stage: bool) -> VisualPrompts:
+    """Build the prompt parameters on the model's device and dtype (before the model changes)."""
     param = next(model.parameters(), None)
     if param is None:
         raise TypeError(f"{type(model).__name__} has no parameters")
-    return param.device, param.dtype
-
-
-def prompt_module(model: nn.Module, num_sets: list[int], widths: list[int], config: PromptConfig,
-                  per_stage: bool, patch_size: Optional[tuple[int, int]] = None) -> VisualPrompts:
-    """Build the prompt parameters on the model's device and dtype (before the model changes)."""
-    device, dtype = device_dtype(model)
-    patch = tuple(patch_size if patch_size is not None else model.patch_embed.patch_size)
-    prompts = VisualPrompts(num_sets, config.num_prompts, widths, patch, config.project, config.dropout,
-                            per_stage=per_stage)
-    return prompts.to(device=device, dtype=dtype)
+    prompts = VisualPrompts(num_sets, config.num_prompts, widths, tuple(model.patch_embed.patch_size),
+                            config.project, config.dropout, per_stage=per_stage)
+    return prompts.to(device=param.device, dtype=param.dtype)
