@@ -1,14 +1,20 @@
 // vpt_fast._C: torch operator library `vpt_fast` (docs/design.md §3).
 //
-//   torch.ops.vpt_fast.attention_fwd(q, k, v, pk, pv, scale, bias=None) -> (out, lse)
-//   torch.ops.vpt_fast.attention_bwd(dout, q, k, v, pk, pv, out, lse, scale, bias=None)
-//       -> (dq, dk, dv, dpk, dpv)       dpk/dpv are empty (numel 0) tensors when pk is None
+//   torch.ops.vpt_fast.attention_fwd(q, k, v, pk, pv, scale, bias=None, prompt_index=None)
+//       -> (out, lse)
+//   torch.ops.vpt_fast.attention_bwd(dout, q, k, v, pk, pv, out, lse, scale, bias=None,
+//                                    prompt_index=None, dqkv=None) -> (dq, dk, dv, dpk, dpv)
+//       dpk/dpv are empty (numel 0) tensors when pk is None; dq/dk/dv are empty when dqkv is given
+//       (the op writes them into dqkv, its one mutated argument: no output aliases an input)
 //
-// Shapes: q (B, H, Nq, d); k, v (B, H, Nk, d); pk, pv (Bp, H, P, d) with Bp | B (query batch b
-// reads prompt batch b / (B / Bp)); bias (nB, H, Nq, Nk) with nB | B (query batch b reads
-// bias[b % nB]) added to own-key scores only; lse (B, H, Nq) float32 (float64 for float64 inputs
-// on CPU). Any strides with a unit stride on the last dim. Outputs out/dq/dk/dv/dpk/dpv are
-// (B, H, N, d) views of (B, N, H, d) buffers.
+// Shapes: q (B, H, Nq, d); k, v (B, H, Nk, d); pk, pv (S, H, P, d) prompt sets; query batch b reads
+// set prompt_index[b] with a prompt-set index (int64 (B,), contiguous, on q's device, values in
+// [0, S): the caller checks values on CUDA, kernels trust them), else set b / (B / S) with S | B.
+// bias (nB, H, Nq, Nk) with nB | B (query batch b reads bias[b % nB]) added to own-key scores
+// only; lse (B, H, Nq) float32 (float64 for float64 inputs on CPU). dqkv (B, N, 3, H, d) in q's
+// dtype, Nq == Nk == N (the qkv projection's output layout): dq, dk, dv are written into
+// dqkv[:, :, i].transpose(1, 2), i = 0, 1, 2. Any strides with a unit stride on the last dim.
+// Outputs out/dq/dk/dv/dpk/dpv are (B, H, N, d) views of (B, N, H, d) buffers.
 //
 // This file checks every argument (errors name the argument, what was expected, what came in;
 // ValueError for shapes/devices/layouts, TypeError for dtypes) and dispatches to the CPU twin or
@@ -74,10 +80,61 @@ void check_same_dtype(const char* fn, const char* name, const Tensor& t, const T
                    q.scalar_type(), "), got ", t.scalar_type());
 }
 
-// Checks q, k, v, pk, pv, bias; returns true when a prompt segment is present.
+// Checks the prompt-set index's dtype, shape, device and layout (its values: check_index_values).
+void check_prompt_index(const char* fn, const Tensor& index, const Tensor& q,
+                        const optional<Tensor>& pk) {
+  const int64_t B = q.size(0);
+  TORCH_CHECK_VALUE(pk.has_value(), fn, ": prompt_index needs the prompt sets pk, pv (S, H, P, d), "
+                    "got pk None");
+  TORCH_CHECK_VALUE(index.defined(), fn, ": prompt_index must be a tensor or None");
+  TORCH_CHECK_TYPE(index.scalar_type() == at::kLong, fn, ": prompt_index dtype must be int64 (Long), "
+                   "got ", index.scalar_type());
+  TORCH_CHECK_VALUE(index.dim() == 1 && index.size(0) == B, fn,
+                    ": prompt_index must be (B,) = (", B, ",), one prompt set per query batch, got shape ",
+                    index.sizes());
+  TORCH_CHECK_VALUE(index.device() == q.device(), fn, ": prompt_index must be on q's device ",
+                    q.device(), ", got ", index.device());
+  TORCH_CHECK_VALUE(index.is_contiguous(), fn, ": prompt_index must be contiguous, got strides ",
+                    index.strides());
+  TORCH_CHECK_VALUE(pk->size(0) >= 1, fn, ": prompt_index needs at least one prompt set, got pk shape ",
+                    pk->sizes());
+}
+
+// CPU only (reading the values costs nothing there): every prompt set index in [0, S).
+void check_index_values(const char* fn, const optional<Tensor>& index, const optional<Tensor>& pk) {
+  if (!index.has_value()) return;
+  const int64_t S = pk->size(0);
+  const int64_t* values = index->data_ptr<int64_t>();
+  for (int64_t b = 0; b < index->size(0); ++b)
+    TORCH_CHECK_VALUE(values[b] >= 0 && values[b] < S, fn, ": prompt_index values must be in [0, S=", S,
+                      "), got ", values[b], " at position ", b);
+}
+
+// Checks the qkv-gradient buffer dqkv (B, N, 3, H, d) against q, k.
+void check_dqkv(const char* fn, const Tensor& dqkv, const Tensor& q, const Tensor& k) {
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), d = q.size(3);
+  check_tensor(fn, "dqkv", dqkv, q, 5);
+  check_same_dtype(fn, "dqkv", dqkv, q);
+  TORCH_CHECK_VALUE(Nq == k.size(2), fn, ": dqkv needs as many queries as keys (Nq == Nk), got Nq=",
+                    Nq, ", Nk=", k.size(2));
+  TORCH_CHECK_VALUE(dqkv.size(0) == B && dqkv.size(1) == Nq && dqkv.size(2) == 3 && dqkv.size(3) == H &&
+                        dqkv.size(4) == d,
+                    fn, ": dqkv must be (B=", B, ", N=", Nq, ", 3, H=", H, ", d=", d, "), got shape ",
+                    dqkv.sizes());
+  check_unit_stride(fn, "dqkv", dqkv);
+}
+
+// dq, dk, dv: the (B, H, N, d) views dqkv[:, :, i].transpose(1, 2), or none.
+QkvGradViews qkv_grad_views(const optional<Tensor>& dqkv) {
+  if (!dqkv.has_value()) return {};
+  return {dqkv->select(2, 0).transpose(1, 2), dqkv->select(2, 1).transpose(1, 2),
+          dqkv->select(2, 2).transpose(1, 2)};
+}
+
+// Checks q, k, v, pk, pv, bias, prompt_index; returns true when a prompt segment is present.
 bool check_attention(const char* fn, const Tensor& q, const Tensor& k, const Tensor& v,
                      const optional<Tensor>& pk, const optional<Tensor>& pv,
-                     const optional<Tensor>& bias) {
+                     const optional<Tensor>& bias, const optional<Tensor>& prompt_index) {
   TORCH_CHECK_VALUE(q.defined(), fn, ": q must be a tensor");
   TORCH_CHECK_VALUE(q.device().is_cpu() || q.device().is_cuda(), fn,
                     ": q must be a CPU or CUDA tensor, got device ", q.device());
@@ -115,12 +172,18 @@ bool check_attention(const char* fn, const Tensor& q, const Tensor& k, const Ten
     TORCH_CHECK_VALUE(pv->sizes() == pk->sizes(), fn, ": pv must have pk's shape ", pk->sizes(),
                       ", got shape ", pv->sizes());
     const int64_t Bp = pk->size(0);
-    TORCH_CHECK_VALUE(Bp >= 1 && B % Bp == 0, fn, ": prompt batch Bp=", Bp,
-                      " must divide the query batch B=", B, " (pk shape ", pk->sizes(), ")");
+    if (prompt_index.has_value()) {
+      check_prompt_index(fn, *prompt_index, q, pk);
+    } else {
+      TORCH_CHECK_VALUE(Bp >= 1 && B % Bp == 0, fn, ": prompt batch Bp=", Bp,
+                        " must divide the query batch B=", B, " (pk shape ", pk->sizes(),
+                        "; or pass prompt_index to pick a prompt set per query batch)");
+    }
     check_unit_stride(fn, "pk", *pk);
     check_unit_stride(fn, "pv", *pv);
     P = pk->size(2);
   }
+  if (prompt_index.has_value() && !pk.has_value()) check_prompt_index(fn, *prompt_index, q, pk);
   TORCH_CHECK_VALUE(k.size(2) + P >= 1, fn,
                     ": attention needs at least one key (Nk + P >= 1), got Nk=", k.size(2), ", P=", P);
   if (bias.has_value()) {
@@ -164,13 +227,19 @@ optional<Tensor> nonempty(const optional<Tensor>& p) {
   return p;
 }
 
-using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
-
-// P == 0 ran as "no prompts": give back zero-size prompt gradients of pk's shape.
-Grads with_prompt_grad_shapes(Grads r, const optional<Tensor>& pk, const optional<Tensor>& pv) {
+// The op's outputs from the computed gradients. P == 0 ran as "no prompts": zero-size prompt
+// gradients of pk's shape. With dqkv, dq/dk/dv live in it (the mutated argument): the op returns
+// empty tensors in their place, as no output may alias an input.
+AttnGrads op_outputs(AttnGrads r, const Tensor& q, const optional<Tensor>& pk,
+                     const optional<Tensor>& pv, const optional<Tensor>& dqkv) {
   if (pk.has_value() && pk->size(2) == 0) {
     std::get<3>(r) = at::zeros_like(*pk);
     std::get<4>(r) = at::zeros_like(*pv);
+  }
+  if (dqkv.has_value()) {
+    std::get<0>(r) = at::empty({0}, q.options());
+    std::get<1>(r) = at::empty({0}, q.options());
+    std::get<2>(r) = at::empty({0}, q.options());
   }
   return r;
 }
@@ -178,20 +247,27 @@ Grads with_prompt_grad_shapes(Grads r, const optional<Tensor>& pk, const optiona
 std::tuple<Tensor, Tensor> attention_fwd_cpu_op(const Tensor& q, const Tensor& k, const Tensor& v,
                                                 const optional<Tensor>& pk,
                                                 const optional<Tensor>& pv, double scale,
-                                                const optional<Tensor>& bias) {
-  check_attention("vpt_fast.attention_fwd", q, k, v, pk, pv, bias);
-  return attention_fwd_cpu(q, k, v, nonempty(pk), nonempty(pv), scale, bias);
+                                                const optional<Tensor>& bias,
+                                                const optional<Tensor>& prompt_index) {
+  const char* fn = "vpt_fast.attention_fwd";
+  check_attention(fn, q, k, v, pk, pv, bias, prompt_index);
+  check_index_values(fn, prompt_index, pk);
+  return attention_fwd_cpu(q, k, v, nonempty(pk), nonempty(pv), scale, bias, prompt_index);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu_op(
-    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const optional<Tensor>& pk,
-    const optional<Tensor>& pv, const Tensor& out, const Tensor& lse, double scale,
-    const optional<Tensor>& bias) {
+AttnGrads attention_bwd_cpu_op(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                               const optional<Tensor>& pk, const optional<Tensor>& pv,
+                               const Tensor& out, const Tensor& lse, double scale,
+                               const optional<Tensor>& bias, const optional<Tensor>& prompt_index,
+                               const optional<Tensor>& dqkv) {
   const char* fn = "vpt_fast.attention_bwd";
-  check_attention(fn, q, k, v, pk, pv, bias);
+  check_attention(fn, q, k, v, pk, pv, bias, prompt_index);
   check_backward(fn, dout, q, out, lse);
-  return with_prompt_grad_shapes(
-      attention_bwd_cpu(dout, q, k, v, nonempty(pk), nonempty(pv), out, lse, scale, bias), pk, pv);
+  check_index_values(fn, prompt_index, pk);
+  if (dqkv.has_value()) check_dqkv(fn, *dqkv, q, k);
+  return op_outputs(attention_bwd_cpu(dout, q, k, v, nonempty(pk), nonempty(pv), out, lse, scale,
+                                      bias, prompt_index, qkv_grad_views(dqkv)),
+                    q, pk, pv, dqkv);
 }
 
 #ifdef VPT_FAST_WITH_CUDA
@@ -207,23 +283,27 @@ void check_cuda_capability(const char* fn, const Tensor& q) {
 std::tuple<Tensor, Tensor> attention_fwd_cuda_op(const Tensor& q, const Tensor& k, const Tensor& v,
                                                  const optional<Tensor>& pk,
                                                  const optional<Tensor>& pv, double scale,
-                                                 const optional<Tensor>& bias) {
+                                                 const optional<Tensor>& bias,
+                                                 const optional<Tensor>& prompt_index) {
   const char* fn = "vpt_fast.attention_fwd";
-  check_attention(fn, q, k, v, pk, pv, bias);
+  check_attention(fn, q, k, v, pk, pv, bias, prompt_index);
   check_cuda_capability(fn, q);
-  return attention_fwd_cuda(q, k, v, nonempty(pk), nonempty(pv), scale, bias);
+  return attention_fwd_cuda(q, k, v, nonempty(pk), nonempty(pv), scale, bias, prompt_index);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd_cuda_op(
-    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const optional<Tensor>& pk,
-    const optional<Tensor>& pv, const Tensor& out, const Tensor& lse, double scale,
-    const optional<Tensor>& bias) {
+AttnGrads attention_bwd_cuda_op(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                                const optional<Tensor>& pk, const optional<Tensor>& pv,
+                                const Tensor& out, const Tensor& lse, double scale,
+                                const optional<Tensor>& bias, const optional<Tensor>& prompt_index,
+                                const optional<Tensor>& dqkv) {
   const char* fn = "vpt_fast.attention_bwd";
-  check_attention(fn, q, k, v, pk, pv, bias);
+  check_attention(fn, q, k, v, pk, pv, bias, prompt_index);
   check_backward(fn, dout, q, out, lse);
+  if (dqkv.has_value()) check_dqkv(fn, *dqkv, q, k);
   check_cuda_capability(fn, q);
-  return with_prompt_grad_shapes(
-      attention_bwd_cuda(dout, q, k, v, nonempty(pk), nonempty(pv), out, lse, scale, bias), pk, pv);
+  return op_outputs(attention_bwd_cuda(dout, q, k, v, nonempty(pk), nonempty(pv), out, lse, scale,
+                                       bias, prompt_index, qkv_grad_views(dqkv)),
+                    q, pk, pv, dqkv);
 }
 #endif
 
@@ -232,10 +312,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd_cuda_op(
 
 TORCH_LIBRARY(vpt_fast, m) {
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? pk, Tensor? pv, float scale, "
-        "Tensor? bias=None) -> (Tensor, Tensor)");
+        "Tensor? bias=None, Tensor? prompt_index=None) -> (Tensor, Tensor)");
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? pk, Tensor? pv, "
-        "Tensor out, Tensor lse, float scale, Tensor? bias=None) -> (Tensor, Tensor, Tensor, "
-        "Tensor, Tensor)");
+        "Tensor out, Tensor lse, float scale, Tensor? bias=None, Tensor? prompt_index=None, "
+        "Tensor(a!)? dqkv=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(vpt_fast, CPU, m) {

@@ -1,7 +1,7 @@
 // Backward launchers of the tensor-core prompt-aware FlashAttention (kernels: attention_kernels.cuh):
 // delta = rowsum(dout * out), the dQ kernel (per query tile), the dK/dV kernel over own keys (per
-// key tile) and over prompt keys (per key tile and chunk of query batches, fp32 partials that
-// attention_cuda.cu reduces in a fixed order); bf16/fp16 x head dims {32, 64, 80, 128}.
+// key tile) and over prompt keys (per key tile, prompt set and split of its query batches, fp32
+// partials that attention_cuda.cu reduces in a fixed order); bf16/fp16 x head dims {32, 64, 80, 128}.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -36,7 +36,7 @@ void run_bwd(const AttnParams& p) {
     auto prompt_kernel = kern::bwd_dkdv_tc_kernel<T, D, true>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(prompt_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(C::bytes)));
-    const int units = p.B / p.G * p.prompt_split;  // (prompt batch, chunk) pairs
+    const int units = p.S * p.prompt_split;  // (prompt set, split) pairs
     prompt_kernel<<<dim3(units * p.H, kern::ceil_div(p.P, C::BR)), kern::kThreads, C::bytes, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

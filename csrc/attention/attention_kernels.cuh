@@ -9,9 +9,11 @@
 // accumulator lives in shared memory (fp32) and is rescaled per row.
 // Backward: dQ kernel (per query tile, loops over key tiles, dQ in WMMA accumulators) and dK/dV
 // kernels (per 64-key tile, loops over query tiles, dK/dV in WMMA accumulators): one over own keys,
-// one over prompt keys, whose CTAs each sum a chunk of the G query batches sharing a prompt batch
-// into an fp32 partial; a reduce kernel adds the chunks in a fixed order (deterministic, no
-// atomics; ViT-B on an H100, B=128, P=50: 43 chunks of 3 batches, 2 x 6.6 MB of partials).
+// one over prompt keys, whose CTAs each sum one split of the query batches reading a prompt set
+// (batches dealt round-robin, in the set's fixed order) into an fp32 partial; a reduce kernel adds
+// the splits in a fixed order (deterministic, no atomics; ViT-B on an H100, B=128, P=50, one set:
+// 44 splits of about 3 batches, 2 x 6.8 MB of partials). The prompt set of a query batch is read
+// through the prompt-set index inside the kernels (no gathered per-batch copy of the prompt K/V).
 //
 // Cost (ViT-B/16 deep VPT, B=8, H=12, Nq=197, P=50, d=64): forward 4*B*H*Nq*(P+Nk)*d = 3.0 GFLOP,
 // about 10 MB moved (q, k, v, out in bf16, prompt K/V once): compute-bound on tensor cores at this
@@ -58,7 +60,28 @@ __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
-// Base pointers of one (batch, head): own rows and the prompt rows of its prompt batch.
+// Prompt set read by query batch b: prompt_index[b], or b / G without an index.
+__device__ __forceinline__ int64_t prompt_set(const AttnParams& p, int b) {
+  return p.prompt_index != nullptr ? p.prompt_index[b] : (int64_t)(b / p.G);
+}
+
+// The query batches that read prompt set s, in the fixed order of AttnParams::set_order.
+struct SetSamples {
+  const int64_t* order;  // nullptr: batches begin, begin + 1, ... (no index)
+  int64_t begin;
+  int count;
+  __device__ __forceinline__ int operator[](int pos) const {
+    return order != nullptr ? (int)order[begin + pos] : (int)(begin + pos);
+  }
+};
+
+__device__ __forceinline__ SetSamples set_samples(const AttnParams& p, int s) {
+  if (p.set_order != nullptr)
+    return {p.set_order, p.set_offsets[s], (int)(p.set_offsets[s + 1] - p.set_offsets[s])};
+  return {nullptr, (int64_t)s * p.G, p.G};
+}
+
+// Base pointers of one (batch, head): own rows and the prompt rows of its prompt set.
 template <typename T>
 struct JointRows {
   const T* own;
@@ -77,7 +100,7 @@ __device__ __forceinline__ JointRows<T> joint_rows(const void* own, int64_t bs, 
                                                    int64_t prs, const AttnParams& p, int b, int h) {
   JointRows<T> r;
   r.own = static_cast<const T*>(own) + (int64_t)b * bs + (int64_t)h * hs;
-  r.prompt = p.P > 0 ? static_cast<const T*>(prompt) + (int64_t)(b / p.G) * pbs + (int64_t)h * phs
+  r.prompt = p.P > 0 ? static_cast<const T*>(prompt) + prompt_set(p, b) * pbs + (int64_t)h * phs
                      : nullptr;
   r.own_rs = rs;
   r.prompt_rs = prs;
@@ -431,10 +454,11 @@ __global__ void __launch_bounds__(kThreads) bwd_dq_tc_kernel(const AttnParams p)
 
 // dK/dV of one 64-row key tile of one head; loops over all query tiles of its query batches.
 // kPrompt == false: own keys of batch b (blockIdx.x = b * H + h), written in T to dk/dv.
-// kPrompt == true: prompt keys of prompt batch bp, summed over the consecutive query batches of
-// chunk s (blockIdx.x = (bp * prompt_split + s) * H + h) in increasing order, written as an fp32
-// partial to dpk_part/dpv_part[bp * prompt_split + s]; bwd_prompt_reduce_kernel adds the chunks.
-// The prompt K/V tile is loaded once per chunk; no atomics, so the result is bitwise reproducible.
+// kPrompt == true: prompt keys of prompt set s, summed over the query batches of split j
+// (blockIdx.x = (s * prompt_split + j) * H + h: the set's batches at positions j, j + prompt_split,
+// ... of its fixed order), written as an fp32 partial to dpk_part/dpv_part[s * prompt_split + j];
+// bwd_prompt_reduce_kernel adds the splits. The prompt K/V tile is loaded once per split; no
+// atomics, so the result is bitwise reproducible. A split with no batches writes zeros.
 template <typename T, int D, bool kPrompt>
 __global__ void __launch_bounds__(kThreads) bwd_dkdv_tc_kernel(const AttnParams p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
@@ -451,23 +475,27 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_tc_kernel(const AttnParams 
   float* dl_s = lse_s + BM;
 
   const int h = blockIdx.x % p.H;
-  const int unit = blockIdx.x / p.H;  // own keys: the batch b; prompt keys: bp * prompt_split + s
+  const int unit = blockIdx.x / p.H;  // own keys: the batch b; prompt keys: s * prompt_split + j
   const int n0 = blockIdx.y * BN;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row = warp * 16 + (lane >> 1), half = lane & 1;
   const int j = n0 + row;  // this lane pair's key row within its segment
   const int n_keys = kPrompt ? p.P : p.Nk;
 
-  int b_first = unit, b_end = unit + 1;
+  // batches: own keys, the one batch `unit`; prompt keys, positions first, first + step, ... < count
+  // of the set's batches
+  SetSamples samples{nullptr, unit, 1};
+  int first = 0, step = 1;
   const T* kb;
   const T* vb;
   int64_t k_rs, v_rs;
   if constexpr (kPrompt) {
-    const int bp = unit / p.prompt_split, s = unit % p.prompt_split;
-    b_first = bp * p.G + s * p.prompt_per;
-    b_end = min(b_first + p.prompt_per, (bp + 1) * p.G);
-    kb = static_cast<const T*>(p.pk) + (int64_t)bp * p.pk_bs + (int64_t)h * p.pk_hs;
-    vb = static_cast<const T*>(p.pv) + (int64_t)bp * p.pv_bs + (int64_t)h * p.pv_hs;
+    const int s = unit / p.prompt_split;
+    samples = set_samples(p, s);
+    first = unit % p.prompt_split;
+    step = p.prompt_split;
+    kb = static_cast<const T*>(p.pk) + (int64_t)s * p.pk_bs + (int64_t)h * p.pk_hs;
+    vb = static_cast<const T*>(p.pv) + (int64_t)s * p.pv_bs + (int64_t)h * p.pv_hs;
     k_rs = p.pk_rs;
     v_rs = p.pv_rs;
   } else {
@@ -494,7 +522,8 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_tc_kernel(const AttnParams 
   float* st_w = St + warp * 16 * LDS;
   float* dpt_w = dPt + warp * 16 * LDS;
 
-  for (int b = b_first; b < b_end; ++b) {
+  for (int pos = first; pos < samples.count; pos += step) {
+    const int b = samples[pos];
     const T* qb = static_cast<const T*>(p.q) + (int64_t)b * p.q_bs + (int64_t)h * p.q_hs;
     const T* dob = static_cast<const T*>(p.dout) + (int64_t)b * p.do_bs + (int64_t)h * p.do_hs;
     // bias column of own key j (stride Nk over queries); prompt keys have none
@@ -575,13 +604,13 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_tc_kernel(const AttnParams 
 #endif
 }
 
-// dpk[bp, h, i, c] = sum over s < prompt_split of dpk_part[bp * prompt_split + s, h, i, c], added
-// in increasing s (a fixed order: bitwise reproducible) and rounded once to T; likewise dpv.
+// dpk[s, h, i, c] = sum over j < prompt_split of dpk_part[s * prompt_split + j, h, i, c], added
+// in increasing j (a fixed order: bitwise reproducible) and rounded once to T; likewise dpv.
 // One thread per output element; consecutive threads read consecutive floats of every partial.
 template <typename T>
 __global__ void __launch_bounds__(256) bwd_prompt_reduce_kernel(const AttnParams p) {
   const int64_t unit_numel = (int64_t)p.H * p.P * p.d;
-  const int64_t n = (int64_t)(p.B / p.G) * unit_numel;
+  const int64_t n = (int64_t)p.S * unit_numel;
   const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= n) return;
   const int c = (int)(idx % p.d);
@@ -589,16 +618,16 @@ __global__ void __launch_bounds__(256) bwd_prompt_reduce_kernel(const AttnParams
   const int i = (int)(r % p.P);
   r /= p.P;
   const int h = (int)(r % p.H);
-  const int64_t bp = r / p.H;
-  const int64_t src = bp * p.prompt_split * unit_numel + ((int64_t)h * p.P + i) * p.d + c;
+  const int64_t s = r / p.H;
+  const int64_t src = s * p.prompt_split * unit_numel + ((int64_t)h * p.P + i) * p.d + c;
   float acc_k = 0.f, acc_v = 0.f;
 #pragma unroll 4
-  for (int s = 0; s < p.prompt_split; ++s) {
-    acc_k += p.dpk_part[src + s * unit_numel];
-    acc_v += p.dpv_part[src + s * unit_numel];
+  for (int j = 0; j < p.prompt_split; ++j) {
+    acc_k += p.dpk_part[src + j * unit_numel];
+    acc_v += p.dpv_part[src + j * unit_numel];
   }
-  static_cast<T*>(p.dpk)[bp * p.dpk_bs + (int64_t)h * p.dpk_hs + (int64_t)i * p.dpk_rs + c] = from_f<T>(acc_k);
-  static_cast<T*>(p.dpv)[bp * p.dpv_bs + (int64_t)h * p.dpv_hs + (int64_t)i * p.dpv_rs + c] = from_f<T>(acc_v);
+  static_cast<T*>(p.dpk)[s * p.dpk_bs + (int64_t)h * p.dpk_hs + (int64_t)i * p.dpk_rs + c] = from_f<T>(acc_k);
+  static_cast<T*>(p.dpv)[s * p.dpv_bs + (int64_t)h * p.dpv_hs + (int64_t)i * p.dpv_rs + c] = from_f<T>(acc_v);
 }
 
 }  // namespace kern
