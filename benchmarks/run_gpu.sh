@@ -11,13 +11,14 @@
 #   bash benchmarks/run_gpu.sh swin      # 3: Swin-B training step, attention and window-op
 #                                        #    microbenchmarks, ViT-B inference (pytest-benchmark JSONs)
 #   bash benchmarks/run_gpu.sh profile   # 4: per-kernel time of a ViT-B and a Swin-B training step
-#   bash benchmarks/run_gpu.sh ops       # 5: serving (PromptBank, cached prompt K/V), LayerNorm and
-#                                        #    bias+GELU microbenchmarks (pytest-benchmark JSONs)
+#   bash benchmarks/run_gpu.sh ops       # 5: serving (PromptBank, cached prompt K/V), LayerNorm,
+#                                        #    residual add + LayerNorm and bias+GELU microbenchmarks
+#                                        #    (pytest-benchmark JSONs)
 #
 # Files, written as each piece ends, under $RESULTS_DIR ($OUT when set, else
 # benchmarks/results/<device>): call.log (this whole output), headline/<method>.json,
 # tests_ext.log, tests.log, bench_{swin,attention,windows,inference}.json, profile_{vit,swin}.txt,
-# bench_{serving,layer_norm,bias_gelu}.json.
+# bench_{serving,layer_norm,add_layer_norm,bias_gelu}.json.
 # `python benchmarks/gpu_headline.py --summarize DIR` and `python benchmarks/summarize.py FILE.json`
 # turn them into tables.
 #
@@ -149,7 +150,8 @@ for step in "${steps[@]}"; do
                   bench_inference:bench_model:inference
       ;;
     ops)
-      run_benches bench_serving:bench_serving bench_layer_norm:bench_layer_norm bench_bias_gelu:bench_bias_gelu
+      run_benches bench_serving:bench_serving bench_layer_norm:bench_layer_norm \
+                  bench_add_layer_norm:bench_add_layer_norm bench_bias_gelu:bench_bias_gelu
       ;;
     profile)
       run_until "profile: ViT-B/16 batch 128" "$RESULTS_DIR/profile_vit.txt" \

@@ -308,3 +308,39 @@ def bias_gelu_fwd(h: Tensor, bias: Optional[Tensor]) -> Tensor:
 def bias_gelu_bwd(dg: Tensor, h: Tensor, bias: Optional[Tensor]) -> Tensor:
     """d gelu(h + bias) / dh: dX only."""
     return torch.ops.aten.gelu_backward(dg, h if bias is None else h + bias)
+
+def add_layer_norm_fwd(residual: Tensor, branch: Tensor, scale: Optional[Tensor], weight: Optional[Tensor],
+                       bias: Optional[Tensor], eps: float,
+                       out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Residual add then LayerNorm over the last dim: s = residual + branch * scale (`scale` an optional
+    per-channel LayerScale), computed as timm's `x + ls(branch)` computes it, in torch's promoted
+    dtype; y = LayerNorm(s) with statistics in the accumulation dtype (float32, float64 for float64),
+    rounded once to `out_dtype` (default s's dtype). Returns (s, y, mean, rstd)."""
+    s = residual + (branch if scale is None else branch * scale)
+    acc = _acc_dtype(s)
+    if s.dtype == acc and all(t is None or t.dtype == acc for t in (weight, bias)):
+        y, mean, rstd = layer_norm_fwd(s, weight, bias, eps, out_dtype)
+    else:  # half-precision rows or a mixed affine: normalise the rows upcast, as autocast's LayerNorm does
+        y, mean, rstd = layer_norm_fwd(s.to(acc), *(None if t is None else t.to(acc) for t in (weight, bias)),
+                                       eps, out_dtype or s.dtype)
+    return s, y, mean, rstd
+
+
+def add_layer_norm_bwd(ds: Optional[Tensor], dy: Optional[Tensor], s: Tensor, weight: Optional[Tensor],
+                       mean: Tensor, rstd: Tensor, scale: Optional[Tensor],
+                       branch_dtype: torch.dtype) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Input gradients of `add_layer_norm_fwd` (the affine and the scale are frozen): (d residual,
+    d branch). d residual = ds + LayerNorm's dX(dy), both in s's dtype, summed as autograd sums the
+    two uses of s; d branch = d residual times `scale` in the product's dtype, in `branch_dtype`.
+    `ds` or `dy` may be None (no gradient reached s or y); both None gives (None, None)."""
+    if ds is None and dy is None:
+        return None, None
+    total = ds
+    if dy is not None:
+        acc = _acc_dtype(s)
+        dx = layer_norm_bwd(dy, s if s.dtype == acc else s.to(acc), weight, mean, rstd).to(s.dtype)
+        total = dx if ds is None else ds.to(s.dtype) + dx
+    if scale is None:
+        return total, total.to(branch_dtype)
+    product_dtype = torch.promote_types(branch_dtype, scale.dtype)
+    return total, (total.to(product_dtype) * scale).to(branch_dtype)

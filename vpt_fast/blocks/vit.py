@@ -23,10 +23,11 @@ from torch.utils.checkpoint import checkpoint
 
 from vpt_fast.backends import resolve_auto, validate_backend
 from vpt_fast.config import RECOMPUTE
+from vpt_fast.ops.add_layer_norm import add_layer_norm
 from vpt_fast.ops.attention import gather_sets, prompt_attention
 from vpt_fast.ops.layer_norm import layer_norm
 from vpt_fast.ops.linear import linear
-from vpt_fast.ops.mlp import is_fusable, norm_mlp
+from vpt_fast.ops.mlp import add_norm_mlp, is_fusable, norm_mlp
 
 
 class ViTBlock(nn.Module):
@@ -126,11 +127,24 @@ class ViTBlock(nn.Module):
     def _forward(self, x: Tensor, prompts, backend: str, query_rows: Optional[int] = None,
                  prompt_index: Optional[Tensor] = None) -> Tensor:
         residual = x if query_rows is None else x[:, :query_rows]
-        x = residual + self.drop_path1(self.ls1(self._attention(x, prompts, backend, query_rows, prompt_index)))
-        if is_fusable(self.norm2, self.mlp):
-            y = norm_mlp(x, self.norm2, self.mlp, self.recompute == "mlp", backend)
+        return self._residual_mlp(residual, self._attention(x, prompts, backend, query_rows, prompt_index), backend)
+
+    def _residual_mlp(self, residual: Tensor, branch: Tensor, backend: str) -> Tensor:
+        """timm's block after attention: x = residual + drop_path1(ls1(branch)), then
+        x + drop_path2(ls2(mlp(norm2(x)))). When drop_path1 is an identity and ls1 an identity or a
+        frozen LayerScale, the add runs inside norm2's kernels (`add_norm_mlp`, `add_layer_norm`)."""
+        foldable, scale = _branch_scale(self.ls1, self.drop_path1)
+        if not foldable:
+            x = residual + self.drop_path1(self.ls1(branch))
+            if is_fusable(self.norm2, self.mlp):
+                y = norm_mlp(x, self.norm2, self.mlp, self.recompute == "mlp", backend)
+            else:
+                y = self.mlp(layer_norm(x, self.norm2, backend))
+        elif is_fusable(self.norm2, self.mlp):
+            x, y = add_norm_mlp(residual, branch, scale, self.norm2, self.mlp, self.recompute == "mlp", backend)
         else:
-            y = self.mlp(layer_norm(x, self.norm2, backend))
+            x, xn = add_layer_norm(residual, branch, self.norm2, backend, scale)
+            y = self.mlp(xn)
         return x + self.drop_path2(self.ls2(y))
 
     def prompt_kv(self, prompts: Tensor, backend: str) -> PromptKV:
@@ -168,6 +182,20 @@ class ViTBlock(nn.Module):
     @staticmethod
     def _qk_norm(t: Tensor, norm: nn.Module, backend: str) -> Tensor:
         return t if isinstance(norm, nn.Identity) else layer_norm(t, norm, backend, feeds_matmul=True)
+
+
+def _branch_scale(ls: nn.Module, drop_path: nn.Module) -> tuple[bool, Optional[Tensor]]:
+    """Whether `drop_path(ls(branch))` is `branch * scale` with a frozen per-channel `scale`, and that
+    scale (None: no scaling). True for an identity or inactive drop path (eval mode, which the frozen
+    backbone keeps, or probability 0) with an identity or a frozen timm LayerScale."""
+    from timm.layers import DropPath, LayerScale
+    inactive = isinstance(drop_path, nn.Identity) or (
+        isinstance(drop_path, DropPath) and (not drop_path.training or drop_path.drop_prob == 0.0))
+    if inactive and isinstance(ls, nn.Identity):
+        return True, None
+    if inactive and type(ls) is LayerScale and not ls.gamma.requires_grad:
+        return True, ls.gamma
+    return False, None
 
 
 def _rows_of(layer: nn.Linear, start: int, stop: int) -> tuple[Tensor, Optional[Tensor]]:

@@ -1,11 +1,15 @@
-"""Pre-norm MLP of a frozen transformer block: fc2(gelu(fc1(norm(x)))), dX-only backward.
+"""Pre-norm MLP of a frozen transformer block: fc2(gelu(fc1(norm(x)))), dX-only backward; and the
+same MLP with the residual add before its norm fused in (`add_norm_mlp`: s = residual + branch * scale,
+then fc2(gelu(fc1(norm(s))))), whose backward gives the gradient of the sum.
 
-Saves the block's residual input x with its LayerNorm statistics, and the fc1 output (4x the width)
-unless `recompute_fc1` is set, in which case norm and fc1 run again in backward (recompute="mlp").
-fc1's bias rides in the GEMM epilogue (addmm); GELU and its dX-only backward are the `bias_gelu`
-primitives; the GEMMs stay on cuBLAS/BLAS.
+Saves the block's residual input x (or s) with its LayerNorm statistics, and the fc1 output (4x the
+width) unless `recompute_fc1` is set, in which case norm and fc1 run again in backward
+(recompute="mlp"). fc1's bias rides in the GEMM epilogue (addmm); GELU and its dX-only backward are
+the `bias_gelu` primitives; the GEMMs stay on cuBLAS/BLAS.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +17,27 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from vpt_fast.backends import resolve
+from vpt_fast.ops.add_layer_norm import norm_output_dtype, sum_dtype
 from vpt_fast.ops.layer_norm import matmul_input_dtype, upcast_for_autocast
+
+
+def _mlp_fwd(y: Tensor, w1, b1, w2, b2, act) -> tuple[Tensor, Tensor]:
+    """(fc1 output h, fc2(gelu(h))) for the normalised rows y."""
+    h = F.linear(y, w1, b1)
+    return h, F.linear(act.bias_gelu_fwd(h, None), w2, b2)
+
+
+def _mlp_input_grad(ctx, dout: Tensor, x: Tensor, nw, nb, w1, b1, w2, h: Optional[Tensor]) -> Tensor:
+    """The gradient of the MLP's input y (the normalised rows), from `dout`; with `ctx.recompute_fc1`,
+    y = norm(x) and h = fc1(y) run again first, in dout's dtype."""
+    if ctx.recompute_fc1:
+        cdt = dout.dtype
+        y = ctx.ln.layer_norm_fwd(x, nw, nb, ctx.eps, cdt)[0]
+        h = F.linear(y, w1.to(cdt), None if b1 is None else b1.to(cdt))
+    cdt = h.dtype
+    dg = torch.matmul(dout.to(cdt), w2.to(cdt))
+    dh = ctx.act.bias_gelu_bwd(dg, h, None)
+    return torch.matmul(dh, w1.to(cdt))  # LayerNorm's backward reads it in this dtype
 
 
 class FrozenNormMlp(torch.autograd.Function):
@@ -22,9 +46,7 @@ class FrozenNormMlp(torch.autograd.Function):
         ln = resolve(backend, "layer_norm", x.device)
         act = resolve(backend, "bias_gelu", x.device)
         y, mean, rstd = ln.layer_norm_fwd(x, nw, nb, eps, matmul_input_dtype(x))
-        h = F.linear(y, w1, b1)
-        g = act.bias_gelu_fwd(h, None)
-        out = F.linear(g, w2, b2)
+        h, out = _mlp_fwd(y, w1, b1, w2, b2, act)
         ctx.save_for_backward(x, nw, nb, mean, rstd, w1, b1, w2, None if recompute_fc1 else h)
         ctx.eps, ctx.ln, ctx.act, ctx.recompute_fc1 = eps, ln, act, recompute_fc1
         return out
@@ -33,16 +55,44 @@ class FrozenNormMlp(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout):
         x, nw, nb, mean, rstd, w1, b1, w2, h = ctx.saved_tensors
-        if ctx.recompute_fc1:
-            cdt = dout.dtype
-            y = ctx.ln.layer_norm_fwd(x, nw, nb, ctx.eps, cdt)[0]
-            h = F.linear(y, w1.to(cdt), None if b1 is None else b1.to(cdt))
-        cdt = h.dtype
-        dg = torch.matmul(dout.to(cdt), w2.to(cdt))
-        dh = ctx.act.bias_gelu_bwd(dg, h, None)
-        dy = torch.matmul(dh, w1.to(cdt))  # LayerNorm's backward reads it in this dtype
+        dy = _mlp_input_grad(ctx, dout, x, nw, nb, w1, b1, w2, h)
         dx = ctx.ln.layer_norm_bwd(dy, x, nw, mean, rstd)
         return dx, None, None, None, None, None, None, None, None, None
+
+
+class FrozenAddNormMlp(torch.autograd.Function):
+    """(s, mlp(norm(s))) with s = residual + branch * scale: the add and the norm are one
+    `add_layer_norm` kernel each way, and backward writes ds + d(norm input) once (the gradient of
+    both the residual and the branch). Saves what `FrozenNormMlp` saves, with s in place of x."""
+
+    @staticmethod
+    def forward(ctx, residual, branch, scale, nw, nb, eps, w1, b1, w2, b2, recompute_fc1: bool, backend: str):
+        add_ln = resolve(backend, "add_layer_norm", residual.device)
+        act = resolve(backend, "bias_gelu", residual.device)
+        out_dtype = norm_output_dtype(sum_dtype(residual, branch, scale), residual.device, feeds_matmul=True)
+        s, y, mean, rstd = add_ln.add_layer_norm_fwd(residual, branch, scale, nw, nb, eps, out_dtype)
+        h, out = _mlp_fwd(y, w1, b1, w2, b2, act)
+        ctx.save_for_backward(s, nw, nb, mean, rstd, w1, b1, w2, None if recompute_fc1 else h, scale)
+        ctx.eps, ctx.act, ctx.recompute_fc1, ctx.branch_dtype = eps, act, recompute_fc1, branch.dtype
+        ctx.add_ln, ctx.ln = add_ln, resolve(backend, "layer_norm", residual.device)
+        ctx.set_materialize_grads(False)  # an unused s or MLP output sends None: no zero tensor is read
+        return s, out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, ds, dout):
+        s, nw, nb, mean, rstd, w1, b1, w2, h, scale = ctx.saved_tensors
+        dy = None if dout is None else _mlp_input_grad(ctx, dout, *_norm_inputs(s, nw, nb), w1, b1, w2, h)
+        d_residual, d_branch = ctx.add_ln.add_layer_norm_bwd(
+            None if ds is None else ds.contiguous(), dy, s, nw, mean, rstd, scale, ctx.branch_dtype)
+        return d_residual, d_branch, None, None, None, None, None, None, None, None, None, None
+
+
+def _norm_inputs(s: Tensor, nw: Optional[Tensor], nb: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+    """s and the affine as `add_layer_norm_fwd` normalised them: in s's accumulation dtype (float32 for
+    half-precision rows), so that recompute="mlp" reruns the same arithmetic."""
+    acc = torch.promote_types(s.dtype, torch.float32)
+    return tuple(None if t is None else t.to(acc) for t in (s, nw, nb))
 
 
 def is_fusable(norm: nn.Module, mlp: nn.Module) -> bool:
@@ -60,3 +110,25 @@ def norm_mlp(x: Tensor, norm: nn.LayerNorm, mlp: nn.Module, recompute_fc1: bool,
     """mlp(norm(x)) for a frozen pre-norm timm MLP (see `is_fusable`)."""
     return FrozenNormMlp.apply(upcast_for_autocast(x), norm.weight, norm.bias, norm.eps, mlp.fc1.weight, mlp.fc1.bias,
                                mlp.fc2.weight, mlp.fc2.bias, recompute_fc1, backend)
+
+
+def add_norm_mlp(residual: Tensor, branch: Tensor, scale: Optional[Tensor], norm: nn.LayerNorm, mlp: nn.Module,
+                 recompute_fc1: bool, backend: str) -> tuple[Tensor, Tensor]:
+    """(s, mlp(norm(s))) with s = residual + branch * scale, for a frozen pre-norm timm MLP (see
+    `is_fusable`): timm's `x = x + ls1(branch)` then `mlp(norm2(x))` with the add fused into the norm.
+
+    Args:
+        residual: the residual stream (..., C), float32 under autocast.
+        branch: what is added to it (the attention branch), residual's shape.
+        scale: an optional frozen (C,) per-channel scale of the branch (LayerScale gamma), or None.
+        norm, mlp: the block's frozen `norm2` and timm `Mlp`.
+        recompute_fc1: recompute norm and fc1 in backward instead of saving fc1's output.
+        backend: the backend whose primitives run.
+    """
+    if branch.shape != residual.shape:
+        raise ValueError(f"branch must have residual's shape {tuple(residual.shape)}, got {tuple(branch.shape)}")
+    if scale is not None and (scale.shape != residual.shape[-1:] or scale.requires_grad):
+        raise ValueError(f"scale must be a frozen ({residual.shape[-1]},) vector, got shape {tuple(scale.shape)} "
+                         f"with requires_grad={scale.requires_grad}")
+    return FrozenAddNormMlp.apply(residual, branch, scale, norm.weight, norm.bias, norm.eps, mlp.fc1.weight,
+                                  mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, recompute_fc1, backend)

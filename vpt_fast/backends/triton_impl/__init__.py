@@ -1,7 +1,7 @@
-"""Triton backend: the six primitives of `torch_impl` (same signatures, same semantics), run by the
+"""Triton backend: the eight primitives of `torch_impl` (same signatures, same semantics), run by the
 kernels in `vpt_fast.kernels` (docs/design.md §2.4). One module per op, as in `vpt_fast/kernels/`,
-`vpt_fast/ops/` and `tests/`: `attention`, `layer_norm`, `bias_gelu`; `common` holds availability,
-argument checks and launch helpers.
+`vpt_fast/ops/` and `tests/`: `attention`, `layer_norm`, `add_layer_norm`, `bias_gelu`; `common` holds
+availability, argument checks and launch helpers.
 
 Each primitive is a thin Python function that validates its arguments and calls a torch custom op
 `vpt_fast::triton_<name>` (a `torch.library.triton_op` on GPU; a `custom_op` with a fake
@@ -11,10 +11,11 @@ and `torch.utils.flop_counter` counts attention FLOPs.
 Supported: CUDA tensors (or any device under `TRITON_INTERPRET=1`, the CPU interpreter used by the
 tests), dtypes float32 / float16 / bfloat16.
 """
+from vpt_fast.backends.triton_impl.add_layer_norm import add_layer_norm_bwd, add_layer_norm_fwd
 from vpt_fast.backends.triton_impl.attention import attention_bwd, attention_fwd
 from vpt_fast.backends.triton_impl.bias_gelu import bias_gelu_bwd, bias_gelu_fwd
 from vpt_fast.backends.triton_impl.common import AVAILABLE, INTERPRET, UNAVAILABLE_REASON
 from vpt_fast.backends.triton_impl.layer_norm import layer_norm_bwd, layer_norm_fwd
 
-__all__ = ["AVAILABLE", "INTERPRET", "UNAVAILABLE_REASON", "attention_bwd", "attention_fwd", "bias_gelu_bwd",
-           "bias_gelu_fwd", "layer_norm_bwd", "layer_norm_fwd"]
+__all__ = ["AVAILABLE", "INTERPRET", "UNAVAILABLE_REASON", "add_layer_norm_bwd", "add_layer_norm_fwd",
+           "attention_bwd", "attention_fwd", "bias_gelu_bwd", "bias_gelu_fwd", "layer_norm_bwd", "layer_norm_fwd"]
