@@ -1,7 +1,7 @@
 """Fused residual add + LayerNorm (`add_layer_norm`): the triton primitives against `torch_impl` in
 float64 and against the unfused path (add, then the `layer_norm` primitives); the autograd op and
-the fused pre-norm MLP against autograd through the unfused ops; prompted ViTs that run it against
-the reference backend, with no more bytes saved for backward than the unfused blocks."""
+the fused pre-norm MLP against autograd through the unfused ops; prompted ViTs and Swins that run it
+against the reference backend, with no more bytes saved for backward than the unfused blocks."""
 from __future__ import annotations
 
 import pytest
@@ -265,6 +265,22 @@ def test_vit_fused_equals_unfused_and_saves_no_more(backend, monkeypatch):
                 assert torch.equal(got, want)
             else:
                 assert utils.rel_error(got, want) < 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("deep", [True, False], ids=["deep", "shallow"])
+def test_swin_with_fused_add_matches_reference(backend, deep):
+    """Swin blocks run the fused add for the grid and the prompt rows: logits and prompt/head
+    gradients within 1e-5 (relative) of the reference backend."""
+    model = utils.prompted_swin(size="w4", num_prompts=3, deep=deep).train()
+    x, y = random_batch(model, 2)
+    vpt_fast.set_backend(model, backend)
+    assert "FrozenAddNormMlpBackward" in _graph_names(model(x))
+    ref_logits, ref_grads = utils.training_results(model, "reference", x, y)
+    logits, grads = utils.training_results(model, backend, x, y)
+    assert utils.rel_error(logits, ref_logits) < 1e-5
+    for name, grad in grads.items():
+        assert utils.rel_error(grad, ref_grads[name]) < 1e-5, name
 
 
 def test_block_keeps_unfoldable_branches_unfused():

@@ -184,16 +184,22 @@ class ViTBlock(nn.Module):
         return t if isinstance(norm, nn.Identity) else layer_norm(t, norm, backend, feeds_matmul=True)
 
 
+def is_identity_drop_path(drop_path: nn.Module) -> bool:
+    """An `nn.Identity`, or timm's `DropPath` while it is inactive: in eval mode (which the frozen
+    backbone keeps) or with probability 0."""
+    from timm.layers import DropPath
+    return isinstance(drop_path, nn.Identity) or (
+        isinstance(drop_path, DropPath) and (not drop_path.training or drop_path.drop_prob == 0.0))
+
+
 def _branch_scale(ls: nn.Module, drop_path: nn.Module) -> tuple[bool, Optional[Tensor]]:
     """Whether `drop_path(ls(branch))` is `branch * scale` with a frozen per-channel `scale`, and that
-    scale (None: no scaling). True for an identity or inactive drop path (eval mode, which the frozen
-    backbone keeps, or probability 0) with an identity or a frozen timm LayerScale."""
-    from timm.layers import DropPath, LayerScale
-    inactive = isinstance(drop_path, nn.Identity) or (
-        isinstance(drop_path, DropPath) and (not drop_path.training or drop_path.drop_prob == 0.0))
-    if inactive and isinstance(ls, nn.Identity):
+    scale (None: no scaling). True for an identity drop path with an identity or a frozen timm
+    LayerScale."""
+    from timm.layers import LayerScale
+    if is_identity_drop_path(drop_path) and isinstance(ls, nn.Identity):
         return True, None
-    if inactive and type(ls) is LayerScale and not ls.gamma.requires_grad:
+    if is_identity_drop_path(drop_path) and type(ls) is LayerScale and not ls.gamma.requires_grad:
         return True, ls.gamma
     return False, None
 
