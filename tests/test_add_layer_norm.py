@@ -243,6 +243,35 @@ def test_vit_with_fused_add_matches_reference(backend, variant, deep):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_vit_with_unfusable_mlp_uses_the_op(backend):
+    """An MLP that norm_mlp cannot take (tanh GELU): the add still joins norm2 (`add_layer_norm`),
+    timm's MLP runs on y, and the model matches the reference."""
+    torch.manual_seed(0)
+    model = vpt_fast.prompt(tiny_vit(img_size=16, embed_dim=32, depth=2, num_heads=2, act_layer="gelu_tanh"),
+                            num_prompts=3, deep=True).train()
+    utils.randomize(model)
+    x, y = random_batch(model, 2)
+    vpt_fast.set_backend(model, backend)
+    names = _graph_names(model(x))
+    assert "FrozenAddLayerNormBackward" in names and "FrozenAddNormMlpBackward" not in names
+    ref_logits, ref_grads = utils.training_results(model, "reference", x, y)
+    logits, grads = utils.training_results(model, backend, x, y)
+    assert utils.rel_error(logits, ref_logits) < 1e-5
+    for name, grad in grads.items():
+        assert utils.rel_error(grad, ref_grads[name]) < 1e-5, name
+
+
+def test_cuda_backend_runs_the_op_through_its_fallback():
+    """The cuda backend has no add_layer_norm of its own: triton runs it on CUDA tensors, torch on CPU."""
+    from vpt_fast.backends import resolve
+    if backend_module("cuda") is None:
+        pytest.skip("cuda backend not available")
+    assert resolve("cuda", "add_layer_norm", torch.device("cpu")) is torch_impl
+    if HAS_CUDA and backend_module("triton") is not None:
+        assert resolve("cuda", "add_layer_norm", torch.device("cuda")) is backend_module("triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_vit_fused_equals_unfused_and_saves_no_more(backend, monkeypatch):
     """The same prompted ViT with the add fused and unfused (every recompute mode): equal logits and
     gradients (bitwise for the torch backend), and no more bytes saved for backward."""
