@@ -1,16 +1,20 @@
 # Prompt-aware flash attention (docs/design.md §2.1, §2.4): softmax(q [pk; k]^T * scale + [0, bias]) [pv; v].
 #
 # A query row of batch b attends to two key segments in one online-softmax pass: the prompt segment
-# pk/pv of prompt batch b // group (group = B // Bp; Bp = 1 is deep VPT's batch-shared segment, read
-# with batch stride 0), then the sample's own keys k/v, where the optional bias (Swin rel-pos / shift
-# mask, batch b % nB) is added. Prompt pairs get zero bias. fp32 accumulation, exp2 domain; LSE is
-# stored as natural log, float32.
+# pk/pv of prompt set pb, then the sample's own keys k/v, where the optional bias (Swin rel-pos /
+# shift mask, batch b % nB) is added. Prompt pairs get zero bias. fp32 accumulation, exp2 domain; LSE
+# is stored as natural log, float32. The prompt set is pb = b // group (group = B // Bp; Bp = 1 is
+# deep VPT's batch-shared segment) or, with HAS_INDEX, pb = prompt_index[b] loaded in the kernel
+# (several tasks' sets stacked in one (S, H, P, d) table; no per-sample copies).
 #
 # Backward (FlashAttention-2), three launches: `_attention_bwd_dq` (one program per query block)
 # computes delta = rowsum(dO * O) and dQ, recomputing P; `_attention_bwd` (one program per key block)
 # accumulates dK, dV over all query rows that read the block -- for own keys the sample's own
-# queries, for prompt keys the queries of every batch sharing the prompt batch, split over SPLIT
-# programs writing fp32 partials that `_attention_bwd_reduce` sums (exact, deterministic, no atomics).
+# queries, for prompt keys the queries of every sample reading the set (the batches of its group, or
+# with an index order[offsets[s]:offsets[s + 1]], the samples sorted by set), split strided over SPLIT
+# programs writing fp32 partials that `_attention_bwd_reduce` sums in split order (exact,
+# deterministic, no atomics). dQ/dK/dV are written through their strides, so they can be views of
+# one (B, N, 3, H, d) buffer laid out as the qkv projection's output.
 #
 # Tuned shape, ViT-B/16 deep VPT: B=128, H=12, Nq=Nk=197, P=50 (Bp=1), d=64, bf16.
 #   forward : 4*B*H*Nq*(P+Nk)*d = 19.1 GFLOP; bytes: q, k, v, out = 4 x 38.7 MB + lse 1.2 MB = 156 MB
@@ -33,6 +37,16 @@ def _split_program_id(n_rows, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(n_rows, BLOCK)
     return pid % n_blocks, pid // n_blocks
+
+
+@triton.jit
+def _prompt_set(b, PROMPT_INDEX, prompt_group, HAS_INDEX: tl.constexpr):
+    """The prompt set query batch b reads: PROMPT_INDEX[b] (int64), or b // prompt_group."""
+    if HAS_INDEX:
+        pb = tl.load(PROMPT_INDEX + b)
+    else:
+        pb = b // prompt_group
+    return pb
 
 
 @triton.jit
@@ -75,7 +89,7 @@ def _attn_fwd_segment(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn,
 
 
 @triton.jit
-def _attention_fwd(Q, K, V, PK, PV, BIAS, OUT, LSE,
+def _attention_fwd(Q, K, V, PK, PV, BIAS, OUT, LSE, PROMPT_INDEX,
                    stride_qb, stride_qh, stride_qm,
                    stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn,
@@ -86,7 +100,8 @@ def _attention_fwd(Q, K, V, PK, PV, BIAS, OUT, LSE,
                    stride_lb, stride_lh,
                    num_heads, n_queries, n_keys, n_prompts, prompt_group, n_bias, qk_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
     """Grid (cdiv(Nq, BLOCK_M) * B * H,), query blocks fastest (see `_split_program_id`).
     qk_scale = scale * log2(e)."""
     qk_scale = tl.cast(qk_scale, tl.float32)  # torch.compile passes Python floats as fp64
@@ -105,7 +120,7 @@ def _attention_fwd(Q, K, V, PK, PV, BIAS, OUT, LSE,
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     # Segment 1: prompt keys (zero bias).
-    pb = b // prompt_group
+    pb = _prompt_set(b, PROMPT_INDEX, prompt_group, HAS_INDEX)
     acc, m_i, l_i = _attn_fwd_segment(
         acc, m_i, l_i, q, PK + pb * stride_pkb + h * stride_pkh, PV + pb * stride_pvb + h * stride_pvh,
         stride_pkn, stride_pvn, BIAS, 0, 0, offs_m, offs_d, n_prompts, n_queries, qk_scale,
@@ -156,7 +171,7 @@ def _attn_bwd_dkdv_queries(dk, dv, k, v, q_base, do_base, lse_base, delta_base, 
 
 
 @triton.jit
-def _attention_bwd(Q, K, V, DOUT, LSE, DELTA, BIAS, DK, DV,
+def _attention_bwd(Q, K, V, DOUT, LSE, DELTA, BIAS, DK, DV, ORDER, OFFSETS,
                    stride_qb, stride_qh, stride_qm,
                    stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn,
@@ -165,20 +180,23 @@ def _attention_bwd(Q, K, V, DOUT, LSE, DELTA, BIAS, DK, DV,
                    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
                    stride_dks, stride_dkb, stride_dkh, stride_dkn,
                    stride_dvs, stride_dvb, stride_dvh, stride_dvn,
-                   num_heads, n_queries, n_keys, n_bias, group, batches_per_split, scale, qk_scale,
+                   num_heads, n_queries, n_keys, n_bias, group, scale, qk_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
     """dK, dV of one key block. Grid (cdiv(n_keys, BLOCK_N) * KB * H, SPLIT), key blocks fastest.
 
-    K/V are a key segment with KB batches; key batch kb is read by query batches
-    kb * group .. kb * group + group - 1. Own keys: KB = B, group = 1, SPLIT = 1. Prompt keys:
-    KB = Bp, group = B // Bp, split s covers query batches [s * batches_per_split, ...) of the group
-    and writes its partial sum to DK[s], DV[s] (the launcher sums over s).
+    K/V are a key segment with KB batches (sets); the readers of key batch kb are the query batches
+    kb * group + j, j < group, or with HAS_INDEX order[offsets[kb] + j], j < offsets[kb + 1] -
+    offsets[kb] (order: the query batches sorted by the set they read). Split s takes readers
+    j = s, s + SPLIT, ... in that order and writes its sum to DK[s], DV[s] (the launcher sums over s);
+    a key batch nobody reads gets zeros. Own keys: KB = B, group = 1, SPLIT = 1.
     """
     scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64
     qk_scale = tl.cast(qk_scale, tl.float32)
     pid_n, pid_bh = _split_program_id(n_keys, BLOCK_N)
     pid_s = tl.program_id(1)
+    n_split = tl.num_programs(1)
     kb = (pid_bh // num_heads).to(tl.int64)
     h = (pid_bh % num_heads).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -191,10 +209,17 @@ def _attention_bwd(Q, K, V, DOUT, LSE, DELTA, BIAS, DK, DV,
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    first = pid_s * batches_per_split
-    last = tl.minimum(first + batches_per_split, group)
-    for i in range(first, last):
-        b = kb * group + i
+    if HAS_INDEX:
+        first = tl.load(OFFSETS + kb)
+        n_readers = tl.load(OFFSETS + kb + 1) - first
+    else:
+        first = kb * group
+        n_readers = group
+    for j in range(pid_s, n_readers, n_split):
+        if HAS_INDEX:
+            b = tl.load(ORDER + first + j)
+        else:
+            b = first + j
         bias_base = BIAS + (b % n_bias) * stride_bias_b + h * stride_bias_h
         dk, dv = _attn_bwd_dkdv_queries(
             dk, dv, k, v, Q + b * stride_qb + h * stride_qh, DOUT + b * stride_dob + h * stride_doh,
@@ -232,7 +257,7 @@ def _attn_bwd_dq_segment(dq, q, do, lse, delta, k_base, v_base, stride_kn, strid
 
 
 @triton.jit
-def _attention_bwd_dq(Q, K, V, PK, PV, OUT, DOUT, LSE, DELTA, BIAS, DQ,
+def _attention_bwd_dq(Q, K, V, PK, PV, OUT, DOUT, LSE, DELTA, BIAS, DQ, PROMPT_INDEX,
                       stride_qb, stride_qh, stride_qm,
                       stride_kb, stride_kh, stride_kn,
                       stride_vb, stride_vh, stride_vn,
@@ -245,7 +270,8 @@ def _attention_bwd_dq(Q, K, V, PK, PV, OUT, DOUT, LSE, DELTA, BIAS, DQ,
                       stride_dqb, stride_dqh, stride_dqm,
                       num_heads, n_queries, n_keys, n_prompts, prompt_group, n_bias, scale, qk_scale,
                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                      BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr):
     """dQ of one query block over both key segments; also computes and stores delta = rowsum(dO * O)
     (fp32) for `_attention_bwd`, which runs after it. Grid (cdiv(Nq, BLOCK_M) * B * H,), query
     blocks fastest (see `_split_program_id`)."""
@@ -269,7 +295,7 @@ def _attention_bwd_dq(Q, K, V, PK, PV, OUT, DOUT, LSE, DELTA, BIAS, DQ,
     tl.store(DELTA + b * stride_lb + h * stride_lh + offs_m, delta, mask=m_mask)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    pb = b // prompt_group
+    pb = _prompt_set(b, PROMPT_INDEX, prompt_group, HAS_INDEX)
     dq = _attn_bwd_dq_segment(
         dq, q, do, lse, delta, PK + pb * stride_pkb + h * stride_pkh, PV + pb * stride_pvb + h * stride_pvh,
         stride_pkn, stride_pvn, BIAS, 0, 0, offs_m, offs_d, n_prompts, n_queries, qk_scale,

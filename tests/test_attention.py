@@ -399,10 +399,12 @@ class _GridRecorder:
         return lambda *args, **kwargs: None
 
 
-# (B, H, Nq=Nk, d, Bp, P, nB): Swin-B stage 0 at batch 512 (512 images x 64 windows, prompts per
-# image, rel-pos bias + shift mask per window) and ViT-B/16 at batch 512 (deep prompts, Bp = 1).
-LARGE_SHAPES = {"swin_b_batch512_stage0": (512 * 64, 4, 49, 32, 512, 50, 64),
-                "vit_b_batch512": (512, 12, 197, 64, 1, 50, 0)}
+# (B, H, Nq=Nk, d, Bp, P, nB, indexed): Swin-B stage 0 at batch 512 (512 images x 64 windows,
+# prompts per image, rel-pos bias + shift mask per window), ViT-B/16 at batch 512 (deep prompts,
+# Bp = 1) and the same with 64 tasks' prompt sets read by index (Bp = S = 64).
+LARGE_SHAPES = {"swin_b_batch512_stage0": (512 * 64, 4, 49, 32, 512, 50, 64, False),
+                "vit_b_batch512": (512, 12, 197, 64, 1, 50, 0, False),
+                "vit_b_batch512_64_tasks": (512, 12, 197, 64, 64, 50, 0, True)}
 
 
 @pytest.mark.parametrize("gpu_config", [True, False], ids=["gpu_config", "interpreter_config"])
@@ -413,7 +415,7 @@ def test_attention_launch_grids_within_cuda_limits(impl, monkeypatch, shape, dty
     ViT-B batch of 512 keeps grid axis 0 below 2**31 and axes 1, 2 at most 65,535: batch x heads
     (131,072 for Swin-B) must not sit on axis 1 or 2. Meta tensors: the launcher runs, no kernel."""
     from vpt_fast.backends.triton_impl import attention
-    B, H, N, d, Bp, P, nb = LARGE_SHAPES[shape]
+    B, H, N, d, Bp, P, nb, indexed = LARGE_SHAPES[shape]
     monkeypatch.setattr(attention, "INTERPRET", not gpu_config)
     recorder = _GridRecorder()
     monkeypatch.setattr(attention, "launch", recorder)
@@ -422,8 +424,9 @@ def test_attention_launch_grids_within_cuda_limits(impl, monkeypatch, shape, dty
     q, k, v = qkv[0], qkv[1], qkv[2]
     pk, pv = torch.empty(Bp, H, P, d, **meta), torch.empty(Bp, H, P, d, **meta)
     bias = torch.empty(nb, H, N, N, **meta) if nb else None
-    out, lse = attention._attention_fwd_impl(q, k, v, pk, pv, d ** -0.5, bias)
-    attention._attention_bwd_impl(torch.empty_like(out), q, k, v, pk, pv, out, lse, d ** -0.5, bias)
+    index = torch.empty(B, dtype=torch.int64, device="meta") if indexed else None
+    out, lse = attention._attention_fwd_impl(q, k, v, pk, pv, d ** -0.5, bias, index)
+    attention._attention_bwd_impl(torch.empty_like(out), q, k, v, pk, pv, out, lse, d ** -0.5, bias, index, None)
     launched = [name for name, _ in recorder.grids]
     assert launched[:3] == ["_attention_fwd", "_attention_bwd_dq", "_attention_bwd"], launched
     assert launched.count("_attention_bwd") == 2, launched  # own keys, then prompt keys
@@ -441,3 +444,280 @@ def test_launch_rejects_grids_past_cuda_limits(impl):
     for grid in [(2 ** 31, 1), (1, 65536), (1, 1, 65536)]:
         with pytest.raises(ValueError, match=r"_attention_fwd grid .* exceeds CUDA's limits"):
             common.launch(kernels._attention_fwd, grid)
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompt sets read by index (several tasks in one batch) and the one qkv gradient buffer.
+# ------------------------------------------------------------------------------------------------
+def _naive_indexed_attention(q, k, v, pk, pv, bias, dout, scale, prompt_index):
+    """A literal float64 softmax over [pk[prompt_index[b]]; own keys] with autograd: (out, lse, grads);
+    pk/pv gradients summed per set by autograd (index_select's backward)."""
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, pk, pv)]
+    lq, lk, lv, lpk, lpv = leaves
+    P = pk.shape[2]
+    keys = torch.cat([lpk.index_select(0, prompt_index), lk], 2)
+    values = torch.cat([lpv.index_select(0, prompt_index), lv], 2)
+    scores = lq @ keys.transpose(-1, -2) * scale
+    if bias is not None:
+        scores = scores + torch.nn.functional.pad(bias.double()[torch.arange(q.shape[0]) % bias.shape[0]], (P, 0))
+    out = torch.softmax(scores, -1) @ values
+    grads = torch.autograd.grad(out, leaves, dout.double())
+    return out.detach(), torch.logsumexp(scores, -1).detach(), list(grads)
+
+
+# (B, S, index, nB): S not dividing B with an unused set; every sample on one set (others unused);
+# one sample per set in shuffled order; more sets than samples.
+INDEX_CASES = {"S3_B5_unused_set": (5, 3, [2, 0, 2, 2, 0], 0), "all_one_set": (4, 3, [1, 1, 1, 1], 2),
+               "permuted_per_sample": (3, 3, [2, 0, 1], 1), "S5_B2": (2, 5, [4, 1], 0)}
+
+
+def _indexed_inputs(case, dtype=torch.float32, seed=0):
+    B, S, index, nb = INDEX_CASES[case]
+    q, k, v, _, _, bias, dout = _inputs(B, 2, 11, 11, 0, 1, 16, nb, dtype, seed=seed)
+    g = torch.Generator(device="cpu").manual_seed(seed + 1)
+    pk = torch.randn(S, 7, 2, 16, generator=g).to(DEVICE, dtype).transpose(1, 2)  # non-contiguous
+    pv = torch.randn(S, 2, 7, 16, generator=g).to(DEVICE, dtype)
+    return q, k, v, pk, pv, bias, dout, torch.tensor(index, device=DEVICE)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", list(INDEX_CASES))
+def test_indexed_attention_matches_float64_reference(backend, case):
+    """attention_fwd/bwd(prompt_index=) of the backend against a float64 softmax over the gathered
+    sets: output, lse and every gradient; sets no sample reads get exact zeros."""
+    impl = backend_module(backend) if backend == "torch" else _backend(backend)
+    q, k, v, pk, pv, bias, dout, index = _indexed_inputs(case)
+    out, lse = impl.attention_fwd(q, k, v, pk, pv, 0.3, bias, prompt_index=index)
+    grads = impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, 0.3, bias, prompt_index=index)
+    want_out, want_lse, want_grads = _naive_indexed_attention(q, k, v, pk, pv, bias, dout, 0.3, index)
+    assert_close(out, want_out, 2e-5, 2e-5, "out")
+    assert_close(lse, want_lse, 2e-5, 2e-5, "lse")
+    for name, got, want, like in zip(GRAD_NAMES, grads, want_grads, (q, k, v, pk, pv)):
+        assert got.shape == like.shape and got.dtype == like.dtype, name
+        assert_close(got, want, 2e-5, 2e-5, name)
+    unused = sorted(set(range(pk.shape[0])) - set(index.tolist()))
+    for name, got in zip(("dpk", "dpv"), grads[3:]):
+        assert torch.equal(got[unused], torch.zeros_like(got[unused])), f"{name} of unused sets {unused}"
+
+
+@pytest.mark.parametrize("sms", [1, 64], ids=["one_program_per_set", "split_over_samples"])
+@pytest.mark.parametrize("case", ["S3_B5_unused_set", "all_one_set"])
+def test_triton_indexed_prompt_grads_reproducible(impl, monkeypatch, case, sms):
+    """The per-set prompt-gradient reduction is bitwise the same on two runs and equal to the
+    reference, whether a set's samples run in one program or split over programs (fp32 partials
+    summed in split order)."""
+    from vpt_fast.backends.triton_impl import attention
+    monkeypatch.setattr(attention, "_num_sms", lambda device: sms)
+    q, k, v, pk, pv, bias, dout, index = _indexed_inputs(case, seed=3)
+    out, lse = impl.attention_fwd(q, k, v, pk, pv, 0.3, bias, prompt_index=index)
+    first = impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, 0.3, bias, prompt_index=index)
+    second = impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, 0.3, bias, prompt_index=index)
+    for name, a, b in zip(GRAD_NAMES, first, second):
+        assert torch.equal(a, b), name
+    _, _, want = _naive_indexed_attention(q, k, v, pk, pv, bias, dout, 0.3, index)
+    assert_close(first[3], want[3], 2e-5, 2e-5, "dpk")
+    assert_close(first[4], want[4], 2e-5, 2e-5, "dpv")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_indexed_equals_grouped_without_index(backend):
+    """An index that spells out the grouped layout (b // (B // Bp)) gives the grouped result."""
+    impl = backend_module(backend) if backend == "torch" else _backend(backend)
+    q, k, v, pk, pv, bias, dout = _inputs(4, 2, 13, 13, 7, 2, 16, 2, torch.float32)
+    index = torch.tensor([0, 0, 1, 1], device=DEVICE)
+    grouped = _run(impl, q, k, v, pk, pv, bias, dout, 0.25)
+    out, lse = impl.attention_fwd(q, k, v, pk, pv, 0.25, bias, prompt_index=index)
+    indexed = impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, 0.25, bias, prompt_index=index)
+    assert_close(out, grouped[0], 1e-6, 1e-6, "out")
+    for name, a, b in zip(GRAD_NAMES, indexed, grouped[2]):
+        assert_close(a, b, 1e-6, 1e-6, name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("indexed", [False, True], ids=["grouped", "indexed"])
+def test_attention_bwd_writes_into_one_qkv_buffer(backend, indexed):
+    """attention_bwd(dqkv=) fills the (B, N, 3, H, d) buffer's q, k, v slots with the gradients of
+    the separate path and returns views of it."""
+    impl = backend_module(backend) if backend == "torch" else _backend(backend)
+    if indexed:
+        q, k, v, pk, pv, bias, dout, index = _indexed_inputs("S3_B5_unused_set")
+    else:
+        q, k, v, pk, pv, bias, dout = _inputs(4, 2, 13, 13, 7, 2, 16, 2, torch.float32)
+        index = None
+    out, lse = impl.attention_fwd(q, k, v, pk, pv, 0.25, bias, prompt_index=index)
+    separate = impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, 0.25, bias, prompt_index=index)
+    dqkv = torch.full((q.shape[0], q.shape[2], 3, q.shape[1], q.shape[3]), float("nan"), device=DEVICE)
+    packed = impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, 0.25, bias, prompt_index=index, dqkv=dqkv)
+    for name, a, b in zip(GRAD_NAMES, packed, separate):
+        assert torch.equal(a, b), name
+    for i, grad in enumerate(packed[:3]):
+        assert grad.data_ptr() == dqkv[:, :, i].data_ptr() and grad.stride() == dqkv[:, :, i].transpose(1, 2).stride()
+    assert torch.equal(dqkv, torch.stack([g.transpose(1, 2) for g in separate[:3]], 2))
+
+
+OP_BACKENDS = ["torch", "triton", "cuda"]
+
+
+def _op_backend(backend):
+    """`backend`, after skipping the test when it cannot run here."""
+    if backend != "torch":
+        _backend(backend)
+    return backend
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("case", ["S3_B5_unused_set", "S5_B2"])
+def test_prompt_attention_with_index_matches_reference(backend, case):
+    """The op (autograd) with prompt_index: output and the gradients of q, k, v, pk, pv against the
+    float64 reference, for every backend."""
+    from vpt_fast.ops.attention import prompt_attention
+    backend = _op_backend(backend)
+    q, k, v, pk, pv, bias, dout, index = _indexed_inputs(case, seed=5)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, pk, pv)]
+    out = prompt_attention(*leaves, scale=0.3, bias=bias, backend=backend, prompt_index=index)
+    grads = torch.autograd.grad(out, leaves, dout)
+    want_out, _, want_grads = _naive_indexed_attention(q, k, v, pk, pv, bias, dout, 0.3, index)
+    assert_close(out, want_out, 2e-5, 2e-5, "out")
+    for name, got, want in zip(GRAD_NAMES, grads, want_grads):
+        assert_close(got, want, 2e-5, 2e-5, name)
+
+
+class _RecordDqkv:
+    """Wraps a backend's attention_bwd and records the dqkv buffer it was handed."""
+
+    def __init__(self, bwd):
+        self.bwd, self.buffers = bwd, []
+
+    def __call__(self, *args, **kwargs):
+        self.buffers.append(kwargs.get("dqkv"))
+        return self.bwd(*args, **kwargs)
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("indexed", [False, True], ids=["shared_prompts", "indexed"])
+def test_prompt_attention_qkv_gradient_is_the_backend_buffer(backend, indexed, monkeypatch):
+    """prompt_attention_qkv equals prompt_attention on the q, k, v views (output and every gradient),
+    and the gradient autograd delivers to qkv is the very buffer the backend filled: no stacking
+    or copying of separate dq, dk, dv."""
+    from vpt_fast.backends import resolve
+    from vpt_fast.ops.attention import prompt_attention, prompt_attention_qkv
+    backend = _op_backend(backend)
+    B, N, H, d = 5, 11, 2, 16
+    g = torch.Generator(device="cpu").manual_seed(7)
+    qkv = torch.randn(B, N, 3, H, d, generator=g).to(DEVICE)
+    if indexed:
+        pk, pv, index = torch.randn(3, H, 7, d, generator=g), torch.randn(3, H, 7, d, generator=g), \
+            torch.tensor([2, 0, 2, 2, 0])
+    else:
+        pk, pv, index = torch.randn(1, H, 7, d, generator=g), torch.randn(1, H, 7, d, generator=g), None
+    pk, pv = pk.to(DEVICE), pv.to(DEVICE)
+    index = None if index is None else index.to(DEVICE)
+    dout = torch.randn(B, H, N, d, generator=g).to(DEVICE)
+
+    leaves = [t.clone().requires_grad_() for t in (qkv, pk, pv)]
+    q, k, v = leaves[0].permute(2, 0, 3, 1, 4)
+    want = prompt_attention(q, k, v, leaves[1], leaves[2], scale=0.3, backend=backend, prompt_index=index)
+    want_grads = torch.autograd.grad(want, leaves, dout)
+
+    impl = resolve(backend, "attention", qkv.device)
+    recorder = _RecordDqkv(impl.attention_bwd)
+    monkeypatch.setattr(impl, "attention_bwd", recorder)
+    leaves = [t.clone().requires_grad_() for t in (qkv, pk, pv)]
+    delivered = []
+    leaves[0].register_hook(delivered.append)
+    out = prompt_attention_qkv(leaves[0], leaves[1], leaves[2], scale=0.3, backend=backend, prompt_index=index)
+    grads = torch.autograd.grad(out, leaves, dout)
+    assert_close(out, want, 1e-6, 1e-6, "out")
+    for name, got, ref in zip(("dqkv", "dpk", "dpv"), grads, want_grads):
+        assert_close(got, ref, 1e-6, 1e-6, name)
+    (buffer,) = recorder.buffers
+    assert buffer is not None and delivered[0] is buffer and grads[0].data_ptr() == buffer.data_ptr()
+
+
+def test_vit_block_backward_does_not_stack_qkv_gradients():
+    """ViTBlock with the torch backend: the attention's q, k, v gradient reaches the qkv projection
+    as one buffer (no `stack` / `cat` in backward), and equals timm's block."""
+    from utils import tiny_vit
+    from vpt_fast.blocks.vit import ViTBlock
+    timm_block = tiny_vit().blocks[0]
+    block = ViTBlock.from_timm(timm_block, backend="torch")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, block.attn.qkv.in_features, generator=g, requires_grad=True)
+    out = block(x)
+    with _OpRecorder() as recorder:
+        (dx,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    assert "stack" not in recorder.ops and "cat" not in recorder.ops, recorder.ops
+    x2 = x.detach().clone().requires_grad_()
+    want = block.forward_reference(x2)
+    (want_dx,) = torch.autograd.grad(want, x2, torch.ones_like(want))
+    assert_close(out, want, 1e-5, 1e-5, "out")
+    assert_close(dx, want_dx, 1e-5, 1e-5, "dx")
+
+
+def test_prompt_index_bad_inputs_raise_clear_errors():
+    from vpt_fast.ops.attention import prompt_attention, prompt_attention_qkv
+    q, k, v, pk, pv, _, _, index = _indexed_inputs("S3_B5_unused_set")
+    qkv = torch.randn(5, 11, 3, 2, 16, device=DEVICE)
+    for call in (lambda i: prompt_attention(q, k, v, pk, pv, prompt_index=i),
+                 lambda i: prompt_attention_qkv(qkv, pk, pv, prompt_index=i)):
+        with pytest.raises(ValueError, match="int64"):
+            call(index.float())
+        with pytest.raises(ValueError, match=r"shape \(B=5,\)"):
+            call(index[:4])
+        with pytest.raises(ValueError, match=r"shape \(B=5,\)"):
+            call(index[:, None])
+        with pytest.raises(ValueError, match=r"\[0, S=3\).*from 0 to 3"):
+            call(torch.tensor([0, 1, 2, 3, 0], device=DEVICE))
+        with pytest.raises(ValueError, match=r"\[0, S=3\).*from -1 to 2"):
+            call(torch.tensor([0, 1, 2, -1, 0], device=DEVICE))
+        with pytest.raises(ValueError, match="device"):
+            call(index.to("meta"))
+    with pytest.raises(ValueError, match="needs prompt sets"):
+        prompt_attention(q, k, v, prompt_index=index)
+    with pytest.raises(ValueError, match=r"\(S, H=2, P, d=16\)"):
+        prompt_attention(q, k, v, pk[:, :1], pv[:, :1], prompt_index=index)
+    # int32 is accepted by the op (cast once); the backends take int64 only
+    out32 = prompt_attention(q, k, v, pk, pv, prompt_index=index.int())
+    assert torch.equal(out32, prompt_attention(q, k, v, pk, pv, prompt_index=index))
+
+
+def test_triton_prompt_index_and_dqkv_argument_checks(impl):
+    q, k, v, pk, pv, _, dout, index = _indexed_inputs("S3_B5_unused_set")
+    with pytest.raises(ValueError, match="int64 tensor of shape"):
+        impl.attention_fwd(q, k, v, pk, pv, 0.3, prompt_index=index.int())
+    with pytest.raises(ValueError, match="int64 tensor of shape"):
+        impl.attention_fwd(q, k, v, pk, pv, 0.3, prompt_index=index[:2])
+    with pytest.raises(ValueError, match="needs a prompt segment"):
+        impl.attention_fwd(q, k, v, None, None, 0.3, prompt_index=index)
+    out, lse = impl.attention_fwd(q, k, v, pk, pv, 0.3, prompt_index=index)
+    with pytest.raises(ValueError, match="dqkv must be"):
+        impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, 0.3, prompt_index=index,
+                           dqkv=torch.empty(5, 11, 2, 2, 16, device=DEVICE))
+    with pytest.raises(ValueError, match="dqkv must be"):
+        impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, 0.3, prompt_index=index,
+                           dqkv=torch.empty(5, 11, 3, 2, 16, device=DEVICE, dtype=torch.float16))
+
+
+def test_prompt_attention_with_index_compiles_fullgraph():
+    """torch.compile(fullgraph=True) traces prompt_attention with an index (torch backend, CPU) and its
+    backward; the range check becomes an asynchronous assert that still fires."""
+    from vpt_fast.ops.attention import prompt_attention
+    q, k, v, pk, pv, bias, dout, index = _indexed_inputs("S3_B5_unused_set")
+    q, k, v, pk, pv, bias, dout, index = (t.cpu() if t is not None else None
+                                          for t in (q, k, v, pk, pv, bias, dout, index))
+
+    def f(q, k, v, pk, pv, index):
+        return prompt_attention(q, k, v, pk, pv, scale=0.3, backend="torch", prompt_index=index)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (compiled, f):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, pk, pv)]
+        out = fn(*leaves, index)
+        out.backward(dout)
+        results.append([out] + [t.grad for t in leaves])
+    for name, a, b in zip(("out",) + GRAD_NAMES, *results):
+        assert_close(a, b, 1e-6, 1e-6, name)
+    with pytest.raises(RuntimeError, match=r"\[0, S=3\)"):
+        compiled(q, k, v, pk, pv, torch.tensor([0, 1, 2, 3, 0]))

@@ -10,7 +10,10 @@ plus an optional prompt segment `pk/pv` of shape (Bp, H, P, d), where Bp divides
 `b` reads prompt batch `b // (B // Bp)`: Bp == 1 is the batch-shared (stride 0) segment of deep VPT,
 Bp == B a per-sample segment, and B = Bp * nW the per-image segment shared by nW Swin windows.
 `bias` (optional, (nB, H, Nq, Nk), query batch `b` reads `b % nB`) is added to own-token scores
-only; every pair involving a prompt gets zero bias.
+only; every pair involving a prompt gets zero bias. With `prompt_index` (int64 (B,)) query batch `b`
+reads prompt set `prompt_index[b]` of pk/pv (S, H, P, d) instead: this backend gathers the sets per
+sample (a (B, H, P, d) copy; the triton and cuda kernels read through the index) and sums the
+per-sample prompt gradients per set with a one-hot GEMM (fixed order, no atomics).
 """
 from __future__ import annotations
 
@@ -47,6 +50,30 @@ def _joint_bias(bias: Optional[Tensor], batch: int, num_prompts: int) -> Optiona
 def _reduce_prompt_grad(g: Tensor, bp: int) -> Tensor:
     batch = g.shape[0]
     return g.reshape(bp, batch // bp, *g.shape[1:]).sum(1)
+
+
+def gather_prompt_sets(p: Tensor, prompt_index: Tensor) -> Tensor:
+    """(S, H, P, d) prompt sets -> (B, H, P, d): sample b's set `prompt_index[b]`."""
+    return p.index_select(0, prompt_index)
+
+
+def reduce_prompt_sets(g: Tensor, prompt_index: Tensor, num_sets: int, dtype: torch.dtype) -> Tensor:
+    """Per-sample prompt gradients (B, ...) -> per-set sums (num_sets, ...) in `dtype`: a one-hot GEMM
+    accumulated in float32 or wider (same result on every run; zeros for sets no sample reads)."""
+    acc = _acc_dtype(g)
+    one_hot = F.one_hot(prompt_index, num_sets).to(acc).t()
+    summed = one_hot @ g.reshape(g.shape[0], -1).to(acc)
+    return summed.to(dtype).view(num_sets, *g.shape[1:])
+
+
+def copy_into_qkv(dqkv: Optional[Tensor], dq: Tensor, dk: Tensor, dv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv copied into the (B, H, N, d) views of dqkv (B, N, 3, H, d), and those views."""
+    if dqkv is None:
+        return dq, dk, dv
+    views = tuple(t.transpose(1, 2) for t in dqkv.unbind(2))
+    for view, grad in zip(views, (dq, dk, dv)):
+        view.copy_(grad)
+    return views
 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
@@ -203,9 +230,13 @@ def _fused_attention_bwd(kernel: str, dout: Tensor, q: Tensor, k: Tensor, v: Ten
 
 
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor], pv: Optional[Tensor],
-                  scale: float, bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                  scale: float, bias: Optional[Tensor] = None,
+                  prompt_index: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Returns (out (B, H, Nq, d) in q's dtype, lse (B, H, Nq): natural log, float32 (float64 for
-    float64 inputs))."""
+    float64 inputs)). `prompt_index` (int64 (B,), values in [0, S)): query batch b reads prompt set
+    prompt_index[b] of pk, pv (S, H, P, d); gathered per sample here."""
+    if prompt_index is not None:
+        pk, pv = gather_prompt_sets(pk, prompt_index), gather_prompt_sets(pv, prompt_index)
     kernel = _fused_kernel(q, has_bias=bias is not None)
     if kernel is not None and not (kernel == "cpu_flash" and _CPU_ONE_CALL):
         return _fused_attention_fwd(kernel, q, k, v, pk, pv, scale, bias)
@@ -226,8 +257,31 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor], pv: Opt
 
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor],
                   pv: Optional[Tensor], out: Tensor, lse: Tensor, scale: float,
-                  bias: Optional[Tensor] = None):
-    """Returns (dq, dk, dv, dpk, dpv); dpk/dpv have pk's shape (summed over the batches sharing it)."""
+                  bias: Optional[Tensor] = None, prompt_index: Optional[Tensor] = None,
+                  dqkv: Optional[Tensor] = None):
+    """Returns (dq, dk, dv, dpk, dpv); dpk/dpv have pk's shape (summed over the batches reading each
+    prompt batch, or each set with `prompt_index`; zeros for a set nobody reads).
+
+    Args:
+        prompt_index: as in `attention_fwd`.
+        dqkv: optional (B, N, 3, H, d) buffer (Nq = Nk = N), the qkv projection's output layout:
+            dq, dk, dv are copied into its q, k, v slots and returned as (B, H, N, d) views of it.
+    """
+    if prompt_index is None:
+        dq, dk, dv, dpk, dpv = _attention_bwd(dout, q, k, v, pk, pv, out, lse, scale, bias)
+    else:
+        num_sets = pk.shape[0]
+        dq, dk, dv, dpk, dpv = _attention_bwd(dout, q, k, v, gather_prompt_sets(pk, prompt_index),
+                                              gather_prompt_sets(pv, prompt_index), out, lse, scale, bias)
+        dpk = reduce_prompt_sets(dpk, prompt_index, num_sets, pk.dtype)
+        dpv = reduce_prompt_sets(dpv, prompt_index, num_sets, pv.dtype)
+    dq, dk, dv = copy_into_qkv(dqkv, dq, dk, dv)
+    return dq, dk, dv, dpk, dpv
+
+
+def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor],
+                   pv: Optional[Tensor], out: Tensor, lse: Tensor, scale: float, bias: Optional[Tensor]):
+    """`attention_bwd` for prompt batches read as b // (B // Bp)."""
     kernel = _fused_kernel(q, has_bias=bias is not None)
     if kernel is not None and not (kernel == "cpu_flash" and _CPU_ONE_CALL):
         return _fused_attention_bwd(kernel, dout, q, k, v, pk, pv, out, lse, scale, bias)
@@ -260,20 +314,28 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, pk: Optional[Te
 
 
 def attention_bwd_prompts(dout: Tensor, q: Tensor, pk: Tensor, pv: Tensor, out: Tensor, lse: Tensor,
-                          scale: float) -> tuple[Tensor, Tensor]:
+                          scale: float, prompt_index: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """(dpk, dpv) alone, for when q, k and v need no gradient (deep VPT's first block: frozen
     embeddings, images without gradient): the prompt columns of the flash backward, from the merged
     output and log-sum-exp of any backend's forward. Costs the P prompt columns instead of every key;
-    prompt columns carry no bias. dpk/dpv have pk's shape (summed over the batches sharing it)."""
+    prompt columns carry no bias. dpk/dpv have pk's shape (summed over the batches sharing a prompt
+    batch, or per set with `prompt_index` as in `attention_bwd`)."""
     acc = _acc_dtype(q)
     batch = q.shape[0]
     qa, do = q.to(acc), dout.to(acc)
-    pke, pve = _expand_prompts(pk, batch).to(acc), _expand_prompts(pv, batch).to(acc)
+    if prompt_index is None:
+        pke, pve = _expand_prompts(pk, batch).to(acc), _expand_prompts(pv, batch).to(acc)
+    else:
+        pke, pve = gather_prompt_sets(pk, prompt_index).to(acc), gather_prompt_sets(pv, prompt_index).to(acc)
     p = torch.exp(torch.matmul(qa, pke.transpose(-1, -2)) * scale - lse.to(acc)[..., None])
     dpv = torch.matmul(p.transpose(-1, -2), do)
     delta = (do * out.to(acc)).sum(-1, keepdim=True)
     ds = p * (torch.matmul(do, pve.transpose(-1, -2)) - delta) * scale
     dpk = torch.matmul(ds.transpose(-1, -2), qa)
+    if prompt_index is not None:
+        num_sets = pk.shape[0]
+        return (reduce_prompt_sets(dpk, prompt_index, num_sets, pk.dtype),
+                reduce_prompt_sets(dpv, prompt_index, num_sets, pv.dtype))
     bp = pk.shape[0]
     return _reduce_prompt_grad(dpk, bp).to(pk.dtype), _reduce_prompt_grad(dpv, bp).to(pv.dtype)
 
@@ -308,6 +370,7 @@ def bias_gelu_fwd(h: Tensor, bias: Optional[Tensor]) -> Tensor:
 def bias_gelu_bwd(dg: Tensor, h: Tensor, bias: Optional[Tensor]) -> Tensor:
     """d gelu(h + bias) / dh: dX only."""
     return torch.ops.aten.gelu_backward(dg, h if bias is None else h + bias)
+
 
 def add_layer_norm_fwd(residual: Tensor, branch: Tensor, scale: Optional[Tensor], weight: Optional[Tensor],
                        bias: Optional[Tensor], eps: float,

@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from vpt_fast.backends import resolve_auto, validate_backend
 from vpt_fast.config import RECOMPUTE
 from vpt_fast.ops.add_layer_norm import add_layer_norm
-from vpt_fast.ops.attention import gather_sets, prompt_attention
+from vpt_fast.ops.attention import gather_sets, prompt_attention, prompt_attention_qkv
 from vpt_fast.ops.layer_norm import layer_norm
 from vpt_fast.ops.linear import linear
 from vpt_fast.ops.mlp import add_norm_mlp, is_fusable, norm_mlp
@@ -82,7 +82,8 @@ class ViTBlock(nn.Module):
                 values, but queries, attention rows, projection and MLP run for those r rows only
                 (the last block of a model whose head reads the class token). The reference backend
                 computes every row and slices, as the released code does.
-            prompt_index: (B,) integer tensor, sample b reads prompt set `prompt_index[b]`.
+            prompt_index: (B,) integer tensor, sample b reads prompt set `prompt_index[b]` (values in
+                [0, S), not range-checked per block: `PromptBank` checks task ids once).
         """
         backend = resolve_auto(self.backend, x.device)
         if isinstance(prompts, PromptKV):
@@ -162,19 +163,26 @@ class ViTBlock(nn.Module):
         batch, num_tokens, dim = x.shape
         heads, head_dim, attn_dim = attn.num_heads, attn.head_dim, attn.attn_dim
         xn = layer_norm(x, self.norm1, backend, feeds_matmul=True)
-        if query_rows is None:
-            qkv = linear(xn, attn.qkv.weight, attn.qkv.bias)
-            q, k, v = qkv.view(batch, num_tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-        else:  # every row gives keys and values, only the first `query_rows` rows ask queries
-            q = linear(xn[:, :query_rows], *_rows_of(attn.qkv, 0, attn_dim))
-            q = q.view(batch, query_rows, heads, head_dim).transpose(1, 2)
-            kv = linear(xn, *_rows_of(attn.qkv, attn_dim, 3 * attn_dim))
-            k, v = kv.view(batch, num_tokens, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self._qk_norm(q, attn.q_norm, backend), self._qk_norm(k, attn.k_norm, backend)
         pk, pv = (None, None) if prompts is None else (
             prompts if isinstance(prompts, PromptKV) else self.prompt_kv(prompts, backend))
-        o = prompt_attention(q, k, v, pk, pv, scale=attn.scale, backend=backend, prompt_index=prompt_index)
-        o = o.transpose(1, 2).reshape(batch, q.shape[2], attn_dim)
+        # the index comes checked from the model (PromptBank checks task ids once): no per-block sync
+        options = dict(scale=attn.scale, backend=backend, prompt_index=prompt_index, check_index_range=False)
+        plain_qk = isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)
+        if query_rows is None and plain_qk:  # q, k, v as one tensor: its gradient is one buffer, no stacking
+            qkv = linear(xn, attn.qkv.weight, attn.qkv.bias).view(batch, num_tokens, 3, heads, head_dim)
+            o = prompt_attention_qkv(qkv, pk, pv, **options)
+        else:
+            if query_rows is None:
+                qkv = linear(xn, attn.qkv.weight, attn.qkv.bias)
+                q, k, v = qkv.view(batch, num_tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+            else:  # every row gives keys and values, only the first `query_rows` rows ask queries
+                q = linear(xn[:, :query_rows], *_rows_of(attn.qkv, 0, attn_dim))
+                q = q.view(batch, query_rows, heads, head_dim).transpose(1, 2)
+                kv = linear(xn, *_rows_of(attn.qkv, attn_dim, 3 * attn_dim))
+                k, v = kv.view(batch, num_tokens, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+            q, k = self._qk_norm(q, attn.q_norm, backend), self._qk_norm(k, attn.k_norm, backend)
+            o = prompt_attention(q, k, v, pk, pv, **options)
+        o = o.transpose(1, 2).reshape(batch, o.shape[2], attn_dim)
         if not isinstance(attn.norm, nn.Identity):
             o = layer_norm(o, attn.norm, backend, feeds_matmul=True)
         return linear(o, attn.proj.weight, attn.proj.bias)

@@ -88,16 +88,17 @@ def last_dim_unit(t: Optional[Tensor]) -> Optional[Tensor]:
 # ----------------------------------------------------------------------------------------------
 # registration and launch
 # ----------------------------------------------------------------------------------------------
-def custom_op(name: str, fake: Callable):
+def custom_op(name: str, fake: Callable, mutates_args: tuple[str, ...] = ()):
     """Register `fn` as `vpt_fast::<name>`: a `triton_op` (torch.compile sees the Triton kernels and
     traces the body itself with fake tensors) on GPU; under the interpreter, whose kernels
-    `wrap_triton` cannot trace, an opaque `custom_op` with the explicit fake implementation `fake`."""
+    `wrap_triton` cannot trace, an opaque `custom_op` with the explicit fake implementation `fake`.
+    `mutates_args` names the arguments `fn` writes into (output buffers passed in)."""
     def register(fn):
         if INTERPRET:
-            op = torch.library.custom_op(f"vpt_fast::{name}", mutates_args=())(fn)
+            op = torch.library.custom_op(f"vpt_fast::{name}", mutates_args=mutates_args)(fn)
             op.register_fake(fake)
             return op
-        return torch.library.triton_op(f"vpt_fast::{name}", mutates_args=())(fn)
+        return torch.library.triton_op(f"vpt_fast::{name}", mutates_args=mutates_args)(fn)
     return register
 
 
