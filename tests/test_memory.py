@@ -48,15 +48,15 @@ def test_full_finetuning_peak_counts_gradients_and_optimizer_state():
 
 def test_max_batch_is_the_last_probe_within_budget():
     """vpt_fast on ViT-Ti 224 px peaks near 41 MiB at batch 1 and 64 MiB at batch 2 (23 MiB per image):
-    a 52 MiB budget fits batch 1 only. The search itself is `test_largest_batch_doubles_then_bisects`."""
+    a 52 MiB budget fits batch 1 only. The search itself is `test_largest_batch_search`."""
     budget = 52 * 2**20
     progress = []
     result = max_batch(BenchConfig(model=TINY_VIT, num_prompts=50), methods()["vpt_fast"], budget,
                        log=progress.append)
     assert result["batch"] == 1 and not result["reached_limit"]
-    assert sorted(result["probes"]) == [1, 2]
-    assert result["peak_bytes"] == result["probes"][1] <= budget < result["probes"][2]
-    assert len(progress) == 2 and "batch 2 ->" in progress[1] and "(over budget)" in progress[1]
+    assert list(result["probes"]) == [1, 8, 2]  # 1 fits, 8 does not; the line through them says 1, so 2
+    assert result["peak_bytes"] == result["probes"][1] <= budget < result["probes"][2] < result["probes"][8]
+    assert len(progress) == 3 and "batch 2 ->" in progress[2] and "(over budget)" in progress[2]
 
 
 def test_budget_probe_refuses_allocations_far_past_the_budget():
@@ -65,20 +65,40 @@ def test_budget_probe_refuses_allocations_far_past_the_budget():
     assert result["out_of_memory"] is True and "allocate" in result["error"]
 
 
-def test_largest_batch_doubles_then_bisects():
+def _search(peak, budget, batch_limit=None):
     probes = []
 
-    def fits(batch: int) -> bool:
+    def peak_of(batch):
         probes.append(batch)
-        return batch <= 13
+        return peak(batch)
 
-    assert largest_batch(fits) == 13
-    assert probes == [1, 2, 4, 8, 16, 12, 14, 13]
-    assert largest_batch(lambda b: b <= 13, batch_limit=8) == 8
-    assert largest_batch(lambda b: b <= 13, batch_limit=20) == 13
-    assert largest_batch(lambda b: False) == 0
+    return largest_batch(peak_of, budget, batch_limit), probes
+
+
+def _true_largest(peak, budget):
+    batch = 0
+    while peak(batch + 1) <= budget:
+        batch += 1
+    return batch
+
+
+def test_largest_batch_search():
+    linear = lambda b: 1000 + 100 * b  # noqa: E731  (a step's peak: fixed part + per-image part)
+    assert _search(linear, 2300) == (13, [1, 8, 13, 14])  # the line's guess, then the batch past it
+    assert _search(linear, 2300, batch_limit=8) == (8, [1, 8])
+    assert _search(linear, 2300, batch_limit=20) == (13, [1, 8, 13, 14])
+    assert _search(linear, 10**12, batch_limit=64) == (64, [1, 8, 64])
+    assert _search(linear, 500) == (0, [1])
+    # curved peaks, and probes that could not run (None) past 1.25x the budget: still exact, few probes
+    for peak in (lambda b: 1000 + 3 * b * b, lambda b: 1000 + 3000 * b ** 0.5, lambda b: 5000 + 40 * b ** 1.5):
+        for budget in (2000, 10**5, 10**7):
+            for refused in (False, True):
+                probe = (lambda b, p=peak, B=budget: None if p(b) > 1.25 * B else p(b)) if refused else peak
+                batch, probes = _search(probe, budget)
+                assert batch == _true_largest(peak, budget) and len(probes) <= 16, (budget, batch, probes)
+                assert batch + 1 in probes or batch == 0
     with pytest.raises(ValueError, match="batch_limit"):
-        largest_batch(fits, batch_limit=0)
+        largest_batch(linear, 10, batch_limit=0)
 
 
 def test_parse_bytes_and_model_aliases():

@@ -220,30 +220,67 @@ def total_memory(cfg: BenchConfig, chosen: dict[str, Method], batches: list[int]
     return results
 
 
-def largest_batch(fits: Callable[[int], bool], batch_limit: Optional[int] = None) -> int:
-    """The largest batch size for which `fits` holds, assuming it holds for every smaller one:
-    doubling from 1, then bisection. 0 if batch 1 does not fit; `batch_limit` if it still fits there.
+def largest_batch(peak_of: Callable[[int], Optional[int]], budget: int, batch_limit: Optional[int] = None,
+                  first: int = 8) -> int:
+    """The largest batch whose peak `peak_of(batch)` (None: the probe could not run) is within `budget`,
+    assuming the peak grows with the batch. 0 if batch 1 does not fit; `batch_limit` if it still fits there.
+
+    A step's peak is close to linear in the batch, so after probing 1 and `first`, each probe is the
+    batch where a line reaches the budget: through the two largest probes until one fails, then
+    through the ends of the bracket (largest batch that fits, smallest that does not; regula falsi
+    with the Illinois rule), kept strictly inside it. Typically four probes in all, the last two a
+    fitting batch and the one past it. A probe that could not run (allocations refused) bounds the
+    bracket without a peak. The search always ends bracketed by measurements.
     """
     if batch_limit is not None and batch_limit < 1:
         raise ValueError(f"batch_limit must be >= 1 or None, got {batch_limit}")
-    good, bad = 0, 1
-    while fits(bad):
-        good = bad
-        if batch_limit is not None and good >= batch_limit:
-            return good
-        bad = bad * 2 if batch_limit is None else min(bad * 2, batch_limit)
-    while bad - good > 1:
-        middle = (good + bad) // 2
-        if fits(middle):
-            good = middle
+    good, bad = 0, None
+    peaks: dict[int, int] = {}
+
+    def probe(batch: int) -> Optional[bool]:
+        """Fits the budget (None: could not run); updates the bracket."""
+        nonlocal good, bad
+        peak = peak_of(batch)
+        if peak is not None:
+            peaks[batch] = peak
+        if peak is not None and peak <= budget:
+            good = batch
         else:
-            bad = middle
+            bad = batch
+        return None if peak is None else peak <= budget
+
+    probe(1)
+    excess = {"good": 1.0, "bad": 1.0}  # weights of the bracket ends' excess over the budget
+    last_moved = None
+    while good and good != batch_limit and (bad is None or bad - good > 1):
+        if len(peaks) < 2:
+            guess = first
+        elif bad is None or bad not in peaks:  # no failing peak: extend the line of the two largest fits
+            b1, b2 = sorted(b for b in peaks if b <= good)[-2:]
+            slope = (peaks[b2] - peaks[b1]) / (b2 - b1)
+            guess = b2 + math.floor((budget - peaks[b2]) / slope) if slope > 0 else 2 * good
+            if bad is not None and guess >= bad:  # the line overshot a probe that could not run
+                guess = (good + bad) // 2
+        else:  # the line through the bracket's ends (regula falsi)
+            low, high = (peaks[good] - budget) * excess["good"], (peaks[bad] - budget) * excess["bad"]
+            guess = good + math.floor((bad - good) * -low / (high - low))
+        guess = max(good + 1, min(guess, bad - 1 if bad is not None else guess, batch_limit or guess))
+        kept_good = good
+        probe(guess)
+        moved = "good" if good != kept_good else "bad"
+        # Illinois rule: an end kept twice in a row weighs half, so a curved peak cannot stall the line
+        if moved == last_moved:
+            excess["bad" if moved == "good" else "good"] /= 2
+        else:
+            excess = {"good": 1.0, "bad": 1.0}
+        last_moved = moved
     return good
 
 
 def max_batch(cfg: BenchConfig, method: Method, budget_bytes: int, batch_limit: Optional[int] = None,
               log: Callable[[str], None] = print) -> dict:
-    """The largest batch whose training step of `method` peaks at no more than `budget_bytes`.
+    """The largest batch whose training step of `method` peaks at no more than `budget_bytes`
+    (searched by `largest_batch`).
 
     Returns:
         batch (0 if even batch 1 does not fit), peak_bytes at that batch, reached_limit (the search
@@ -252,16 +289,16 @@ def max_batch(cfg: BenchConfig, method: Method, budget_bytes: int, batch_limit: 
     """
     probes: dict[int, Optional[int]] = {}
 
-    def fits(batch: int) -> bool:
+    def peak_of(batch: int) -> Optional[int]:
         result = step_memory(replace(cfg, batch=batch), method, limit_bytes=budget_bytes)
         peak = None if result["out_of_memory"] else result["peak_bytes"]
         probes[batch] = peak
         verdict = "fits" if peak is not None and peak <= budget_bytes else "over budget"
         shown = "allocation refused" if peak is None else f"{peak / 2**30:.2f} GiB"
         log(f"  {method.label}: batch {batch} -> {shown} ({verdict})")
-        return peak is not None and peak <= budget_bytes
+        return peak
 
-    batch = largest_batch(fits, batch_limit)
+    batch = largest_batch(peak_of, budget_bytes, batch_limit)
     return {"batch": batch, "peak_bytes": probes.get(batch), "probes": probes,
             "reached_limit": batch_limit is not None and batch == batch_limit}
 
