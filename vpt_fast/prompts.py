@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 
 class KVCacheOwner(nn.Module):
@@ -115,6 +116,24 @@ class VisualPrompts(KVCacheOwner):
 
 
 def parameter_key(tensors) -> tuple:
-    """(storage, version, dtype, device) of every tensor: changes whenever a value may have changed
-    (optimizer steps and `copy_` bump the version, `.data =` and `.to()` change the storage)."""
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+    """(storage, offset, version, dtype, device) of every tensor: changes whenever a value may have
+    changed (optimizer steps and `copy_` bump the version, `.data =` and `.to()` change the storage)."""
+    return tuple((StorageId(t), t.storage_offset(), t._version, t.dtype, t.device) for t in tensors)
+
+
+class StorageId:
+    """The identity of a tensor's storage, for cache keys. A data pointer is not one: a freed
+    storage's memory is soon reused by a new one (`.data =`, `.to()` and back). This holds a weak
+    reference to the storage, which keeps its address from being given to another storage while
+    the key lives (without keeping its memory), and equals another StorageId of the same storage."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.ref = StorageWeakRef(tensor.untyped_storage())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StorageId) and self.ref.cdata == other.ref.cdata and not self.ref.expired()
+
+    def __hash__(self) -> int:
+        return hash(self.ref.cdata)

@@ -7,6 +7,8 @@ from the NHWC token grid:
     x = block(x)                                  # timm's block (through the chosen backend)
     x, p = block(x, prompts, need_prompts=True)   # x (B, H, W, C), prompts (Bp, P, C), Bp in {1, B}
     x, p = merging(x, prompts)                    # prompts repeated [p, p, p, p], norm, reduction
+    qkv = block.prompt_qkv(prompts, "torch")      # the prompts' norm1 + q/k/v, e.g. cached once
+    x, p = block(x, prompts, need_prompts=True, prompt_qkv=qkv)
 
 Semantics (docs/design.md §1 "Swin"): the prompts of an image go through `norm1`, join every attention
 window of that image as extra keys/values and queries with zero relative-position bias and zero
@@ -21,7 +23,10 @@ windows of its image; then residual, `norm2` and MLP as for any token. Backends:
   `bias` hook (own keys only), built once per grid and cached while the bias table is unchanged;
   prompt queries, output projection and MLP run only when `need_prompts` (deep VPT needs them in
   the last block only), the projection once per image on the window-mean (it is affine, so this
-  equals the mean of the projected windows).
+  equals the mean of the projected windows). The prompts' norm1 and q/k/v projection depend on the
+  prompts alone, so a caller may compute them once (`prompt_qkv`) and pass them in: without gradients
+  the prompted model caches them for every block whose prompts are parameters (deep VPT: every block;
+  shallow: the first).
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from vpt_fast.backends import resolve_auto, validate_backend
-from vpt_fast.blocks.vit import is_identity_drop_path
+from vpt_fast.blocks.vit import PromptQKV, is_identity_drop_path
 from vpt_fast.config import RECOMPUTE
 from vpt_fast.ops.add_layer_norm import add_layer_norm
 from vpt_fast.ops.attention import prompt_attention
@@ -200,12 +205,19 @@ class SwinBlock(nn.Module):
         return x
 
     # -- forward -------------------------------------------------------------------------------
-    def forward(self, x: Tensor, prompts: Optional[Tensor] = None, need_prompts: bool = True):
+    def forward(self, x: Tensor, prompts: Optional[Tensor] = None, need_prompts: bool = True,
+                prompt_qkv: Optional[PromptQKV] = None):
         """x (B, H, W, C); prompts (1 or B, P, C) or None.
 
         Returns x (B, H, W, C) when `prompts` is None (timm's block), else (x, prompt outputs): the
         prompt outputs are (B, P, C), or None when `need_prompts` is False and the backend is
-        prompt-aware (deep VPT replaces them before the next block)."""
+        prompt-aware (deep VPT replaces them before the next block).
+
+        Args:
+            prompt_qkv: the prompts' queries, keys and values (1 or B, H, P, d) already computed by
+                `prompt_qkv` (a cache; prompt-aware backends only); queries may be None when
+                `need_prompts` is False. The block then runs no norm1 or projection on the prompts.
+        """
         if x.dim() != 4 or x.shape[-1] != self.dim:
             raise ValueError(f"expected x of shape (B, H, W, C={self.dim}), got {tuple(x.shape)}")
         if x.shape[0] == 0:  # timm's own Swin block fails on an empty batch too (in WindowAttention)
@@ -213,11 +225,17 @@ class SwinBlock(nn.Module):
         if prompts is not None:
             _check_prompts(prompts, x.shape[0], self.dim)
         backend = resolve_auto(self.backend, x.device)
-        if backend == "reference" or self.attn.relative_position_bias_table.requires_grad:
+        table_needs_grad = self.attn.relative_position_bias_table.requires_grad
+        if prompt_qkv is not None:
+            self._check_prompt_qkv(prompt_qkv, prompts, x.shape[0], need_prompts)
+            if backend == "reference" or table_needs_grad:
+                raise ValueError("precomputed prompt queries/keys/values need a prompt-aware backend (not "
+                                 "'reference') and a frozen relative-position bias table")
+        if backend == "reference" or table_needs_grad:
             # (an unfrozen rel-pos table needs its gradient: the attention op gives none for `bias`)
             run, args = self.forward_reference, (x, prompts)
         else:
-            run, args = self._forward, (x, prompts, need_prompts, backend)
+            run, args = self._forward, (x, prompts, need_prompts, backend, prompt_qkv)
         # "block" (and timm's set_grad_checkpointing) applies to every backend, the reference included
         if self.recompute == "block" and torch.is_grad_enabled() and (
                 x.requires_grad or (prompts is not None and prompts.requires_grad)):
@@ -225,6 +243,19 @@ class SwinBlock(nn.Module):
         else:
             x, p = run(*args)
         return x if prompts is None else (x, p)
+
+    def _check_prompt_qkv(self, prompt_qkv: PromptQKV, prompts: Optional[Tensor], batch: int,
+                          need_prompts: bool) -> None:
+        heads = self.attn.num_heads
+        head_dim = self.attn.qkv.out_features // 3 // heads
+        num_prompts = None if prompts is None else prompts.shape[1]
+        given = [t for t in prompt_qkv if t is not None]
+        if (prompts is None or prompt_qkv.k.dim() != 4 or prompt_qkv.k.shape[0] not in (1, batch)
+                or tuple(prompt_qkv.k.shape[1:]) != (heads, num_prompts, head_dim)
+                or any(t.shape != prompt_qkv.k.shape for t in given) or (need_prompts and prompt_qkv.q is None)):
+            raise ValueError(f"prompt_qkv must come with the prompts and hold (1 or B={batch}, H={heads}, "
+                             f"P={num_prompts}, d={head_dim}) keys and values, and queries when need_prompts; "
+                             f"got {[None if t is None else tuple(t.shape) for t in prompt_qkv]}")
 
     def forward_reference(self, x: Tensor, prompts: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
         """Release-style VPT, per-sample correct: each image's prompts are concatenated to every
@@ -267,12 +298,14 @@ class SwinBlock(nn.Module):
         out = (probs @ v).transpose(1, 2).reshape(bw, n, -1)
         return attn.proj_drop(attn.proj(out))
 
-    def _forward(self, x: Tensor, prompts: Optional[Tensor], need_prompts: bool,
-                 backend: str) -> tuple[Tensor, Optional[Tensor]]:
+    def _forward(self, x: Tensor, prompts: Optional[Tensor], need_prompts: bool, backend: str,
+                 prompt_qkv: Optional[PromptQKV] = None) -> tuple[Tensor, Optional[Tensor]]:
         batch, height, width, dim = x.shape
+        if prompts is not None and prompt_qkv is None:
+            prompt_qkv = self.prompt_qkv(prompts, backend, queries=need_prompts)
         # norm1's outputs feed only the qkv GEMMs (window partition in between moves data only)
-        pn = None if prompts is None else layer_norm(prompts, self.norm1, backend, feeds_matmul=True)
-        a, pa = self._attention(layer_norm(x, self.norm1, backend, feeds_matmul=True), pn, need_prompts, backend)
+        a, pa = self._attention(layer_norm(x, self.norm1, backend, feeds_matmul=True), prompt_qkv, need_prompts,
+                                backend)
         rows = (batch, height * width, dim)
         x = self._residual_mlp(x.reshape(rows), a.reshape(rows), backend).reshape(batch, height, width, dim)
         if pa is None:
@@ -337,10 +370,22 @@ class SwinBlock(nn.Module):
         self._window_cache.clear()
         self._bias_cache.clear()
 
-    def _attention(self, xn: Tensor, pn: Optional[Tensor], need_prompts: bool,
+    def prompt_qkv(self, prompts: Tensor, backend: str, queries: bool = True) -> PromptQKV:
+        """Prompt rows (S, P, C) -> norm1, then their keys and values (S, H, P, d) and, with
+        `queries`, their queries (else None): what every window of an image reads of its prompts."""
+        attn, backend = self.attn, resolve_auto(backend, prompts.device)
+        attn_dim = attn.qkv.out_features // 3
+        parts = 3 if queries else 2
+        pn = layer_norm(prompts, self.norm1, backend, feeds_matmul=True)
+        start = (3 - parts) * attn_dim  # the key and value rows of qkv are its last 2 * attn_dim
+        qkv = linear(pn, attn.qkv.weight[start:], None if attn.qkv.bias is None else attn.qkv.bias[start:])
+        qkv = qkv.view(*prompts.shape[:2], parts, attn.num_heads, attn_dim // attn.num_heads).permute(2, 0, 3, 1, 4)
+        return PromptQKV(qkv[0] if queries else None, qkv[-2], qkv[-1])
+
+    def _attention(self, xn: Tensor, prompt_qkv: Optional[PromptQKV], need_prompts: bool,
                    backend: str) -> tuple[Tensor, Optional[Tensor]]:
-        """Window attention of the normalised grid `xn` with the normalised prompts `pn`
-        (Bp, P, C): (token outputs (B, H, W, C), prompt outputs (B, P, C) or None)."""
+        """Window attention of the normalised grid `xn` with the prompts' queries, keys and values
+        (Bp, H, P, d): (token outputs (B, H, W, C), prompt outputs (B, P, C) or None)."""
         attn = self.attn
         batch, height, width, dim = xn.shape
         heads = attn.num_heads
@@ -350,21 +395,16 @@ class SwinBlock(nn.Module):
         bw, n, _ = windows.shape
         qkv = linear(windows, attn.qkv.weight, attn.qkv.bias)
         q, k, v = qkv.view(bw, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-        pk = pv = None
-        if pn is not None:
-            bp, num_prompts = pn.shape[:2]
-            kv_bias = None if attn.qkv.bias is None else attn.qkv.bias[attn_dim:]
-            kv = linear(pn, attn.qkv.weight[attn_dim:], kv_bias)
-            pk, pv = kv.view(bp, num_prompts, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+        pk, pv = (None, None) if prompt_qkv is None else prompt_qkv[1:]
         o = prompt_attention(q, k, v, pk, pv, scale=attn.scale, bias=self._bias(height, width), backend=backend)
         o = linear(o.transpose(1, 2).reshape(bw, n, attn_dim), attn.proj.weight, attn.proj.bias)
         out = self._from_windows(o, height, width)
-        if pn is None or not need_prompts:
+        if prompt_qkv is None or not need_prompts:
             return out, None
         # Prompt queries attend, in every window of their image, to [prompts, window] with no bias.
         num_windows = bw // batch
-        q_bias = None if attn.qkv.bias is None else attn.qkv.bias[:attn_dim]
-        qp = linear(pn, attn.qkv.weight[:attn_dim], q_bias).view(bp, num_prompts, heads, head_dim).transpose(1, 2)
+        qp = prompt_qkv.q
+        bp, _, num_prompts, _ = qp.shape
         if bp == 1:
             qp = qp.expand(bw, -1, -1, -1)  # a view: one query set read by every window
         else:

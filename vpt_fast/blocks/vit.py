@@ -191,6 +191,57 @@ class ViTBlock(nn.Module):
     def _qk_norm(t: Tensor, norm: nn.Module, backend: str) -> Tensor:
         return t if isinstance(norm, nn.Identity) else layer_norm(t, norm, backend, feeds_matmul=True)
 
+    def prompt_qkv(self, prompts: Tensor, backend: str) -> PromptQKV:
+        """Prompt rows (S, P, D) -> their queries, keys and values (S, H, P, d): norm1, the qkv
+        projection, qk-norm. Shallow VPT's block 0 needs all three: there the prompt rows are
+        ordinary tokens whose outputs continue through the later blocks."""
+        attn, backend = self.attn, resolve_auto(backend, prompts.device)
+        qkv = linear(layer_norm(prompts, self.norm1, backend, feeds_matmul=True), attn.qkv.weight, attn.qkv.bias)
+        q, k, v = qkv.view(prompts.shape[0], prompts.shape[1], 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        return PromptQKV(self._qk_norm(q, attn.q_norm, backend), self._qk_norm(k, attn.k_norm, backend), v)
+
+    def forward_prompt_rows(self, x: Tensor, prompt_qkv: PromptQKV, prompt_start: int,
+                            query_rows: Optional[int] = None, prompt_index: Optional[Tensor] = None) -> Tensor:
+        """Timm's block on x (B, N, D) whose rows [prompt_start, prompt_start + P) are prompt rows
+        with their queries, keys and values already computed by `prompt_qkv` (a cache: shallow VPT's
+        block 0 without gradients). norm1 and the qkv projection run on the other rows only; the
+        prompt rows' outputs are returned like any row's (B, N, D), or the first `query_rows` rows.
+
+        Args:
+            prompt_qkv: (Bp, H, P, d) each with Bp in {1, B}, or (S, H, P, d) sets read by `prompt_index`.
+            prompt_start: index of the first prompt row (the number of prefix tokens).
+            query_rows, prompt_index: as in `forward`.
+        """
+        backend = resolve_auto(self.backend, x.device)
+        if backend == "reference":
+            raise ValueError("precomputed prompt queries/keys/values need a prompt-aware backend, not 'reference'")
+        attn = self.attn
+        end = prompt_start + prompt_qkv.k.shape[2]
+        sets = x.shape[0] if prompt_index is None else prompt_qkv.k.shape[0]
+        if (prompt_qkv.k.dim() != 4 or prompt_qkv.k.shape[0] not in (1, sets) or end > x.shape[1]
+                or any(t.shape != prompt_qkv.k.shape for t in prompt_qkv)):
+            raise ValueError(f"prompt_qkv must be three (1 or {'S' if prompt_index is not None else 'B'}={sets}, H, "
+                             f"P, d) tensors with prompt_start + P <= N={x.shape[1]}, got "
+                             f"{[tuple(t.shape) for t in prompt_qkv]} and prompt_start={prompt_start}")
+        if query_rows is not None and not 1 <= query_rows <= x.shape[1]:
+            raise ValueError(f"query_rows must be in [1, N={x.shape[1]}], got {query_rows}")
+        own = torch.cat([x[:, :prompt_start], x[:, end:]], dim=1)  # every row but the prompts
+        batch, num_own, _ = own.shape
+        qkv = linear(layer_norm(own, self.norm1, backend, feeds_matmul=True), attn.qkv.weight, attn.qkv.bias)
+        q, k, v = qkv.view(batch, num_own, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self._qk_norm(q, attn.q_norm, backend), self._qk_norm(k, attn.k_norm, backend)
+        pq = prompt_qkv.q
+        pq = pq.expand(batch, -1, -1, -1) if prompt_index is None else gather_sets(pq, prompt_index)
+        # queries in row order; the prompt keys/values are the attention op's shared prompt segment
+        q = torch.cat([q[:, :, :prompt_start], pq, q[:, :, prompt_start:]], dim=2)[:, :, :query_rows]
+        # the index comes checked from the model (PromptBank checks task ids once): no per-block sync
+        o = prompt_attention(q, k, v, prompt_qkv.k, prompt_qkv.v, scale=attn.scale, backend=backend,
+                             prompt_index=prompt_index, check_index_range=False)
+        o = o.transpose(1, 2).reshape(batch, q.shape[2], attn.attn_dim)
+        if not isinstance(attn.norm, nn.Identity):
+            o = layer_norm(o, attn.norm, backend, feeds_matmul=True)
+        return self._residual_mlp(x[:, :query_rows], linear(o, attn.proj.weight, attn.proj.bias), backend)
+
 
 def is_identity_drop_path(drop_path: nn.Module) -> bool:
     """An `nn.Identity`, or timm's `DropPath` while it is inactive: in eval mode (which the frozen
@@ -219,6 +270,14 @@ def _rows_of(layer: nn.Linear, start: int, stop: int) -> tuple[Tensor, Optional[
 
 class PromptKV(NamedTuple):
     """Prompt keys and values (S, H, P, d), as `ViTBlock.prompt_kv` computes them."""
+    k: Tensor
+    v: Tensor
+
+
+class PromptQKV(NamedTuple):
+    """Prompt queries, keys and values (S, H, P, d), as `ViTBlock.prompt_qkv` and
+    `SwinBlock.prompt_qkv` compute them; q is None where the prompt outputs are not needed."""
+    q: Optional[Tensor]
     k: Tensor
     v: Tensor
 

@@ -5,7 +5,8 @@ Prompts are prepended to stage 0; in every block they join every attention windo
 windows; patch merging repeats them [p, p, p, p] before the merging norm and reduction; deep VPT
 replaces them with a learned set before every block (stage 0: the input set for block 0, then one per
 later block; stages s > 0: one per block). The final norm runs on [prompts, patches] and the average
-pool of timm's head runs over both.
+pool of timm's head runs over both. Without gradients, the norm1 and K/V projection of the prompts
+that are parameters (every block deep, the first block shallow) are computed once and cached.
 
 Parameters (`model.vpt`): `prompts.<s>` of shape (n_s, P, C_s), or (n_s, P, k) with `project=k`, in
 which case stage s has its own `proj.<s>` = Linear(k, C_s) (the released code has no projection for
@@ -26,8 +27,16 @@ from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTran
 from torch import Tensor, nn
 
 from vpt_fast.blocks.swin import SwinBlock, SwinPatchMerging
+from vpt_fast.blocks.vit import PromptQKV
 from vpt_fast.config import PromptConfig
-from vpt_fast.models.common import PromptedModel, check_unprompted, install, prompt_module, warn_ignored_dropout
+from vpt_fast.models.common import (
+    PromptedModel,
+    cached_prompt_values,
+    check_unprompted,
+    install,
+    prompt_module,
+    warn_ignored_dropout,
+)
 from vpt_fast.ops.attention import gather_sets
 
 _HEAD = ("head",)
@@ -53,18 +62,31 @@ class PromptedSwinTransformer(PromptedModel, SwinTransformer):
         x = self.patch_embed(x)
         source = self.vpt if source is None else source
         deep, batch = self.vpt_config.deep, x.shape[0]
-        prompts = _sample_rows(*source.prompt_sets(0, batch))
+        sets, index = source.prompt_sets(0, batch)
+        prompts = _sample_rows(sets, index)
+        prompts_are_sets = True  # the prompt rows entering the next block are the source's parameters
         taken = []
         for s, stage in enumerate(self.layers[:num_stages]):
             if isinstance(stage.downsample, SwinPatchMerging) and prompts is not None:
                 x, prompts = stage.downsample(x, prompts)
+                prompts_are_sets = False
             else:
                 x = stage.downsample(x)
             for i, block in enumerate(stage.blocks):
                 if deep and (s, i) != (0, 0):
-                    prompts = _sample_rows(*source.prompt_sets(i, batch, stage=s))
+                    sets, index = source.prompt_sets(i, batch, stage=s)
+                    prompts, prompts_are_sets = _sample_rows(sets, index), True
                 last = s == num_stages - 1 and i == len(stage.blocks) - 1
-                x, prompts = block(x, prompts, need_prompts=not deep or (last and need_last_prompts))
+                need_prompts = not deep or (last and need_last_prompts)
+                qkv = None
+                if prompts_are_sets:
+                    # the model's last block caches its prompt queries whether or not this call
+                    # needs them, so forward and forward_features share one entry
+                    queries = need_prompts or (s, i) == (len(self.layers) - 1, len(stage.blocks) - 1)
+                    qkv = block_prompt_qkv(block, (s, i), sets, index, source, queries,
+                                           self.vpt_config.backend, x.device)
+                x, prompts = block(x, prompts, need_prompts=need_prompts, prompt_qkv=qkv)
+                prompts_are_sets = False
             if take is not None and s in take:
                 taken.append(x)
         return x, prompts, taken
@@ -131,6 +153,21 @@ class PromptedSwinTransformer(PromptedModel, SwinTransformer):
         # stage s's prompts enter its first block: (s,) coarse, (s, 0) fine
         matcher["blocks"] = blocks + self._prompt_matchers(lambda s: (s,) if coarse else (s, 0))
         return matcher
+
+
+def block_prompt_qkv(block: SwinBlock, slot: tuple[int, int], sets: Tensor, index: Optional[Tensor], source,
+                     queries: bool, backend: str, device: torch.device) -> Optional[PromptQKV]:
+    """The prompts' keys/values (and, with `queries`, queries) for block `slot` = (stage, block),
+    whose prompts are the parameter sets `sets`: without gradients computed once per set and cached
+    on the source (`cached_prompt_values`: keyed by the prompt and projection parameters, the block's
+    norm1/qkv parameters, backend, device and autocast dtype; every window of an image reads them,
+    whatever the window grid), then taken per image as `_sample_rows` takes the rows; None when they
+    must be computed in the block."""
+    qkv = cached_prompt_values(source, slot, (block.norm1, block.attn.qkv), backend, device,
+                               lambda: block.prompt_qkv(sets, backend, queries), variant=queries)
+    if qkv is None or index is None:
+        return qkv
+    return PromptQKV(*(None if t is None else gather_sets(t, index) for t in qkv))
 
 
 def _sample_rows(sets: Tensor, index: Optional[Tensor]) -> Tensor:

@@ -4,7 +4,9 @@
 position embedding. Shallow: prompt set 0 enters before block 0 and the prompts are ordinary tokens
 from then on. Deep: before every block the prompt rows are replaced by that block's set, so each
 `ViTBlock` takes the prompts separately and returns the token rows only. After the last block the
-prompt rows are dropped, then timm's final norm and head run unchanged.
+prompt rows are dropped, then timm's final norm and head run unchanged. Without gradients the prompts'
+norm1 and projection are computed once and cached: deep, their keys/values for every block; shallow,
+their queries/keys/values for block 0 (which then projects the prefix and patch rows only).
 """
 from __future__ import annotations
 
@@ -14,13 +16,17 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor
 
-from vpt_fast.backends import resolve_auto
-from vpt_fast.blocks.vit import ViTBlock
+from vpt_fast.blocks.vit import PromptQKV, ViTBlock
 from vpt_fast.config import PromptConfig
-from vpt_fast.models.common import PromptedModel, check_unprompted, install, prompt_module, warn_ignored_dropout
-from vpt_fast.ops import autocast_dtype
+from vpt_fast.models.common import (
+    PromptedModel,
+    cached_prompt_values,
+    check_unprompted,
+    install,
+    prompt_module,
+    warn_ignored_dropout,
+)
 from vpt_fast.ops.attention import gather_sets
-from vpt_fast.prompts import parameter_key
 
 SUPPORTED_POOLS = ("token", "avg", "")
 _HEAD = ("fc_norm", "head_drop", "head")
@@ -43,12 +49,13 @@ class PromptedVisionTransformer(PromptedModel, VisionTransformer):
         source = self.vpt if source is None else source
         batch, npfx = x.shape[0], self.num_prefix_tokens
         deep = self.vpt_config.deep
-        num_prompts = 0
+        num_prompts, first_qkv = 0, None
         if not deep:
             sets, index = source.prompt_sets(0, batch)
             prompts = sets.expand(batch, -1, -1) if index is None else gather_sets(sets, index)
             num_prompts = prompts.shape[1]
             x = torch.cat([x[:, :npfx], prompts, x[:, npfx:]], dim=1)
+            first_qkv = shallow_prompt_qkv(blocks[0], sets, source, self.vpt_config.backend, x.device)
         taken = []
         last = len(blocks) - 1
         for i, block in enumerate(blocks):
@@ -56,6 +63,8 @@ class PromptedVisionTransformer(PromptedModel, VisionTransformer):
             if deep:
                 prompts, index = block_prompts(block, i, batch, source, self.vpt_config.backend, x.device)
                 x = block(x, prompts, query_rows=rows, prompt_index=index)
+            elif i == 0 and first_qkv is not None:
+                x = block.forward_prompt_rows(x, first_qkv, npfx, query_rows=rows, prompt_index=index)
             else:
                 x = block(x, query_rows=rows)
             if take is not None and i in take:
@@ -136,23 +145,24 @@ class PromptedVisionTransformer(PromptedModel, VisionTransformer):
 
 def block_prompts(block: ViTBlock, i: int, batch: int, source, backend: str, device: torch.device):
     """(prompts, prompt_index) for deep block `i`. Without gradients, the prompt keys/values are
-    computed once and cached on the source, keyed by everything they depend on: the prompt and
-    projection parameters (storage and version), the block's norm1/qkv/k-norm parameters, backend,
-    device and autocast dtype; any change recomputes them, so the cache never returns a stale value."""
+    computed once and cached on the source (`cached_prompt_values`: keyed by the prompt and
+    projection parameters, the block's norm1/qkv/k-norm parameters, backend, device and autocast
+    dtype, so the cache never returns a stale value)."""
     sets, index = source.prompt_sets(i, batch)
-    backend = resolve_auto(backend, device)
-    if torch.is_grad_enabled() or backend == "reference" or torch.compiler.is_compiling():
-        return sets, index
-    key = source.cache_key()
-    if key is None:
-        return sets, index
     attn = block.attn
-    key = (key, parameter_key(t for m in (block.norm1, attn.qkv, attn.k_norm) for t in m.parameters()),
-           backend, device, autocast_dtype(device))
-    hit = source.kv_cache.get(i)
-    if hit is None or hit[0] != key:
-        hit = source.kv_cache[i] = (key, block.prompt_kv(sets, backend))
-    return hit[1], index
+    kv = cached_prompt_values(source, i, (block.norm1, attn.qkv, attn.k_norm), backend, device,
+                              lambda: block.prompt_kv(sets, backend))
+    return (sets if kv is None else kv), index
+
+
+def shallow_prompt_qkv(block: ViTBlock, sets: Tensor, source, backend: str,
+                       device: torch.device) -> Optional[PromptQKV]:
+    """Shallow VPT: the prompt rows entering block 0 are the same for every image, so without
+    gradients their norm1 and q/k/v projection (and qk-norm) are computed once and cached on the
+    source, keyed as in `block_prompts`; None when they must be computed with the other rows."""
+    attn = block.attn
+    return cached_prompt_values(source, 0, (block.norm1, attn.qkv, attn.q_norm, attn.k_norm), backend, device,
+                                lambda: block.prompt_qkv(sets, backend))
 
 
 def _check_no_mask(attn_mask: Optional[Tensor], is_causal: bool) -> None:
