@@ -519,6 +519,16 @@ def test_triton_indexed_prompt_grads_reproducible(impl, monkeypatch, case, sms):
     assert_close(first[4], want[4], 2e-5, 2e-5, "dpv")
 
 
+def test_torch_indexed_prompt_grads_reproducible():
+    """The torch backend's per-set sum (one-hot GEMM) is bitwise the same on two runs."""
+    q, k, v, pk, pv, bias, dout, index = _indexed_inputs("S3_B5_unused_set", seed=4)
+    out, lse = torch_impl.attention_fwd(q, k, v, pk, pv, 0.3, bias, prompt_index=index)
+    first = torch_impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, 0.3, bias, prompt_index=index)
+    second = torch_impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, 0.3, bias, prompt_index=index)
+    for name, a, b in zip(GRAD_NAMES, first, second):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_indexed_equals_grouped_without_index(backend):
     """An index that spells out the grouped layout (b // (B // Bp)) gives the grouped result."""
