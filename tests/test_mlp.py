@@ -20,7 +20,8 @@ class _LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        inputs = {t.untyped_storage().data_ptr() for t in tensors}
         for t in tree_flatten(out)[0]:
             if (isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in self._seen
                     and t.untyped_storage().data_ptr() not in inputs):  # views and in-place results are not new
