@@ -388,13 +388,17 @@ def bias_gelu_bwd(dg: Tensor, h: Tensor, bias: Optional[Tensor], inplace: bool =
 
 
 def add_layer_norm_fwd(residual: Tensor, branch: Tensor, scale: Optional[Tensor], weight: Optional[Tensor],
-                       bias: Optional[Tensor], eps: float,
-                       out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                       bias: Optional[Tensor], eps: float, out_dtype: Optional[torch.dtype] = None,
+                       s_out: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Residual add then LayerNorm over the last dim: s = residual + branch * scale (`scale` an optional
     per-channel LayerScale), computed as timm's `x + ls(branch)` computes it, in torch's promoted
     dtype; y = LayerNorm(s) with statistics in the accumulation dtype (float32, float64 for float64),
-    rounded once to `out_dtype` (default s's dtype). Returns (s, y, mean, rstd)."""
-    s = residual + (branch if scale is None else branch * scale)
+    rounded once to `out_dtype` (default s's dtype). Returns (s, y, mean, rstd). `s_out`: s is written
+    there (it may be `branch` itself: the same values, one buffer fewer)."""
+    if s_out is None:
+        s = residual + (branch if scale is None else branch * scale)
+    else:
+        s = torch.add(residual, branch if scale is None else torch.mul(branch, scale, out=s_out), out=s_out)
     acc = _acc_dtype(s)
     if s.dtype == acc and all(t is None or t.dtype == acc for t in (weight, bias)):
         y, mean, rstd = layer_norm_fwd(s, weight, bias, eps, out_dtype)

@@ -323,7 +323,8 @@ class SwinBlock(nn.Module):
             else:
                 y = self.mlp(layer_norm(x, self.norm2, backend))
         elif is_fusable(self.norm2, self.mlp):
-            x, y = add_norm_mlp(residual, branch, None, self.norm2, self.mlp, self.recompute == "mlp", backend)
+            x, y = add_norm_mlp(residual, branch, None, self.norm2, self.mlp, self.recompute == "mlp", backend,
+                                reuse_branch=True)  # the branch is the windows' fresh reverse gather
         else:
             x, xn = add_layer_norm(residual, branch, self.norm2, backend)
             y = self.mlp(xn)

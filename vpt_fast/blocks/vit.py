@@ -142,7 +142,8 @@ class ViTBlock(nn.Module):
             else:
                 y = self.mlp(layer_norm(x, self.norm2, backend))
         elif is_fusable(self.norm2, self.mlp):
-            x, y = add_norm_mlp(residual, branch, scale, self.norm2, self.mlp, self.recompute == "mlp", backend)
+            x, y = add_norm_mlp(residual, branch, scale, self.norm2, self.mlp, self.recompute == "mlp", backend,
+                                reuse_branch=True)  # the branch is the projection's fresh output
         else:
             x, xn = add_layer_norm(residual, branch, self.norm2, backend, scale)
             y = self.mlp(xn)

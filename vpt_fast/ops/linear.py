@@ -17,6 +17,8 @@ class FrozenLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         y = F.linear(x, weight, bias)  # autocast, if active, applies here as in timm
+        if y._base is not None:  # a view of the 2D GEMM output (3-dim x with a bias): make it a tensor of
+            y = torch.ops.aten._unsafe_view(y, y.shape)  # its own, so a later op may write into it in place
         ctx.save_for_backward(weight)  # a parameter: no activation memory
         ctx.x_dtype = x.dtype
         return y

@@ -75,11 +75,20 @@ class FrozenAddNormMlp(torch.autograd.Function):
     both the residual and the branch). Saves what `FrozenNormMlp` saves, with s in place of x."""
 
     @staticmethod
-    def forward(ctx, residual, branch, scale, nw, nb, eps, w1, b1, w2, b2, recompute_fc1: bool, backend: str):
+    def forward(ctx, residual, branch, scale, nw, nb, eps, w1, b1, w2, b2, recompute_fc1: bool, backend: str,
+                reuse_branch: bool):
         add_ln = resolve(backend, "add_layer_norm", residual.device)
         act = resolve(backend, "bias_gelu", residual.device)
-        out_dtype = norm_output_dtype(sum_dtype(residual, branch, scale), residual.device, feeds_matmul=True)
-        s, y, mean, rstd = add_ln.add_layer_norm_fwd(residual, branch, scale, nw, nb, eps, out_dtype)
+        s_dtype = sum_dtype(residual, branch, scale)
+        out_dtype = norm_output_dtype(s_dtype, residual.device, feeds_matmul=True)
+        # s overwrites the branch, which nothing else reads: the MLP then runs with the buffers the
+        # unfused `x = residual + branch` leaves alive (the branch freed), not one more
+        reuse = (reuse_branch and branch._base is None and branch.dtype == s_dtype and branch.is_contiguous()
+                 and branch.shape == residual.shape and not torch.compiler.is_compiling())
+        s, y, mean, rstd = add_ln.add_layer_norm_fwd(residual, branch, scale, nw, nb, eps, out_dtype,
+                                                     s_out=branch if reuse else None)
+        if reuse:
+            ctx.mark_dirty(branch)
         h, out = _mlp_fwd(y, w1, b1, w2, b2, act)
         ctx.save_for_backward(s, nw, nb, mean, rstd, w1, b1, w2, None if recompute_fc1 else h, scale)
         ctx.eps, ctx.act, ctx.recompute_fc1, ctx.branch_dtype = eps, act, recompute_fc1, branch.dtype
@@ -96,7 +105,7 @@ class FrozenAddNormMlp(torch.autograd.Function):
         dy = None if dout is None else _mlp_input_grad(ctx, dout, *_norm_inputs(s, nw, nb), w1, b1, w2, hidden)
         d_residual, d_branch = ctx.add_ln.add_layer_norm_bwd(
             None if ds is None else ds.contiguous(), dy, s, nw, mean, rstd, scale, ctx.branch_dtype)
-        return d_residual, d_branch, None, None, None, None, None, None, None, None, None, None
+        return d_residual, d_branch, None, None, None, None, None, None, None, None, None, None, None
 
 
 def _norm_inputs(s: Tensor, nw: Optional[Tensor], nb: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
@@ -124,7 +133,7 @@ def norm_mlp(x: Tensor, norm: nn.LayerNorm, mlp: nn.Module, recompute_fc1: bool,
 
 
 def add_norm_mlp(residual: Tensor, branch: Tensor, scale: Optional[Tensor], norm: nn.LayerNorm, mlp: nn.Module,
-                 recompute_fc1: bool, backend: str) -> tuple[Tensor, Tensor]:
+                 recompute_fc1: bool, backend: str, reuse_branch: bool = False) -> tuple[Tensor, Tensor]:
     """(s, mlp(norm(s))) with s = residual + branch * scale, for a frozen pre-norm timm MLP (see
     `is_fusable`): timm's `x = x + ls1(branch)` then `mlp(norm2(x))` with the add fused into the norm.
 
@@ -135,6 +144,9 @@ def add_norm_mlp(residual: Tensor, branch: Tensor, scale: Optional[Tensor], norm
         norm, mlp: the block's frozen `norm2` and timm `Mlp`.
         recompute_fc1: recompute norm and fc1 in backward instead of saving fc1's output.
         backend: the backend whose primitives run.
+        reuse_branch: the caller hands over `branch` (a fresh tensor that nothing else reads, such as the
+            attention projection's output): s is written into it in eager mode, one buffer fewer while
+            the MLP runs. The returned s is then `branch` itself.
     """
     if branch.shape != residual.shape:
         raise ValueError(f"branch must have residual's shape {tuple(residual.shape)}, got {tuple(branch.shape)}")
@@ -142,4 +154,4 @@ def add_norm_mlp(residual: Tensor, branch: Tensor, scale: Optional[Tensor], norm
         raise ValueError(f"scale must be a frozen ({residual.shape[-1]},) vector, got shape {tuple(scale.shape)} "
                          f"with requires_grad={scale.requires_grad}")
     return FrozenAddNormMlp.apply(residual, branch, scale, norm.weight, norm.bias, norm.eps, mlp.fc1.weight,
-                                  mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, recompute_fc1, backend)
+                                  mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, recompute_fc1, backend, reuse_branch)

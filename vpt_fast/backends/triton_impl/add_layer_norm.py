@@ -18,6 +18,7 @@ from vpt_fast.backends.triton_impl.common import (
     check_same_device,
     check_tensor,
     custom_op,
+    eager,
     kernel_module,
     launch,
 )
@@ -39,10 +40,11 @@ def _add_layer_norm_fwd_fake(residual, branch, scale, weight, bias, eps, out_dty
 
 
 def _add_layer_norm_fwd_impl(residual: Tensor, branch: Tensor, scale: Optional[Tensor], weight: Optional[Tensor],
-                             bias: Optional[Tensor], eps: float,
-                             out_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                             bias: Optional[Tensor], eps: float, out_dtype: Optional[torch.dtype],
+                             s_out: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     C = residual.shape[-1]
-    s = torch.empty(residual.shape, dtype=_sum_dtype(residual, branch, scale), device=residual.device)
+    s = s_out if s_out is not None else torch.empty(residual.shape, dtype=_sum_dtype(residual, branch, scale),
+                                                    device=residual.device)
     y = torch.empty(residual.shape, dtype=out_dtype or s.dtype, device=residual.device)
     mean = torch.empty(residual.shape[:-1], dtype=torch.float32, device=residual.device)
     rstd = torch.empty_like(mean)
@@ -95,12 +97,14 @@ _add_layer_norm_bwd_op = custom_op("triton_add_layer_norm_bwd", _add_layer_norm_
 
 
 def add_layer_norm_fwd(residual: Tensor, branch: Tensor, scale: Optional[Tensor], weight: Optional[Tensor],
-                       bias: Optional[Tensor], eps: float,
-                       out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                       bias: Optional[Tensor], eps: float, out_dtype: Optional[torch.dtype] = None,
+                       s_out: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """s = residual + branch * scale, then LayerNorm of s over the last dim. Returns (s, y, mean, rstd):
     s in torch's promoted dtype of the inputs, y in `out_dtype` (default s's dtype) rounded once from
     fp32, mean/rstd float32 of shape residual.shape[:-1]. A `scale` whose product with the branch
-    promotes to half precision is applied first in torch, so the product is rounded as torch rounds it."""
+    promotes to half precision is applied first in torch, so the product is rounded as torch rounds it.
+    `s_out`: a contiguous tensor of s's shape and dtype that s is written into, in eager mode (it may be
+    `branch` itself: each program reads its row before writing it); traced, the op allocates s."""
     check_available()
     check_tensor("residual", residual)
     check_tensor("branch", branch)
@@ -117,8 +121,15 @@ def add_layer_norm_fwd(residual: Tensor, branch: Tensor, scale: Optional[Tensor]
     if scale is not None and torch.promote_types(branch.dtype, scale.dtype) != torch.float32:
         branch, scale = branch * scale, None
     scale, weight, bias = (None if t is None else t.contiguous() for t in (scale, weight, bias))
-    return call(_add_layer_norm_fwd_impl, "triton_add_layer_norm_fwd", residual, branch, scale, weight, bias,
-                float(eps), out_dtype)
+    if s_out is not None and eager():
+        if s_out.shape != residual.shape or s_out.dtype != _sum_dtype(residual, branch, scale) \
+                or not s_out.is_contiguous():
+            raise ValueError(f"triton backend: s_out must be a contiguous {_sum_dtype(residual, branch, scale)} "
+                             f"tensor of shape {tuple(residual.shape)}, got {s_out.dtype} {tuple(s_out.shape)}")
+        return _add_layer_norm_fwd_impl(residual, branch, scale, weight, bias, float(eps), out_dtype, s_out)
+    s, y, mean, rstd = call(_add_layer_norm_fwd_impl, "triton_add_layer_norm_fwd", residual, branch, scale, weight,
+                            bias, float(eps), out_dtype)
+    return (s if s_out is None else s_out.copy_(s)), y, mean, rstd
 
 
 def add_layer_norm_bwd(ds: Optional[Tensor], dy: Optional[Tensor], s: Tensor, weight: Optional[Tensor],
