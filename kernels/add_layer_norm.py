@@ -5,7 +5,7 @@
 # docs/design.md §2.3): ds_total = ds + rstd * (g - shat * mean(g * shat) - mean(g)), g = dy * weight,
 # written once as the residual's gradient and, when the branch needs its own (LayerScale, or another
 # dtype), as branch gradient ds_total * scale in the same pass.
-# The LayerNorm arithmetic is `_layer_norm_fwd` / `_layer_norm_bwd`'s, line for line, and the wrappers
+# The LayerNorm arithmetic is `_layer_norm_fwd` / `_layer_norm_bwd`'s (their shared row helpers), and the wrappers
 # launch both with the same block size and warps: recompute="mlp" reruns `_layer_norm_fwd` on the saved
 # s and must get y's bits back.
 #
@@ -20,6 +20,8 @@
 #   -> under 1 FLOP/byte: memory-bound; the target is HBM bandwidth (~78 us fwd, ~103 us bwd on H100).
 import triton
 import triton.language as tl
+
+from .layer_norm import _normalize_row, _normalize_row_bwd
 
 
 @triton.jit
@@ -37,16 +39,8 @@ def _add_layer_norm_fwd(RES, BRANCH, SCALE, W, B, S, Y, MEAN, RSTD, stride_res_r
     s = tl.load(RES + row * stride_res_row + cols, mask=mask, other=0.0).to(tl.float32) + branch
     s = s.to(S.dtype.element_ty)
     tl.store(S + row * stride_s_row + cols, s, mask=mask)
-    x = s.to(tl.float32)  # the stored s, rounded to S's dtype, is what LayerNorm normalises
-    mean = tl.sum(x, 0) / n_cols
-    xc = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(xc * xc, 0) / n_cols
-    rstd = 1.0 / tl.sqrt(var + eps)
-    y = xc * rstd
-    if HAS_WEIGHT:
-        y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    # the stored s, rounded to S's dtype, is what LayerNorm normalises
+    y, mean, rstd = _normalize_row(s.to(tl.float32), W, B, cols, mask, n_cols, eps, HAS_WEIGHT, HAS_BIAS)
     tl.store(Y + row * stride_y_row + cols, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
@@ -63,15 +57,9 @@ def _add_layer_norm_bwd(DS, DY, S, W, MEAN, RSTD, SCALE, DRES, DBRANCH, stride_d
     mask = cols < n_cols
     if HAS_DY:
         x = tl.load(S + row * stride_s_row + cols, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(DY + row * stride_dy_row + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_WEIGHT:
-            g = g * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(MEAN + row)
-        rstd = tl.load(RSTD + row)
-        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-        c1 = tl.sum(g * xhat, 0) / n_cols
-        c2 = tl.sum(g, 0) / n_cols
-        total = (g - xhat * c1 - c2) * rstd
+        dy = tl.load(DY + row * stride_dy_row + cols, mask=mask, other=0.0).to(tl.float32)
+        total = _normalize_row_bwd(x, dy, W, tl.load(MEAN + row), tl.load(RSTD + row), cols, mask, n_cols,
+                                   HAS_WEIGHT)
         # LayerNorm's dX as its own kernel stores it, before the residual gradient joins it
         total = total.to(DRES.dtype.element_ty).to(tl.float32)
         if HAS_DS:

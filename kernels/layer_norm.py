@@ -20,15 +20,7 @@ def _layer_norm_fwd(X, W, B, Y, MEAN, RSTD, stride_x_row, n_cols, stride_y_row, 
     cols = tl.arange(0, BLOCK_SIZE)
     mask = cols < n_cols
     x = tl.load(X + row * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, 0) / n_cols
-    xc = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(xc * xc, 0) / n_cols
-    rstd = 1.0 / tl.sqrt(var + eps)
-    y = xc * rstd
-    if HAS_WEIGHT:
-        y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    y, mean, rstd = _normalize_row(x, W, B, cols, mask, n_cols, eps, HAS_WEIGHT, HAS_BIAS)
     tl.store(Y + row * stride_y_row + cols, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
@@ -42,13 +34,34 @@ def _layer_norm_bwd(DY, X, W, MEAN, RSTD, DX, stride_dy_row, stride_x_row, n_col
     cols = tl.arange(0, BLOCK_SIZE)
     mask = cols < n_cols
     x = tl.load(X + row * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(DY + row * stride_dy_row + cols, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + row * stride_dy_row + cols, mask=mask, other=0.0).to(tl.float32)
+    dx = _normalize_row_bwd(x, dy, W, tl.load(MEAN + row), tl.load(RSTD + row), cols, mask, n_cols, HAS_WEIGHT)
+    tl.store(DX + row * stride_dx_row + cols, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _normalize_row(x, W, B, cols, mask, n_cols, eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """LayerNorm of one float32 row x (masked columns 0): (y float32, mean, rstd). Shared with
+    kernels/add_layer_norm.py, whose y must equal this kernel's bit for bit (recompute="mlp")."""
+    mean = tl.sum(x, 0) / n_cols
+    xc = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(xc * xc, 0) / n_cols
+    rstd = 1.0 / tl.sqrt(var + eps)
+    y = xc * rstd
+    if HAS_WEIGHT:
+        y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    return y, mean, rstd
+
+
+@triton.jit
+def _normalize_row_bwd(x, dy, W, mean, rstd, cols, mask, n_cols, HAS_WEIGHT: tl.constexpr):
+    """dX of one row (float32 x and dy) of a LayerNorm with a frozen affine."""
+    g = dy
     if HAS_WEIGHT:
         g = g * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.load(MEAN + row)
-    rstd = tl.load(RSTD + row)
     xhat = tl.where(mask, (x - mean) * rstd, 0.0)
     c1 = tl.sum(g * xhat, 0) / n_cols
     c2 = tl.sum(g, 0) / n_cols
-    dx = (g - xhat * c1 - c2) * rstd
-    tl.store(DX + row * stride_dx_row + cols, dx.to(DX.dtype.element_ty), mask=mask)
+    return (g - xhat * c1 - c2) * rstd
