@@ -38,13 +38,11 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from vpt_fast.backends import resolve_auto, validate_backend
-from vpt_fast.blocks.vit import PromptQKV, is_identity_drop_path
+from vpt_fast.blocks.vit import PromptQKV, residual_mlp
 from vpt_fast.config import RECOMPUTE
-from vpt_fast.ops.add_layer_norm import add_layer_norm
 from vpt_fast.ops.attention import prompt_attention
 from vpt_fast.ops.layer_norm import layer_norm
 from vpt_fast.ops.linear import linear
-from vpt_fast.ops.mlp import add_norm_mlp, is_fusable, norm_mlp
 from vpt_fast.ops.windows import window_index, window_partition, window_reverse
 
 # timm SwinTransformerBlock attributes that its window/shift/mask bookkeeping reads.
@@ -307,28 +305,10 @@ class SwinBlock(nn.Module):
         a, pa = self._attention(layer_norm(x, self.norm1, backend, feeds_matmul=True), prompt_qkv, need_prompts,
                                 backend)
         rows = (batch, height * width, dim)
-        x = self._residual_mlp(x.reshape(rows), a.reshape(rows), backend).reshape(batch, height, width, dim)
+        x = residual_mlp(self, x.reshape(rows), a.reshape(rows), backend).reshape(batch, height, width, dim)
         if pa is None:
             return x, None
-        return x, self._residual_mlp(prompts.expand_as(pa), pa, backend)
-
-    def _residual_mlp(self, residual: Tensor, branch: Tensor, backend: str) -> Tensor:
-        """timm's block after attention: x = residual + drop_path1(branch), then
-        x + drop_path2(mlp(norm2(x))). With drop_path1 an identity, the add runs inside norm2's kernels
-        (`add_norm_mlp`, `add_layer_norm`)."""
-        if not is_identity_drop_path(self.drop_path1):
-            x = residual + self.drop_path1(branch)
-            if is_fusable(self.norm2, self.mlp):
-                y = norm_mlp(x, self.norm2, self.mlp, self.recompute == "mlp", backend)
-            else:
-                y = self.mlp(layer_norm(x, self.norm2, backend))
-        elif is_fusable(self.norm2, self.mlp):
-            x, y = add_norm_mlp(residual, branch, None, self.norm2, self.mlp, self.recompute == "mlp", backend,
-                                reuse_branch=True)  # the branch is the windows' fresh reverse gather
-        else:
-            x, xn = add_layer_norm(residual, branch, self.norm2, backend)
-            y = self.mlp(xn)
-        return x + self.drop_path2(y)
+        return x, residual_mlp(self, prompts.expand_as(pa), pa, backend)
 
     def _build_bias(self, height: int, width: int) -> Tensor:
         """Relative-position bias (1, H, N, N), plus the shift mask of an (H, W) grid: (nW, H, N, N);

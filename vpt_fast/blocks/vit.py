@@ -128,26 +128,8 @@ class ViTBlock(nn.Module):
     def _forward(self, x: Tensor, prompts, backend: str, query_rows: Optional[int] = None,
                  prompt_index: Optional[Tensor] = None) -> Tensor:
         residual = x if query_rows is None else x[:, :query_rows]
-        return self._residual_mlp(residual, self._attention(x, prompts, backend, query_rows, prompt_index), backend)
-
-    def _residual_mlp(self, residual: Tensor, branch: Tensor, backend: str) -> Tensor:
-        """timm's block after attention: x = residual + drop_path1(ls1(branch)), then
-        x + drop_path2(ls2(mlp(norm2(x)))). When drop_path1 is an identity and ls1 an identity or a
-        frozen LayerScale, the add runs inside norm2's kernels (`add_norm_mlp`, `add_layer_norm`)."""
-        foldable, scale = _branch_scale(self.ls1, self.drop_path1)
-        if not foldable:
-            x = residual + self.drop_path1(self.ls1(branch))
-            if is_fusable(self.norm2, self.mlp):
-                y = norm_mlp(x, self.norm2, self.mlp, self.recompute == "mlp", backend)
-            else:
-                y = self.mlp(layer_norm(x, self.norm2, backend))
-        elif is_fusable(self.norm2, self.mlp):
-            x, y = add_norm_mlp(residual, branch, scale, self.norm2, self.mlp, self.recompute == "mlp", backend,
-                                reuse_branch=True)  # the branch is the projection's fresh output
-        else:
-            x, xn = add_layer_norm(residual, branch, self.norm2, backend, scale)
-            y = self.mlp(xn)
-        return x + self.drop_path2(self.ls2(y))
+        branch = self._attention(x, prompts, backend, query_rows, prompt_index)
+        return residual_mlp(self, residual, branch, backend, self.ls1, self.ls2)
 
     def prompt_kv(self, prompts: Tensor, backend: str) -> PromptKV:
         """Prompt rows (S, P, D) -> their keys and values (S, H, P, d): norm1, the K/V rows of the qkv
@@ -241,7 +223,32 @@ class ViTBlock(nn.Module):
         o = o.transpose(1, 2).reshape(batch, q.shape[2], attn.attn_dim)
         if not isinstance(attn.norm, nn.Identity):
             o = layer_norm(o, attn.norm, backend, feeds_matmul=True)
-        return self._residual_mlp(x[:, :query_rows], linear(o, attn.proj.weight, attn.proj.bias), backend)
+        return residual_mlp(self, x[:, :query_rows], linear(o, attn.proj.weight, attn.proj.bias), backend,
+                            self.ls1, self.ls2)
+
+
+def residual_mlp(block: nn.Module, residual: Tensor, branch: Tensor, backend: str,
+                 ls1: Optional[nn.Module] = None, ls2: Optional[nn.Module] = None) -> Tensor:
+    """timm's pre-norm block after attention, for ViT and Swin blocks (`block.norm2`, `.mlp`,
+    `.drop_path1`, `.drop_path2`, `.recompute`): x = residual + drop_path1(ls1(branch)), then
+    x + drop_path2(ls2(mlp(norm2(x)))); `ls1`, `ls2` None: no LayerScale (Swin). When drop_path1 is
+    an identity and ls1 an identity or a frozen LayerScale, the add runs inside norm2's kernels
+    (`add_norm_mlp`, `add_layer_norm`), and the sum may be written into `branch`: callers hand over a
+    fresh tensor that nothing else reads (the attention's output)."""
+    foldable, scale = _branch_scale(ls1, block.drop_path1)
+    recompute_fc1 = block.recompute == "mlp"
+    if not foldable:
+        x = residual + block.drop_path1(branch if ls1 is None else ls1(branch))
+        if is_fusable(block.norm2, block.mlp):
+            y = norm_mlp(x, block.norm2, block.mlp, recompute_fc1, backend)
+        else:
+            y = block.mlp(layer_norm(x, block.norm2, backend))
+    elif is_fusable(block.norm2, block.mlp):
+        x, y = add_norm_mlp(residual, branch, scale, block.norm2, block.mlp, recompute_fc1, backend, reuse_branch=True)
+    else:
+        x, xn = add_layer_norm(residual, branch, block.norm2, backend, scale)
+        y = block.mlp(xn)
+    return x + block.drop_path2(y if ls2 is None else ls2(y))
 
 
 def is_identity_drop_path(drop_path: nn.Module) -> bool:
@@ -252,12 +259,12 @@ def is_identity_drop_path(drop_path: nn.Module) -> bool:
         isinstance(drop_path, DropPath) and (not drop_path.training or drop_path.drop_prob == 0.0))
 
 
-def _branch_scale(ls: nn.Module, drop_path: nn.Module) -> tuple[bool, Optional[Tensor]]:
+def _branch_scale(ls: Optional[nn.Module], drop_path: nn.Module) -> tuple[bool, Optional[Tensor]]:
     """Whether `drop_path(ls(branch))` is `branch * scale` with a frozen per-channel `scale`, and that
-    scale (None: no scaling). True for an identity drop path with an identity or a frozen timm
-    LayerScale."""
+    scale (None: no scaling). True for an identity drop path with no `ls` (None), an identity or a
+    frozen timm LayerScale."""
     from timm.layers import LayerScale
-    if is_identity_drop_path(drop_path) and isinstance(ls, nn.Identity):
+    if is_identity_drop_path(drop_path) and (ls is None or isinstance(ls, nn.Identity)):
         return True, None
     if is_identity_drop_path(drop_path) and type(ls) is LayerScale and not ls.gamma.requires_grad:
         return True, ls.gamma
