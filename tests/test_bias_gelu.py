@@ -94,3 +94,16 @@ def test_bias_gelu_bwd_inplace(impl, backend, with_bias):
     dh = module.bias_gelu_bwd(buffer, h, b, inplace=True)
     assert dh.data_ptr() == buffer.data_ptr(), "inplace=True must write into dg"
     torch.testing.assert_close(dh, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bias_gelu_fwd_inplace_writes_h(impl, backend, with_bias):
+    """`inplace=True` (inference: nothing reads h afterwards) returns h itself, holding the same values
+    as the out-of-place call."""
+    module = torch_impl if backend == "torch" else impl
+    h, b, _ = _inputs((3, 7, 50), torch.float32, with_bias)
+    expected = module.bias_gelu_fwd(h, b)
+    g = module.bias_gelu_fwd(h, b, inplace=True)
+    assert g.data_ptr() == h.data_ptr()
+    assert torch.equal(g, expected)

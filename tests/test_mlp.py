@@ -8,7 +8,7 @@ from timm.layers import Mlp
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from vpt_fast.ops.mlp import add_norm_mlp, norm_mlp
+from vpt_fast.ops.mlp import add_norm_mlp, add_norm_mlp_residual, norm_mlp
 
 
 class _LiveBytes(TorchDispatchMode):
@@ -77,3 +77,61 @@ def test_norm_mlp_backward_peak(recompute_fc1, fused_add):
         out.backward(dout)
     new_hidden = 2 if recompute_fc1 else 1  # h itself is recomputed, or saved before the meter started
     assert meter.peak <= new_hidden * hidden_bytes + 4 * x.nbytes, (meter.peak, hidden_bytes)
+
+
+def _add_norm_mlp_reference(residual, branch, scale, norm, mlp, backend):
+    """The training path: `add_norm_mlp` then timm's second residual add."""
+    s, y = add_norm_mlp(residual, branch, scale, norm, mlp, False, backend)
+    return s + y
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("with_scale", [False, True])
+@pytest.mark.parametrize("fc2_bias", [False, True])
+def test_add_norm_mlp_residual_equals_training_path(impl, backend, with_scale, fc2_bias):
+    """Inference: both residual adds in place (s into the branch's buffer, then fc2 accumulating into
+    s) give the training path's values within 1e-6 relative, and the output is the branch's buffer."""
+    norm, mlp = _mlp()
+    if not fc2_bias:
+        mlp.fc2.bias = None
+    residual, branch = torch.randn(2, 9, 64), torch.randn(2, 9, 64)
+    scale = torch.rand(64) if with_scale else None
+    with torch.no_grad():
+        expected = _add_norm_mlp_reference(residual, branch.clone(), scale, norm, mlp, backend)
+        out = add_norm_mlp_residual(residual, branch, scale, norm, mlp, backend)
+    assert out.data_ptr() == branch.data_ptr()
+    assert (out - expected).abs().max() <= 1e-6 * expected.abs().max()
+
+
+def test_add_norm_mlp_residual_under_autocast_and_refuses_gradients():
+    """Under bf16 autocast fc2 runs in bf16 and is added to the float32 stream like timm's `x + y`;
+    with gradients enabled the in-place path refuses (its writes would corrupt saved tensors)."""
+    norm, mlp = _mlp()
+    residual, branch = torch.randn(2, 9, 64), torch.randn(2, 9, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = _add_norm_mlp_reference(residual, branch.clone(), None, norm, mlp, "torch")
+        out = add_norm_mlp_residual(residual, branch, None, norm, mlp, "torch")
+    assert out.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-2)
+    with pytest.raises(RuntimeError, match="inference"):
+        add_norm_mlp_residual(residual, branch, None, norm, mlp, "torch")
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_inference_counts_the_same_flops_as_a_forward_with_gradients(family):
+    """The inference block path accumulates fc2 into the residual (`addmm` with out=): FlopCounterMode
+    must still count every GEMM, so no-grad and grad-enabled forwards count the same FLOPs once the
+    prompt cache is off (a prompt change per call)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from utils import prompted_swin, prompted_vit, random_batch
+    model = (prompted_vit(num_prompts=4, deep=True) if family == "vit" else
+             prompted_swin(num_prompts=4, deep=True)).eval()
+    x, _ = random_batch(model, 2)
+    counts = []
+    for grad in (True, False):
+        model.vpt.kv_cache.clear()
+        with torch.set_grad_enabled(grad), FlopCounterMode(display=False) as counter:
+            model(x)
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from vpt_fast.io import _check_entry, _named_tensors, metadata, read_prompt_file
+from vpt_fast.ops import parameters_of
 from vpt_fast.ops.attention import gather_sets
 from vpt_fast.prompting import _prompted
 from vpt_fast.prompts import KVCacheOwner, VisualPrompts, parameter_key
@@ -71,7 +72,7 @@ class TaskPrompts:
     def cache_key(self) -> Optional[tuple]:
         if self._dropout_active():
             return None
-        return tuple(id(t) for t in self.tasks), parameter_key(p for t in self.tasks for p in t.vpt.parameters())
+        return tuple(id(t) for t in self.tasks), parameter_key(parameters_of(*(t.vpt for t in self.tasks)))
 
     @property
     def kv_cache(self) -> dict:

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from vpt_fast.ops import parameters_of
+
 
 class KVCacheOwner(nn.Module):
     """A module that holds per-block prompt keys/values computed without gradients (see
@@ -112,7 +114,7 @@ class VisualPrompts(KVCacheOwner):
         while prompt dropout draws new rows on every call (nothing to cache)."""
         if self.training and self.dropout.p > 0:
             return None
-        return parameter_key(self.parameters())
+        return parameter_key(parameters_of(self))
 
 
 def parameter_key(tensors) -> tuple:

@@ -373,8 +373,11 @@ def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor
     return dx
 
 
-def bias_gelu_fwd(h: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """gelu(h + bias), exact erf GELU as timm's default `nn.GELU`."""
+def bias_gelu_fwd(h: Tensor, bias: Optional[Tensor], inplace: bool = False) -> Tensor:
+    """gelu(h + bias), exact erf GELU as timm's default `nn.GELU`. `inplace`: written into `h`
+    (returned), for callers that own h and need no gradient (no 4x-wide buffer allocated)."""
+    if inplace:
+        return torch.ops.aten.gelu_(h if bias is None else h.add_(bias))
     return F.gelu(h if bias is None else h + bias)
 
 

@@ -27,7 +27,7 @@ from vpt_fast.ops.add_layer_norm import add_layer_norm
 from vpt_fast.ops.attention import gather_sets, prompt_attention, prompt_attention_qkv
 from vpt_fast.ops.layer_norm import layer_norm
 from vpt_fast.ops.linear import linear
-from vpt_fast.ops.mlp import add_norm_mlp, is_fusable, norm_mlp
+from vpt_fast.ops.mlp import add_norm_mlp, add_norm_mlp_residual, is_fusable, norm_mlp
 
 
 class ViTBlock(nn.Module):
@@ -234,7 +234,8 @@ def residual_mlp(block: nn.Module, residual: Tensor, branch: Tensor, backend: st
     x + drop_path2(ls2(mlp(norm2(x)))); `ls1`, `ls2` None: no LayerScale (Swin). When drop_path1 is
     an identity and ls1 an identity or a frozen LayerScale, the add runs inside norm2's kernels
     (`add_norm_mlp`, `add_layer_norm`), and the sum may be written into `branch`: callers hand over a
-    fresh tensor that nothing else reads (the attention's output)."""
+    fresh tensor that nothing else reads (the attention's output). Without gradients and with no ls2,
+    the second add accumulates into that buffer too (`add_norm_mlp_residual`)."""
     foldable, scale = _branch_scale(ls1, block.drop_path1)
     recompute_fc1 = block.recompute == "mlp"
     if not foldable:
@@ -244,6 +245,9 @@ def residual_mlp(block: nn.Module, residual: Tensor, branch: Tensor, backend: st
         else:
             y = block.mlp(layer_norm(x, block.norm2, backend))
     elif is_fusable(block.norm2, block.mlp):
+        if (not torch.is_grad_enabled() and not torch.compiler.is_compiling() and (ls2 is None or isinstance(
+                ls2, nn.Identity)) and is_identity_drop_path(block.drop_path2)):  # inference: both adds in place
+            return add_norm_mlp_residual(residual, branch, scale, block.norm2, block.mlp, backend)
         x, y = add_norm_mlp(residual, branch, scale, block.norm2, block.mlp, recompute_fc1, backend, reuse_branch=True)
     else:
         x, xn = add_layer_norm(residual, branch, block.norm2, backend, scale)

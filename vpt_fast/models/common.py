@@ -15,7 +15,7 @@ from torch import nn
 
 from vpt_fast.backends import resolve_auto
 from vpt_fast.config import PromptConfig
-from vpt_fast.ops import autocast_dtype
+from vpt_fast.ops import autocast_dtype, parameters_of
 from vpt_fast.prompts import VisualPrompts, parameter_key
 
 
@@ -204,7 +204,7 @@ def cached_prompt_values(source, slot: Hashable, modules: Iterable[nn.Module], b
     key = source.cache_key()
     if key is None:
         return None
-    key = (key, parameter_key(t for m in modules for t in m.parameters()), backend, device,
+    key = (key, parameter_key(parameters_of(*modules)), backend, device,
            autocast_dtype(device), variant)
     hit = source.kv_cache.get(slot)
     if hit is None or hit[0] != key:

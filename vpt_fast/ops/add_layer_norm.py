@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from vpt_fast.backends import resolve
-from vpt_fast.ops import autocast_dtype
+from vpt_fast.ops import any_trainable, autocast_dtype
 from vpt_fast.ops.layer_norm import layer_norm
 
 
@@ -86,7 +86,7 @@ def add_layer_norm(residual: Tensor, branch: Tensor, norm: nn.Module, backend: s
     if scale is not None and scale.shape != residual.shape[-1:]:
         raise ValueError(f"scale must have shape ({residual.shape[-1]},) (residual's last dim), "
                          f"got {tuple(scale.shape)}")
-    if any(p.requires_grad for p in norm.parameters()) or (scale is not None and scale.requires_grad):
+    if any_trainable(norm) or (scale is not None and scale.requires_grad):
         s = residual + (branch if scale is None else branch * scale)
         return s, layer_norm(s, norm, backend, feeds_matmul)
     out_dtype = norm_output_dtype(sum_dtype(residual, branch, scale), residual.device, feeds_matmul)

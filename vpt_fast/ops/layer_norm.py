@@ -8,7 +8,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from vpt_fast.backends import resolve
-from vpt_fast.ops import autocast_dtype
+from vpt_fast.ops import any_trainable, autocast_dtype
 
 
 class FrozenLayerNorm(torch.autograd.Function):
@@ -38,7 +38,7 @@ def layer_norm(x: Tensor, norm: torch.nn.Module, backend: str, feeds_matmul: boo
     """
     if not isinstance(norm, torch.nn.LayerNorm) or len(norm.normalized_shape) != 1:
         raise TypeError(f"expected nn.LayerNorm over the last dim, got {type(norm).__name__}")
-    if any(p.requires_grad for p in norm.parameters()):
+    if any_trainable(norm):
         return norm(x)  # unfrozen affine: autograd's own path computes its gradients
     x = upcast_for_autocast(x)
     out_dtype = matmul_input_dtype(x) if feeds_matmul else None

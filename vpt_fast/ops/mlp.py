@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from vpt_fast.backends import resolve
+from vpt_fast.ops import any_trainable, autocast_dtype
 from vpt_fast.ops.add_layer_norm import norm_output_dtype, sum_dtype
 from vpt_fast.ops.layer_norm import matmul_input_dtype, upcast_for_autocast
 
@@ -108,6 +109,40 @@ class FrozenAddNormMlp(torch.autograd.Function):
         return d_residual, d_branch, None, None, None, None, None, None, None, None, None, None, None
 
 
+def add_norm_mlp_residual(residual: Tensor, branch: Tensor, scale: Optional[Tensor], norm: nn.LayerNorm,
+                          mlp: nn.Module, backend: str) -> Tensor:
+    """s + mlp(norm(s)) with s = residual + branch * scale, for inference (no autograd, no tracing):
+    timm's `x = x + ls1(branch); x = x + mlp(norm2(x))` with the allocations of a forward pass cut to
+    fc1's output. s is written into `branch` (which the caller hands over, as for `add_norm_mlp`'s
+    `reuse_branch`), GELU runs in place on fc1's output, and the second add accumulates into s: in
+    float32 outside autocast as fc2's GEMM epilogue (s += fc2 bias, then s += gelu · W2ᵀ in place,
+    one GEMM with beta=1), else s += fc2(gelu). Returns s.
+
+    The same sums as `add_norm_mlp` then `x + y`, associated differently: (s + b2) + g·W2ᵀ instead of
+    s + (g·W2ᵀ + b2), within an ulp-level rounding of it (tests compare at 1e-5 relative)."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        raise RuntimeError("add_norm_mlp_residual is for inference: call it without gradients, outside torch.compile")
+    if branch.shape != residual.shape:
+        raise ValueError(f"branch must have residual's shape {tuple(residual.shape)}, got {tuple(branch.shape)}")
+    add_ln = resolve(backend, "add_layer_norm", residual.device)
+    act = resolve(backend, "bias_gelu", residual.device)
+    s_dtype = sum_dtype(residual, branch, scale)
+    reuse = branch._base is None and branch.dtype == s_dtype and branch.is_contiguous()
+    s, y, _, _ = add_ln.add_layer_norm_fwd(residual, branch, scale, norm.weight, norm.bias, norm.eps,
+                                           norm_output_dtype(s_dtype, residual.device, feeds_matmul=True),
+                                           s_out=branch if reuse else None)
+    g = act.bias_gelu_fwd(F.linear(y, mlp.fc1.weight, mlp.fc1.bias), None, inplace=True)
+    del y
+    w2, b2 = mlp.fc2.weight, mlp.fc2.bias
+    if s.is_contiguous() and g.dtype == s.dtype == w2.dtype and autocast_dtype(s.device) is None:
+        rows = s.view(-1, s.shape[-1])
+        if b2 is not None:
+            rows.add_(b2)
+        torch.addmm(rows, g.view(-1, g.shape[-1]), w2.t(), out=rows)  # not addmm_: FlopCounterMode counts this one
+        return s
+    return s.add_(F.linear(g, w2, b2))
+
+
 def _norm_inputs(s: Tensor, nw: Optional[Tensor], nb: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
     """s and the affine as `add_layer_norm_fwd` normalised them: in s's accumulation dtype (float32 for
     half-precision rows), so that recompute="mlp" reruns the same arithmetic."""
@@ -122,8 +157,7 @@ def is_fusable(norm: nn.Module, mlp: nn.Module) -> bool:
               and isinstance(getattr(mlp, "fc1", None), nn.Linear) and isinstance(getattr(mlp, "fc2", None), nn.Linear)
               and isinstance(act, nn.GELU) and act.approximate == "none"
               and isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity))
-    frozen = not any(p.requires_grad for p in list(norm.parameters()) + list(mlp.parameters()))
-    return simple and frozen
+    return simple and not any_trainable(norm, mlp)
 
 
 def norm_mlp(x: Tensor, norm: nn.LayerNorm, mlp: nn.Module, recompute_fc1: bool, backend: str) -> Tensor:

@@ -33,8 +33,8 @@ def _bias_gelu_fwd_fake(h, bias):
     return torch.empty_like(h, memory_format=torch.contiguous_format)
 
 
-def _bias_gelu_fwd_impl(h: Tensor, bias: Optional[Tensor]) -> Tensor:
-    out = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+def _bias_gelu_fwd_impl(h: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
+    out = torch.empty(h.shape, dtype=h.dtype, device=h.device) if out is None else out
     n = h.numel()
     if n == 0:
         return out
@@ -75,10 +75,14 @@ def _check_gelu(h: Tensor, bias: Optional[Tensor]):
     check_affine("bias", bias, h)
 
 
-def bias_gelu_fwd(h: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """gelu(h + bias), exact erf GELU as timm's default `nn.GELU`; computed in fp32."""
+def bias_gelu_fwd(h: Tensor, bias: Optional[Tensor], inplace: bool = False) -> Tensor:
+    """gelu(h + bias), exact erf GELU as timm's default `nn.GELU`; computed in fp32. `inplace`:
+    written into `h` (returned) when eager and `h` is contiguous (each element is read before it is
+    overwritten, by the same program); traced, the out-of-place op runs."""
     _check_gelu(h, bias)
     bias = None if bias is None else bias.contiguous()
+    if inplace and eager() and h.is_contiguous():
+        return _bias_gelu_fwd_impl(h, bias, h)
     return call(_bias_gelu_fwd_impl, "triton_bias_gelu_fwd", h, bias)
 
 
