@@ -37,3 +37,11 @@ def test_memory_plot(tmp_path):
     proc = _run("memory", *TINY, "--batches", "2", "--plot", str(png))
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     assert len(proc.stdout.strip().splitlines()) == 3  # header, one batch row, "wrote ..."
+
+
+@pytest.mark.parametrize("module", ["vpt_fast", "vpt_fast.cli"])
+def test_module_entry_points_run_the_cli(module):
+    """`python -m vpt_fast` and `python -m vpt_fast.cli` both run the command (the second used to exit
+    silently)."""
+    done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, check=True)
+    assert done.stdout.startswith("usage: vpt-fast")

@@ -231,3 +231,7 @@ def _size(num_bytes: int) -> str:
     if num_bytes >= 1e6:
         return f"{num_bytes / 1e6:.1f} MB"
     return f"{num_bytes / 1e3:.1f} KB" if num_bytes >= 1e3 else f"{num_bytes} B"
+
+
+if __name__ == "__main__":  # python -m vpt_fast.cli, like python -m vpt_fast
+    main()
