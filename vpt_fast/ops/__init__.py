@@ -10,10 +10,15 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+# Asked once here: torch.compile (torch 2.11) cannot trace `torch.amp.is_autocast_available`, and a
+# graph break inside the blocks would fail fullgraph compilation.
+_AUTOCAST_DEVICES = frozenset(t for t in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia")
+                              if torch.amp.is_autocast_available(t))
+
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The low-precision dtype autocast would run matmul-class ops in on `device`, or None."""
-    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+    if device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
 
