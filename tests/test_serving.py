@@ -78,13 +78,28 @@ def _changes():
     def data_assignment(model):
         model.vpt.prompts.data = torch.randn_like(model.vpt.prompts)
 
+    def fused_optimizer_step(model):  # updates without bumping the parameters' version counters
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.5, fused=True)
+        x, y = random_batch(model, 2)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    def manual_update_through_data(model):  # research-code SGD: invisible to version counters
+        x, y = random_batch(model, 2)
+        F.cross_entropy(model(x), y).backward()
+        for p in model.parameters():
+            if p.grad is not None:
+                p.data.add_(p.grad, alpha=-0.5)
+
     def backend_switch(model):
         vpt_fast.set_backend(model, "cuda" if "cuda" in BACKENDS else "triton")
 
     return {"optimizer_step": lambda m, p: step(m), "load_prompts": load_prompts,
             "load_state_dict": lambda m, p: load_state_dict(m),
             "backbone_weights": lambda m, p: new_backbone_weights(m),
-            "data_assignment": lambda m, p: data_assignment(m), "backend": lambda m, p: backend_switch(m)}
+            "data_assignment": lambda m, p: data_assignment(m), "backend": lambda m, p: backend_switch(m),
+            "fused_optimizer_step": lambda m, p: fused_optimizer_step(m),
+            "manual_update_through_data": lambda m, p: manual_update_through_data(m)}
 
 
 @pytest.mark.parametrize("change", list(_changes()))
@@ -103,6 +118,27 @@ def test_cache_is_never_stale(change, tmp_path, kv_calls):
     assert rel_error(after, _uncached(model, x)) < 1e-5
     if change != "backend":
         assert rel_error(after, before) > 1e-4
+
+
+def test_clear_caches_after_a_data_write_outside_training(kv_calls):
+    """A `.data` write with no training step around it is the one update the keys cannot see (no
+    version bump, no optimizer step, no forward with gradients): `clear_caches` makes the next
+    forward recompute, for a prompted ViT and a PromptBank over it."""
+    model = randomize(vpt_fast.prompt(tiny_vit(), num_prompts=4, backend="torch")).eval()
+    bank = vpt_fast.PromptBank(model).eval()
+    bank.add("a", copy.deepcopy(model))
+    x, _ = random_batch(model, 2)
+    with torch.no_grad():
+        model(x)
+        bank(x, ["a", "a"])
+    model.vpt.prompts.data.copy_(torch.randn_like(model.vpt.prompts))
+    calls = len(kv_calls)
+    assert vpt_fast.clear_caches(model) is model and vpt_fast.clear_caches(bank) is bank
+    assert model.vpt.kv_cache == {} and bank.kv_cache == {}
+    with torch.no_grad():
+        after = model(x)
+    assert len(kv_calls) == calls + 3
+    assert rel_error(after, _uncached(model, x)) < 1e-5
 
 
 def test_cache_follows_dtype_and_autocast(kv_calls):

@@ -68,6 +68,21 @@ def set_backend(model: nn.Module, backend: str, recompute: Optional[str] = None)
     return model
 
 
+def clear_caches(model: nn.Module) -> nn.Module:
+    """Drop every value derived from parameters and cached for inference in `model` (a prompted
+    model or a `PromptBank`): the prompt keys/values and Swin's attention biases. They rebuild on the
+    next forward. Needed only after a write the caches cannot see: values put into a parameter
+    through `.data` outside a training step. Optimizer steps (fused ones too), `load_prompts`,
+    `load_state_dict`, `.to()` and in-place updates under `torch.no_grad()` are seen."""
+    from vpt_fast.prompts import KVCacheOwner
+    for module in model.modules():
+        if isinstance(module, KVCacheOwner):
+            module.kv_cache.clear()
+        if callable(getattr(module, "clear_caches", None)):
+            module.clear_caches()
+    return model
+
+
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

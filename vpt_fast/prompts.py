@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from vpt_fast.ops import parameters_of
 
@@ -115,6 +116,24 @@ class VisualPrompts(KVCacheOwner):
         if self.training and self.dropout.p > 0:
             return None
         return parameter_key(parameters_of(self))
+
+
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+# Fused optimizers update parameters without bumping their version counters: every
+# torch.optim.Optimizer step (timm's optimizers included) changes the prompt caches' keys instead.
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def optimizer_steps() -> int:
+    """torch.optim optimizer steps taken in this process (part of every prompt-cache key)."""
+    return _optimizer_steps
 
 
 def parameter_key(tensors) -> tuple:

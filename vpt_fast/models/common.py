@@ -16,7 +16,7 @@ from torch import nn
 from vpt_fast.backends import resolve_auto
 from vpt_fast.config import PromptConfig
 from vpt_fast.ops import autocast_dtype, parameters_of
-from vpt_fast.prompts import VisualPrompts, parameter_key
+from vpt_fast.prompts import VisualPrompts, optimizer_steps, parameter_key
 
 
 class PromptedModel:
@@ -187,7 +187,11 @@ def cached_prompt_values(source, slot: Hashable, modules: Iterable[nn.Module], b
     `cache_key()` (prompt and projection parameters: storage, version, dtype, device), the
     parameters of `modules` (the block's norm and projections), the resolved backend, the device,
     the autocast dtype and `variant` (what `compute` returns, e.g. with or without queries); any
-    change recomputes them, so the cache never returns a stale value.
+    change recomputes them. Two kinds of update leave storage and version as they were: fused
+    optimizers (`torch.optim.AdamW(fused=True)`) and writes through `.data`. So the key also holds
+    the number of optimizer steps taken in the process, and a forward with gradients (a training
+    step) empties the source's cache. What remains unseen is a `.data` write outside training (e.g.
+    loading values by hand): call `vpt_fast.clear_caches(model)` after it.
 
     Args:
         source: the prompt source (`VisualPrompts`, or a `PromptBank`'s task table).
@@ -199,13 +203,16 @@ def cached_prompt_values(source, slot: Hashable, modules: Iterable[nn.Module], b
         variant: anything else that changes what `compute` returns.
     """
     backend = resolve_auto(backend, device)
-    if torch.is_grad_enabled() or backend == "reference" or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        return None
+    if torch.is_grad_enabled():
+        source.kv_cache.clear()  # a training step may change parameters without a version bump
         return None
     key = source.cache_key()
-    if key is None:
+    if backend == "reference" or key is None:
         return None
     key = (key, parameter_key(parameters_of(*modules)), backend, device,
-           autocast_dtype(device), variant)
+           autocast_dtype(device), optimizer_steps(), variant)
     hit = source.kv_cache.get(slot)
     if hit is None or hit[0] != key:
         hit = source.kv_cache[slot] = (key, compute())
