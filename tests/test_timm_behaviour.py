@@ -328,3 +328,46 @@ def test_recompute_mlp_warns_where_it_cannot_apply():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         vpt_fast.set_backend(model, "torch", "none")  # nothing to warn about
+
+
+# -- model options that look supported but are not what the blocks compute ---------------------------
+
+
+def test_attention_subclasses_are_refused_before_changing():
+    """timm's differential attention (attn_layer='diff') has Attention's attribute names but other
+    arithmetic: refused when prompting, not a crash (or a different result) at the first forward."""
+    model = tiny_vit(attn_layer="diff")
+    before = _snapshot(model)
+    with pytest.raises(TypeError, match="DiffAttention"):
+        vpt_fast.prompt(model, num_prompts=3)
+    _assert_unchanged(model, before)
+
+
+def test_mlp_lookalikes_run_timm_module_and_match_reference():
+    """GluMlp with GELU has fc1/act/fc2 like timm's Mlp but gates half of fc1: it is not fused, it runs
+    as timm's module, and the prompt-aware backend equals the reference."""
+    from timm.layers import GluMlp
+    model = vpt_fast.prompt(tiny_vit(mlp_layer=GluMlp, act_layer=torch.nn.GELU), num_prompts=3, backend="torch")
+    x, _ = random_batch(model, 2)
+    fast = model(x)
+    vpt_fast.set_backend(model, "reference")
+    assert rel_error(fast, model(x)) < 1e-5
+
+
+def test_patch_dropout_is_named_in_the_ignored_dropout_warning():
+    with pytest.warns(UserWarning, match="patch_drop=0.5"):
+        vpt_fast.prompt(tiny_vit(patch_drop_rate=0.5), num_prompts=3)
+
+
+def test_swin_grad_checkpointing_set_before_prompting_is_kept():
+    """timm Swin keeps the flag on its stages; prompting turns it into recompute="block"."""
+    model = tiny_swin()
+    model.set_grad_checkpointing(True)
+    vpt_fast.prompt(model, num_prompts=3)
+    assert model.grad_checkpointing
+    assert all(b.recompute == "block" for b in model.modules() if getattr(b, "is_vpt_block", False))
+
+
+def test_recompute_mlp_with_reference_backend_warns():
+    with pytest.warns(UserWarning, match='no effect with backend="reference"'):
+        vpt_fast.prompt(tiny_vit(), num_prompts=3, backend="reference", recompute="mlp")

@@ -51,6 +51,10 @@ class ViTBlock(nn.Module):
             raise TypeError(f"ViTBlock.from_timm expects timm.models.vision_transformer.Block, "
                             f"got {type(block).__module__}.{type(block).__name__}")
         attn = block.attn
+        from timm.layers import Attention
+        if type(attn) is not Attention:  # e.g. DiffAttention (attn_layer='diff'): other arithmetic
+            raise TypeError(f"ViTBlock supports timm.layers.Attention, got {type(attn).__module__}."
+                            f"{type(attn).__name__}")
         if getattr(attn, "gate", None) is not None:
             raise TypeError("gated attention (timm Attention(gated=True)) is not supported")
         if not isinstance(attn.qkv, nn.Linear):

@@ -86,7 +86,11 @@ def apply_block_settings(model: nn.Module) -> None:
             module.recompute = recompute
             if hasattr(module, "mlp") and not is_fusable(module.norm2, module.mlp):
                 unfused += 1
-    if recompute == "mlp" and unfused:
+    if recompute == "mlp" and config.backend == "reference":
+        warnings.warn('recompute="mlp" has no effect with backend="reference" (timm\'s own modules run and '
+                      'autograd saves what they need); use a prompt-aware backend or recompute="block"',
+                      stacklevel=3)
+    elif recompute == "mlp" and unfused:
         warnings.warn(f'recompute="mlp" applies to timm\'s standard Mlp only: {unfused} block(s) with another MLP '
                       f"save their activations as with recompute=\"none\" (results are the same)", stacklevel=3)
 
@@ -98,7 +102,9 @@ def warn_ignored_dropout(model: nn.Module, keep: tuple[str, ...]) -> None:
     for name, module in model.named_modules():
         if any(name == k or name.startswith(k + ".") for k in keep):
             continue
-        p = getattr(module, "p", None) if isinstance(module, nn.Dropout) else getattr(module, "drop_prob", None)
+        from timm.layers import PatchDropout
+        p = (getattr(module, "p", None) if isinstance(module, nn.Dropout) else
+             getattr(module, "prob", None) if isinstance(module, PatchDropout) else getattr(module, "drop_prob", None))
         if isinstance(p, float) and p > 0:
             ignored.append(f"{name}={p}")
     if ignored:
@@ -125,6 +131,8 @@ def install(model: nn.Module, cls: type, prompts: VisualPrompts, config: PromptC
     saved_order = dict(model._modules)
     saved_class = model.__class__
     saved_ckpt = getattr(model, "grad_checkpointing", None)
+    # timm Swin keeps set_grad_checkpointing's flag on its stages, ViT on the model
+    checkpointing = bool(saved_ckpt) or any(getattr(m, "grad_checkpointing", False) is True for m in model.modules())
     try:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -140,7 +148,7 @@ def install(model: nn.Module, cls: type, prompts: VisualPrompts, config: PromptC
         for p in model.get_classifier().parameters():
             p.requires_grad_(True)
         model.__class__ = cls
-        model.grad_checkpointing = bool(saved_ckpt)
+        model.grad_checkpointing = checkpointing
         apply_block_settings(model)
         model.train(model.training)
     except BaseException:

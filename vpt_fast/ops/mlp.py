@@ -151,9 +151,11 @@ def _norm_inputs(s: Tensor, nw: Optional[Tensor], nb: Optional[Tensor]) -> tuple
 
 
 def is_fusable(norm: nn.Module, mlp: nn.Module) -> bool:
-    """timm `Mlp` with exact GELU, no hidden norm, after a LayerNorm, all frozen."""
+    """timm `Mlp` itself (not GluMlp, SwiGLU, ... which share its attribute names) with exact GELU,
+    no hidden norm, after a LayerNorm, all frozen."""
+    from timm.layers import Mlp
     act = getattr(mlp, "act", None)
-    simple = (isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
+    simple = (type(mlp) is Mlp and isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
               and isinstance(getattr(mlp, "fc1", None), nn.Linear) and isinstance(getattr(mlp, "fc2", None), nn.Linear)
               and isinstance(act, nn.GELU) and act.approximate == "none"
               and isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity))
