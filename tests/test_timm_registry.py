@@ -29,6 +29,7 @@ def test_every_vit_and_swin_is_registered_once():
         assert vpt_fast.register_timm() == []
     bases = timm.list_models(module=list(BASE_MODULES))
     assert len(bases) > 100 and "vit_base_patch16_224" in bases and "swin_base_patch4_window7_224" in bases
+    assert "deit_small_patch16_224" in bases and "vit_small_r26_s32_224" in bases  # DeiT and hybrid ViTs
     assert set(timm.list_models("vpt_*")) == {f"vpt_{name}" for name in bases}
     assert set(timm.list_models("vpt_*", pretrained=True)) == {
         f"vpt_{name}" for name in timm.list_models(module=list(BASE_MODULES), pretrained=True)}

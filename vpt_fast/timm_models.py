@@ -18,7 +18,7 @@ from typing import Any, Callable
 from torch import nn
 
 PREFIX = "vpt_"
-BASE_MODULES = ("vision_transformer", "swin_transformer")
+BASE_MODULES = ("vision_transformer", "vision_transformer_hybrid", "deit", "swin_transformer")
 
 __all__ = ["register_timm"]
 
@@ -67,7 +67,8 @@ def _alias_pretrained_cfgs(registry: Any, base: str, name: str) -> None:
 
 def register_timm() -> list[str]:
     """Register `vpt_<name>` in timm's model registry for every timm model whose entrypoint lives in
-    `timm.models.vision_transformer` or `timm.models.swin_transformer` (deprecated aliases excluded).
+    `timm.models.vision_transformer`, `vision_transformer_hybrid`, `deit` or `swin_transformer` (deprecated
+    aliases excluded).
     Idempotent: names registered by an earlier call are kept; models timm gained since are added.
 
     Model keywords `num_prompts`, `deep`, `dropout`, `project`, `backend`, `recompute` go to
