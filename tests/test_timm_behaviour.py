@@ -371,3 +371,22 @@ def test_swin_grad_checkpointing_set_before_prompting_is_kept():
 def test_recompute_mlp_with_reference_backend_warns():
     with pytest.warns(UserWarning, match='no effect with backend="reference"'):
         vpt_fast.prompt(tiny_vit(), num_prompts=3, backend="reference", recompute="mlp")
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_hooks_the_fused_blocks_bypass_warn(family):
+    """Prompt-aware blocks apply their submodules' weights without calling them: a hook there would
+    silently never fire, so the forward warns and names it; the reference backend runs it."""
+    model = prompted_vit(num_prompts=3) if family == "vit" else prompted_swin(num_prompts=3)
+    x, _ = random_batch(model, 1)
+    block = model.blocks[0] if family == "vit" else model.layers[0].blocks[0]
+    calls = []
+    block.mlp.fc1.register_forward_hook(lambda *args: calls.append(1))
+    with pytest.warns(UserWarning, match=r"hooks on mlp\.fc1 of a (ViT|Swin)Block do not run"):
+        model(x)
+    assert calls == []
+    vpt_fast.set_backend(model, "reference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x)
+    assert calls

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from vpt_fast.backends import resolve_auto, validate_backend
-from vpt_fast.blocks.vit import PromptQKV, residual_mlp
+from vpt_fast.blocks.vit import PromptQKV, residual_mlp, warn_if_hooks_bypassed
 from vpt_fast.config import RECOMPUTE
 from vpt_fast.ops.attention import prompt_attention
 from vpt_fast.ops.layer_norm import layer_norm
@@ -223,6 +223,8 @@ class SwinBlock(nn.Module):
         if prompts is not None:
             _check_prompts(prompts, x.shape[0], self.dim)
         backend = resolve_auto(self.backend, x.device)
+        if backend != "reference":
+            warn_if_hooks_bypassed(self, backend)
         table_needs_grad = self.attn.relative_position_bias_table.requires_grad
         if prompt_qkv is not None:
             self._check_prompt_qkv(prompt_qkv, prompts, x.shape[0], need_prompts)

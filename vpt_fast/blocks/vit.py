@@ -15,6 +15,7 @@ before the next block (docs/design.md §1). With `prompts=None` it is timm's blo
 """
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -90,6 +91,8 @@ class ViTBlock(nn.Module):
                 [0, S), not range-checked per block: `PromptBank` checks task ids once).
         """
         backend = resolve_auto(self.backend, x.device)
+        if backend != "reference":
+            warn_if_hooks_bypassed(self, backend)
         if isinstance(prompts, PromptKV):
             if backend == "reference":
                 raise ValueError("precomputed prompt keys/values need a prompt-aware backend, not 'reference'")
@@ -257,6 +260,31 @@ def residual_mlp(block: nn.Module, residual: Tensor, branch: Tensor, backend: st
         x, xn = add_layer_norm(residual, branch, block.norm2, backend, scale)
         y = block.mlp(xn)
     return x + block.drop_path2(y if ls2 is None else ls2(y))
+
+
+def warn_if_hooks_bypassed(block: nn.Module, backend: str) -> None:
+    """Prompt-aware blocks run their submodules' weights through fused ops instead of calling the
+    submodules, so forward/backward hooks on them (Grad-CAM, activation statistics) would silently
+    not fire: warn, naming them. Hooks on the block itself run as usual."""
+    from torch.nn.modules import module as torch_module
+    hooked = []
+    stack = [("", child_name, child) for child_name, child in block._modules.items()]
+    while stack:
+        prefix, name, module = stack.pop()
+        if module is None:
+            continue
+        path = prefix + name
+        if (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks):
+            hooked.append(path)
+        stack.extend((path + ".", n, m) for n, m in module._modules.items())
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        hooked.append("(global module hooks)")
+    if hooked:
+        warnings.warn(f"hooks on {', '.join(sorted(hooked))} of a {type(block).__name__} do not run with backend "
+                      f"{backend!r}: prompt-aware blocks apply those modules' weights in fused ops without "
+                      f"calling them. Hooks on the block itself run; set_backend(model, 'reference') runs "
+                      f"timm's modules and their hooks", stacklevel=3)
 
 
 def is_identity_drop_path(drop_path: nn.Module) -> bool:
