@@ -67,6 +67,7 @@ def _row_op_cases(dtype: torch.dtype):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the kernels themselves (GPU tests)")
 def test_every_kernel_compiles_for_sm90(impl, tmp_path: Path):
     # attention: bf16 at both tile widths (d <= 64 and d > 64 take different block sizes), fp32 at one
