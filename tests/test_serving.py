@@ -329,7 +329,9 @@ def test_inference_compiles_fullgraph_and_exports():
     models = _task_models(tiny_vit, 2, num_prompts=3, deep=True, backend="torch")
     bank = vpt_fast.PromptBank(models[0]).eval()
     bank.add("a", models[0])
-    bank.add("b", randomize(vpt_fast.prompt(tiny_vit(num_classes=7), num_prompts=3)))
+    seven = copy.deepcopy(models[0])
+    seven.reset_classifier(7)
+    bank.add("b", randomize(seven))  # same backbone, another head size
     x, _ = random_batch(models[0], 3)
     ids = torch.tensor([1, 0, 1])
     with torch.no_grad():
@@ -361,3 +363,17 @@ class _Logits(torch.nn.Module):
 
     def forward(self, x, ids):
         return self.bank.logits(x, ids)
+
+
+def test_bank_refuses_a_task_model_with_another_backbone():
+    """Same architecture, other backbone weights: the bank would run the task on its own backbone
+    and return logits its model never gives, so `add` refuses, naming a differing parameter; a copy
+    of the bank's backbone in another dtype is accepted."""
+    torch.manual_seed(0)
+    base = tiny_vit()
+    bank = vpt_fast.PromptBank(vpt_fast.prompt(copy.deepcopy(base), num_prompts=3))
+    other = tiny_vit()  # fresh random weights
+    with pytest.raises(ValueError, match="another backbone: its .*differs"):
+        bank.add("other", vpt_fast.prompt(other, num_prompts=3))
+    bank.add("same", vpt_fast.prompt(copy.deepcopy(base), num_prompts=3).double())
+    assert bank.task_names == ["same"]

@@ -153,6 +153,21 @@ class PromptBank(KVCacheOwner):
             if a[field] != b[field]:
                 raise ValueError(f"task {name!r} does not match the bank: {field} is {a[field]} in the task, "
                                  f"{b[field]} in the bank")
+        self._check_same_backbone(name, model)
+
+    def _check_same_backbone(self, name: str, model: nn.Module) -> None:
+        """A task's logits equal its own model's only on the backbone it was trained with: every frozen
+        backbone parameter of `model` must equal the bank's (compared in the bank's dtype and device)."""
+        own = {id(p) for p in model.vpt.parameters()} | {id(p) for p in model.get_classifier().parameters()}
+        bank_params = dict(self.model.named_parameters())
+        for param_name, param in model.named_parameters():
+            mine = bank_params.get(param_name)
+            if id(param) in own or mine is None or param is mine:
+                continue
+            if param.shape != mine.shape or not torch.equal(param.detach().to(mine.device, mine.dtype), mine.detach()):
+                raise ValueError(f"task {name!r} was made on another backbone: its {param_name} differs from the "
+                                 f"bank's. The bank runs every task on its own backbone, where this task's logits "
+                                 f"would not be its model's")
 
     def _new_task(self, name: str, state: Mapping[str, Tensor]) -> Task:
         template = self.model.vpt
