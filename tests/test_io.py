@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import vpt_fast
-from utils import prompted_swin
+from utils import prompted_swin, tiny_vit
 from utils import prompted_vit as prompted
 
 
@@ -85,3 +85,31 @@ def test_not_a_prompt_checkpoint(tmp_path):
     save_file({"w": torch.zeros(2)}, str(path))
     with pytest.raises(ValueError, match="not a vpt_fast prompt checkpoint"):
         vpt_fast.load_prompts(prompted(num_prompts=4), path)
+
+
+@pytest.mark.parametrize("kwargs,field", [(dict(patch_size=16, img_size=64), "patch_size"),
+                                          (dict(reg_tokens=2), "num_prefix_tokens")])
+def test_checkpoint_from_another_backbone_of_the_same_width_is_refused(tmp_path, kwargs, field):
+    """Prompts fit any backbone of their width and depth, but were trained on one: a file from another
+    patch size or prefix layout is refused by load_prompts and PromptBank.add, naming the field."""
+    path = tmp_path / "prompts.safetensors"
+    vpt_fast.save_prompts(prompted(num_prompts=4, deep=True), path)
+    model = vpt_fast.prompt(tiny_vit(**kwargs), num_prompts=4)
+    with pytest.raises(ValueError, match=field):
+        vpt_fast.load_prompts(model, path)
+    with pytest.raises(ValueError, match=field):
+        vpt_fast.PromptBank(model).add("task", path)
+
+
+def test_checkpoint_without_the_newer_metadata_fields_still_loads(tmp_path):
+    """Files written before the architecture/patch/prefix fields existed load as before."""
+    from safetensors.torch import save_file
+
+    from vpt_fast.io import metadata
+    source = prompted(num_prompts=4, deep=True)
+    old = {k: v for k, v in metadata(source).items() if k not in ("architecture", "patch_size", "num_prefix_tokens")}
+    save_file({k: t.contiguous() for k, t in vpt_fast.prompt_state_dict(source).items()},
+              str(tmp_path / "old.safetensors"), metadata=old)
+    model = prompted(seed=3, num_prompts=4, deep=True)
+    vpt_fast.load_prompts(model, tmp_path / "old.safetensors")
+    assert torch.equal(model.vpt.prompts, source.vpt.prompts)

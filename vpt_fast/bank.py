@@ -115,8 +115,10 @@ class PromptBank(KVCacheOwner):
         elif isinstance(source, (str, os.PathLike)):
             state, meta = read_prompt_file(source)
             expected = metadata(self.model)
-            for field in ("model_family", "embed_dim", "depth", "num_prompts", "deep", "project"):
-                if meta.get(field) != expected[field]:
+            for field in ("model_family", "architecture", "patch_size", "num_prefix_tokens", "embed_dim", "depth",
+                          "num_prompts", "deep", "project"):
+                if (field in meta and meta[field] != expected[field]  # files from older versions lack some
+                        and not (field == "architecture" and "" in (meta[field], expected[field]))):
                     raise ValueError(f"task {name!r} ({os.fspath(source)}) does not match the bank: {field} is "
                                      f"{meta.get(field)!r} in the file, {expected[field]!r} in the bank")
         elif isinstance(source, Mapping):

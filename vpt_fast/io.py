@@ -125,9 +125,13 @@ def metadata(model: nn.Module) -> dict[str, str]:
     _prompted(model)
     config = model.vpt_config
     depth = len(model.blocks) if hasattr(model, "blocks") else [len(s.blocks) for s in model.layers]
+    architecture = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or ""
     return {
         "format": _FORMAT,
         "model_family": type(model).__name__,
+        "architecture": architecture.removeprefix("vpt_"),  # register_timm's names build the base model
+        "patch_size": str(tuple(model.patch_embed.patch_size)),
+        "num_prefix_tokens": str(getattr(model, "num_prefix_tokens", 0)),
         "embed_dim": str(model.embed_dim),
         "depth": str(depth),
         "num_prompts": str(config.num_prompts),
@@ -158,12 +162,13 @@ def read_prompt_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[s
 
 def load_prompts(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a file written by `save_prompts`. A checkpoint made for another configuration (family,
-    width, depth, prompts, deep/shallow, projection, classes) raises ValueError naming the
-    differences, and the model is left unchanged."""
+    timm architecture, patch size, prefix tokens, width, depth, prompts, deep/shallow, projection,
+    classes) raises ValueError naming the differences, and the model is left unchanged."""
     state, meta = read_prompt_file(path)
     expected = metadata(model)
-    diffs = {k: (meta.get(k), v) for k, v in expected.items()
-             if k not in ("vpt_fast_version", "format") and meta.get(k) != v}
+    diffs = {k: (meta[k], v) for k, v in expected.items()
+             if k not in ("vpt_fast_version", "format") and k in meta and meta[k] != v  # older files lack some
+             and not (k == "architecture" and "" in (meta[k], v))}  # a model built without timm's registry
     if diffs:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in diffs.items())
         raise ValueError(f"checkpoint {os.fspath(path)} was made for another configuration ({detail})")
