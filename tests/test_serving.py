@@ -377,3 +377,10 @@ def test_bank_refuses_a_task_model_with_another_backbone():
         bank.add("other", vpt_fast.prompt(other, num_prompts=3))
     bank.add("same", vpt_fast.prompt(copy.deepcopy(base), num_prompts=3).double())
     assert bank.task_names == ["same"]
+
+
+def test_bank_starts_in_the_models_mode():
+    model = vpt_fast.prompt(tiny_vit(), num_prompts=3)
+    assert not vpt_fast.PromptBank(model.eval()).training
+    bank = vpt_fast.PromptBank(model.train())
+    assert bank.training and model.training

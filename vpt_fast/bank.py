@@ -87,7 +87,8 @@ class PromptBank(KVCacheOwner):
             prompts, deep/shallow and the projection. Its own prompts and head are not a task; add
             them with `bank.add(name, model)` if wanted. The backbone is shared, not copied:
             `bank.parameters()` holds the tasks' prompts and heads only, and `bank.to(...)` moves the
-            backbone too.
+            backbone too. The bank starts in the model's mode (`model.training`); tasks added later
+            take the bank's.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -95,6 +96,7 @@ class PromptBank(KVCacheOwner):
         _prompted(model)
         object.__setattr__(self, "model", model)  # shared, not a submodule: parameters() = the tasks'
         self.tasks = nn.ModuleDict()
+        self.train(model.training)
 
     # -- tasks ----------------------------------------------------------------------------------
     @property
