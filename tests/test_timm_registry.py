@@ -95,6 +95,7 @@ def test_timm_train_py_then_export(tmp_path):
     epoch on a 4-image folder with an EMA; `vpt-fast export` turns its checkpoint into a prompt file
     that holds exactly the checkpoint's prompts and head."""
     from PIL import Image
+    vpt_fast.register_timm()  # the model is created below by name, also when this test runs alone
     for split in ("train", "validation"):
         for label in ("a", "b"):
             (tmp_path / "data" / split / label).mkdir(parents=True)

@@ -74,7 +74,10 @@ def clear_caches(model: nn.Module) -> nn.Module:
     next forward. Needed only after a write the caches cannot see: values put into a parameter
     through `.data` outside a training step. Optimizer steps (fused ones too), `load_prompts`,
     `load_state_dict`, `.to()` and in-place updates under `torch.no_grad()` are seen."""
+    from vpt_fast.bank import PromptBank
     from vpt_fast.prompts import KVCacheOwner
+    if not isinstance(model, PromptBank):
+        _prompted(model)
     for module in model.modules():
         if isinstance(module, KVCacheOwner):
             module.kv_cache.clear()
