@@ -45,3 +45,9 @@ def test_module_entry_points_run_the_cli(module):
     silently)."""
     done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, check=True)
     assert done.stdout.startswith("usage: vpt-fast")
+
+
+def test_memory_options_that_need_total_are_refused_without_it():
+    done = subprocess.run([sys.executable, "-m", "vpt_fast", "memory", "--methods", "full"], capture_output=True,
+                          text=True)
+    assert done.returncode != 0 and "--methods go with --total" in done.stderr

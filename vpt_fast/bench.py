@@ -280,7 +280,7 @@ def _infer(model, x, cfg: BenchConfig):
 
 def format_table(rows: list[dict]) -> str:
     base = rows[0]
-    head = (f"{'method':<26}{'train img/s':>12}{'speedup':>9}{'infer img/s':>12}{'act. MB':>10}{'act. ratio':>11}"
+    head = (f"{'method':<26}{'train img/s':>12}{'speedup':>9}{'infer img/s':>12}{'act. MiB':>10}{'act. ratio':>11}"
             f"{'GFLOP/step':>11}{'FLOP ratio':>11}{'max|dlogit|':>12}")
     lines = [head, "-" * len(head)]
     for r in rows:

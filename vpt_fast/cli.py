@@ -20,8 +20,9 @@ def _config(args: argparse.Namespace, **extra) -> BenchConfig:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="vit_small_patch16_224", help="timm model name (random weights)")
-    p.add_argument("--prompts", type=int, default=50, help="prompt tokens per prompted block")
+    p.add_argument("--model", default="vit_small_patch16_224",
+                   help="timm model name (random weights; default %(default)s)")
+    p.add_argument("--prompts", type=int, default=50, help="prompt tokens per prompted block (default %(default)s)")
     p.add_argument("--shallow", action="store_true", help="VPT-Shallow instead of VPT-Deep")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="autocast dtype (float32: no autocast)")
@@ -32,25 +33,28 @@ def _common(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vpt-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="eager release-style VPT vs vpt_fast backends (main job)")
+    bench = sub.add_parser("bench", help="eager release-style VPT vs vpt_fast backends (main job)",
+                           description=f"--model also takes {', '.join(peak_memory.MODEL_ALIASES)} (random weights).")
     _common(bench)
-    bench.add_argument("--batch", type=int, default=8)
-    bench.add_argument("--steps", type=int, default=5, help="timed rounds per method (median reported)")
+    bench.add_argument("--batch", type=int, default=8, help="default %(default)s")
+    bench.add_argument("--steps", type=int, default=5,
+                       help="timed rounds per method, median reported (default %(default)s)")
     bench.add_argument("--backends", default="", help="comma list (default: every available backend)")
-    bench.add_argument("--recompute", default="none", choices=["none", "mlp", "block"])
+    bench.add_argument("--recompute", default="none", choices=["none", "mlp", "block"], help="default %(default)s")
     bench.add_argument("--compile", action="store_true",
                        help="also time eager and the fastest backend under torch.compile")
     bench.add_argument("--json", default=None, help="write rows and environment to this file")
     bench.add_argument("--inference", action="store_true",
                        help="serving instead: bare backbone, eager VPT, vpt_fast with cached prompt K/V, and "
                             "PromptBanks with --tasks tasks mixed in one batch vs one pass per task")
-    bench.add_argument("--tasks", default="1,8,64", help="--inference: comma list of task counts")
+    bench.add_argument("--tasks", default="1,8,64", help="--inference: comma list of task counts (default %(default)s)")
     _add_memory(sub)
     _add_export(sub)
     args = parser.parse_args(argv)
     if args.command == "export":
         _export(args)
     elif args.command == "bench":
+        args.model = peak_memory.resolve_model_name(args.model)
         cfg = _config(args, steps=args.steps, compile=args.compile,
                       backends=[b for b in args.backends.split(",") if b])
         log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
@@ -73,7 +77,7 @@ def _add_memory(sub: argparse._SubParsersAction) -> None:
                                            "--total: peak of a whole training step vs full fine-tuning",
                             description=f"--model also takes {', '.join(peak_memory.MODEL_ALIASES)} (random weights).")
     _common(memory)
-    memory.add_argument("--batches", default="1,2,4,8,16", help="comma list of batch sizes")
+    memory.add_argument("--batches", default="1,2,4,8,16", help="comma list of batch sizes (default %(default)s)")
     memory.add_argument("--backend", default=None,
                         help="vpt_fast backend (default: torch for activations, auto for --total/--max-batch)")
     memory.add_argument("--plot", default=None, help="write a PNG plot here (needs matplotlib)")
@@ -88,7 +92,7 @@ def _add_memory(sub: argparse._SubParsersAction) -> None:
     memory.add_argument("--batch-limit", type=int, default=None,
                         help="--max-batch stops there if the step still fits (CPU: bounds the run time)")
     memory.add_argument("--methods", default=",".join(peak_memory.methods()),
-                        help="comma list for --total/--max-batch (default: all)")
+                        help=f"comma list for --total/--max-batch, of {', '.join(peak_memory.methods())}")
     memory.add_argument("--json", default=None, help="--total/--max-batch: write the results to this file")
 
 
@@ -97,8 +101,8 @@ def _memory(args: argparse.Namespace) -> None:
     if args.total or args.max_batch:
         _total_memory(args)
         return
-    if args.budget or args.batch_limit or args.json:
-        raise SystemExit("--budget, --batch-limit and --json go with --total or --max-batch")
+    if args.budget or args.batch_limit or args.json or args.methods != ",".join(peak_memory.methods()):
+        raise SystemExit("--budget, --batch-limit, --json and --methods go with --total or --max-batch")
     backend = args.backend or "torch"
     batches = [int(b) for b in args.batches.split(",") if b]
     series = {"eager": ("reference", "none"), f"vpt_fast[{backend}]": (backend, "none"),
@@ -115,7 +119,7 @@ def _memory(args: argparse.Namespace) -> None:
             mem = activation_memory(cfg, backend, recompute)
             results[name].append(mem)
             row.append(mem["activation_bytes"] / 2**20)
-        print(f"{batch:>6}" + "".join(f"{mb:>33.1f} MB" for mb in row), flush=True)
+        print(f"{batch:>6}" + "".join(f"{mb:>32.1f} MiB" for mb in row), flush=True)
     if args.plot:
         _plot(args, batches, results)
         print(f"wrote {args.plot}")
