@@ -235,3 +235,45 @@ def test_recompute_is_bitwise_identical_under_autocast():
     for recompute in ("mlp", "block"):
         assert torch.equal(results[recompute][0], results["none"][0])
         assert torch.equal(results[recompute][1], results["none"][1])
+
+
+def _released_vpt_logits(backbone, prompts, proj, deep: bool, x):
+    """The released VPT ViT forward, written out independently of vpt_fast's code on timm's own blocks:
+    `incorporate_prompt` puts the (projected) prompt set 0 after the prefix tokens; in VPT-Deep,
+    `forward_deep_prompt` overwrites those P rows with set i before block i > 0; the prompt rows are
+    dropped before timm's final norm and head."""
+    x = backbone.norm_pre(backbone.patch_drop(backbone._pos_embed(backbone.patch_embed(x))))
+    prefix, num_prompts = backbone.num_prefix_tokens, prompts.shape[1]
+
+    def prompt_rows(i):
+        rows = prompts[i] if proj is None else proj(prompts[i])
+        return rows.expand(x.shape[0], -1, -1)
+    x = torch.cat([x[:, :prefix], prompt_rows(0), x[:, prefix:]], dim=1)
+    for i, block in enumerate(backbone.blocks):
+        if deep and i > 0:
+            x = torch.cat([x[:, :prefix], prompt_rows(i), x[:, prefix + num_prompts:]], dim=1)
+        x = block(x)
+    x = torch.cat([x[:, :prefix], x[:, prefix + num_prompts:]], dim=1)
+    return backbone.forward_head(backbone.norm(x))
+
+
+@pytest.mark.parametrize("project", [None, 8], ids=["no_proj", "proj8"])
+@pytest.mark.parametrize("deep", [True, False], ids=["deep", "shallow"])
+@pytest.mark.parametrize("options", [{}, {"reg_tokens": 2},
+                                     {"class_token": False, "reg_tokens": 3, "global_pool": "avg"},
+                                     {"global_pool": "avg", "fc_norm": True}, {"no_embed_class": True}],
+                         ids=["cls", "registers", "avg_no_cls", "avg_fc_norm", "no_embed_class"])
+def test_every_backend_equals_the_released_code(options, deep, project):
+    """Not only the backends against `reference`, which shares `_prompted_tokens` with them: all of them
+    against a separate transcription of the released code running timm's unmodified model."""
+    import copy
+    torch.manual_seed(0)
+    backbone = tiny_vit(**options).eval()
+    model = utils.randomize(vpt_fast.prompt(copy.deepcopy(backbone), num_prompts=4, deep=deep, project=project)).eval()
+    backbone.head.load_state_dict(model.head.state_dict())
+    x, _ = random_batch(model, 2)
+    with torch.no_grad():
+        expected = _released_vpt_logits(backbone, model.vpt.prompts, model.vpt.proj, deep, x)
+        for backend in ["reference", *FAST_BACKENDS]:
+            vpt_fast.set_backend(model, backend)
+            assert rel_error(model(x), expected) < 1e-5, backend
