@@ -261,8 +261,9 @@ def _released_vpt_logits(backbone, prompts, proj, deep: bool, x):
 @pytest.mark.parametrize("deep", [True, False], ids=["deep", "shallow"])
 @pytest.mark.parametrize("options", [{}, {"reg_tokens": 2},
                                      {"class_token": False, "reg_tokens": 3, "global_pool": "avg"},
-                                     {"global_pool": "avg", "fc_norm": True}, {"no_embed_class": True}],
-                         ids=["cls", "registers", "avg_no_cls", "avg_fc_norm", "no_embed_class"])
+                                     {"global_pool": "avg", "fc_norm": True}, {"no_embed_class": True},
+                                     {"global_pool": ""}],
+                         ids=["cls", "registers", "avg_no_cls", "avg_fc_norm", "no_embed_class", "no_pool"])
 def test_every_backend_equals_the_released_code(options, deep, project):
     """Not only the backends against `reference`, which shares `_prompted_tokens` with them: all of them
     against a separate transcription of the released code running timm's unmodified model."""

@@ -26,7 +26,7 @@ def prompt(model: nn.Module, num_prompts: int = 50, deep: bool = True, dropout: 
     before the model changes: if anything fails, the model is exactly as it was.
 
     Args:
-        model: a timm `VisionTransformer` (class and/or register tokens, 'token' or 'avg' pooling) or
+        model: a timm `VisionTransformer` (class and/or register tokens, 'token', 'avg' or '' pooling) or
             `SwinTransformer` (docs/design.md §1).
         num_prompts: P, prompt tokens per prompted block (an int >= 1).
         deep: VPT-Deep (a prompt set per block) or VPT-Shallow (input only); a bool.

@@ -175,9 +175,9 @@ def check_vit(model: VisionTransformer) -> None:
         raise TypeError(f"vpt_fast.prompt supports timm VisionTransformer itself, not the subclass "
                         f"{type(model).__module__}.{type(model).__name__}")
     if getattr(model, "attn_pool", None) is not None:
-        raise TypeError("global_pool='map' (attention pooling) is not supported: use 'token' or 'avg'")
+        raise TypeError("global_pool='map' (attention pooling) is not supported: use 'token', 'avg' or '' (no pooling)")
     if model.global_pool not in SUPPORTED_POOLS:
-        raise TypeError(f"global_pool={model.global_pool!r} is not supported: use 'token' or 'avg'")
+        raise TypeError(f"global_pool={model.global_pool!r} is not supported: use 'token', 'avg' or '' (no pooling)")
     for i, block in enumerate(model.blocks):
         if type(block) is not Block:
             raise TypeError(f"blocks[{i}] is {type(block).__module__}.{type(block).__name__}; prompted ViTs "
