@@ -26,9 +26,10 @@ def summarize(data: dict) -> str:
             med, info, binfo = b["stats"]["median"], b.get("extra_info", {}), base.get("extra_info", {})
             peak, bpeak = info.get("peak_memory_bytes"), binfo.get("peak_memory_bytes")
             flops, bflops = info.get("train_flops") or info.get("flops"), binfo.get("train_flops") or binfo.get("flops")
+            img_s = info.get("img_per_s")  # op microbenchmarks have none
             lines.append(
                 f"| {method} | {med * 1e3:.2f} | {base_median / med:.2f} | "
-                f"{info.get('img_per_s', float('nan')):.1f} | "
+                f"{'-' if img_s is None else f'{img_s:.1f}'} | "
                 f"{'-' if peak is None else f'{peak / 2**20:.0f}'} | "
                 f"{'-' if not (peak and bpeak) else f'{peak / bpeak:.2f}'} | "
                 f"{'-' if flops is None else f'{flops / 1e9:.1f}'} | "
