@@ -135,7 +135,7 @@ def test_vit_block_from_timm_matches_timm_block():
     assert rel_error(per_sample, out) < TOL
 
 
-def test_bad_inputs_raise_clear_errors():
+def test_bad_inputs_raise_clear_errors(monkeypatch):
     with pytest.raises(ValueError, match="num_prompts"):
         vpt_fast.prompt(tiny_vit(), num_prompts=0)
     with pytest.raises(ValueError, match="dropout"):
@@ -157,9 +157,11 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.randn(1, 3, 48, 48))
     with pytest.raises(ValueError, match="not prompted"):
         vpt_fast.set_backend(tiny_vit(), "torch")
-    if "cuda" not in vpt_fast.available_backends():
-        with pytest.raises(RuntimeError, match="not available"):
-            vpt_fast.set_backend(model, "cuda")
+    from vpt_fast import backends  # an unusable backend, also where the extension is built
+    monkeypatch.setitem(backends._LOADED, "cuda", None)
+    monkeypatch.setitem(backends._REASONS, "cuda", "extension not built (test)")
+    with pytest.raises(RuntimeError, match="not available on this machine: extension not built"):
+        vpt_fast.set_backend(model, "cuda")
     block = vpt_fast.ViTBlock.from_timm(tiny_vit().blocks[0], backend="torch")
     with pytest.raises(ValueError, match="prompts must be"):
         block(torch.randn(2, 17, 48), torch.randn(3, 5, 48))
