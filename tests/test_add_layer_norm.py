@@ -225,6 +225,17 @@ def _graph_names(t: torch.Tensor) -> set[str]:
     return names
 
 
+def _assert_fused_and_matches_reference(model, backend: str, x, y) -> None:
+    """The fused op is in the autograd graph, and logits and prompt/head gradients are within 1e-5
+    (relative) of the reference backend."""
+    assert "FrozenAddNormMlpBackward" in _graph_names(model(x))
+    ref_logits, ref_grads = utils.training_results(model, "reference", x, y)
+    logits, grads = utils.training_results(model, backend, x, y)
+    assert utils.rel_error(logits, ref_logits) < 1e-5
+    for name, grad in grads.items():
+        assert utils.rel_error(grad, ref_grads[name]) < 1e-5, name
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("deep", [True, False], ids=["deep", "shallow"])
 @pytest.mark.parametrize("variant", ["cls_token", "layerscale_qknorm"])
@@ -234,12 +245,7 @@ def test_vit_with_fused_add_matches_reference(backend, variant, deep):
     model = _vit(variant, deep)
     x, y = random_batch(model, 2)
     vpt_fast.set_backend(model, backend)
-    assert "FrozenAddNormMlpBackward" in _graph_names(model(x))
-    ref_logits, ref_grads = utils.training_results(model, "reference", x, y)
-    logits, grads = utils.training_results(model, backend, x, y)
-    assert utils.rel_error(logits, ref_logits) < 1e-5
-    for name, grad in grads.items():
-        assert utils.rel_error(grad, ref_grads[name]) < 1e-5, name
+    _assert_fused_and_matches_reference(model, backend, x, y)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -304,12 +310,7 @@ def test_swin_with_fused_add_matches_reference(backend, deep):
     model = utils.prompted_swin(size="w4", num_prompts=3, deep=deep).train()
     x, y = random_batch(model, 2)
     vpt_fast.set_backend(model, backend)
-    assert "FrozenAddNormMlpBackward" in _graph_names(model(x))
-    ref_logits, ref_grads = utils.training_results(model, "reference", x, y)
-    logits, grads = utils.training_results(model, backend, x, y)
-    assert utils.rel_error(logits, ref_logits) < 1e-5
-    for name, grad in grads.items():
-        assert utils.rel_error(grad, ref_grads[name]) < 1e-5, name
+    _assert_fused_and_matches_reference(model, backend, x, y)
 
 
 def test_block_keeps_unfoldable_branches_unfused():

@@ -21,7 +21,7 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from vpt_fast.io import _check_entry, _named_tensors, metadata, read_prompt_file
+from vpt_fast.io import _check_entry, _named_tensors, metadata, metadata_differences, read_prompt_file
 from vpt_fast.ops import parameters_of
 from vpt_fast.ops.attention import gather_sets
 from vpt_fast.prompting import _prompted
@@ -116,13 +116,13 @@ class PromptBank(KVCacheOwner):
             state = {n: t.detach() for n, t in _named_tensors(source).items()}
         elif isinstance(source, (str, os.PathLike)):
             state, meta = read_prompt_file(source)
-            expected = metadata(self.model)
-            for field in ("model_family", "architecture", "patch_size", "num_prefix_tokens", "embed_dim", "depth",
-                          "num_prompts", "deep", "project"):
-                if (field in meta and meta[field] != expected[field]  # files from older versions lack some
-                        and not (field == "architecture" and "" in (meta[field], expected[field]))):
-                    raise ValueError(f"task {name!r} ({os.fspath(source)}) does not match the bank: {field} is "
-                                     f"{meta.get(field)!r} in the file, {expected[field]!r} in the bank")
+            diffs = metadata_differences(meta, metadata(self.model), (
+                "model_family", "architecture", "patch_size", "num_prefix_tokens", "embed_dim", "depth",
+                "num_prompts", "deep", "project"))
+            if diffs:
+                field, (theirs, mine) = next(iter(diffs.items()))
+                raise ValueError(f"task {name!r} ({os.fspath(source)}) does not match the bank: {field} is "
+                                 f"{theirs!r} in the file, {mine!r} in the bank")
         elif isinstance(source, Mapping):
             state = dict(source)
         else:

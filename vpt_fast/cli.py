@@ -91,8 +91,8 @@ def _add_memory(sub: argparse._SubParsersAction) -> None:
                                                        "(default on CUDA: the device's memory)")
     memory.add_argument("--batch-limit", type=int, default=None,
                         help="--max-batch stops there if the step still fits (CPU: bounds the run time)")
-    memory.add_argument("--methods", default=",".join(peak_memory.methods()),
-                        help=f"comma list for --total/--max-batch, of {', '.join(peak_memory.methods())}")
+    memory.add_argument("--methods", default=None,
+                        help=f"comma list for --total/--max-batch (default: all) of {', '.join(peak_memory.methods())}")
     memory.add_argument("--json", default=None, help="--total/--max-batch: write the results to this file")
 
 
@@ -101,7 +101,7 @@ def _memory(args: argparse.Namespace) -> None:
     if args.total or args.max_batch:
         _total_memory(args)
         return
-    if args.budget or args.batch_limit or args.json or args.methods != ",".join(peak_memory.methods()):
+    if args.budget or args.batch_limit or args.json or args.methods:
         raise SystemExit("--budget, --batch-limit, --json and --methods go with --total or --max-batch")
     backend = args.backend or "torch"
     batches = [int(b) for b in args.batches.split(",") if b]
@@ -127,7 +127,7 @@ def _memory(args: argparse.Namespace) -> None:
 
 def _total_memory(args: argparse.Namespace) -> None:
     catalogue = peak_memory.methods(args.backend or "auto")
-    keys = [k for k in args.methods.split(",") if k]
+    keys = list(catalogue) if args.methods is None else [k for k in args.methods.split(",") if k]
     unknown = [k for k in keys if k not in catalogue]
     if unknown or not keys:
         raise SystemExit(f"--methods: expected a comma list of {', '.join(catalogue)}, got {args.methods!r}")

@@ -3,7 +3,7 @@ metadata that identifies the configuration it was trained for."""
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from typing import Iterable, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -142,6 +142,17 @@ def metadata(model: nn.Module) -> dict[str, str]:
     }
 
 
+def metadata_differences(meta: dict[str, str], expected: dict[str, str],
+                         fields: Optional[Iterable[str]] = None) -> dict[str, tuple[str, str]]:
+    """{field: (file's value, model's value)} for the configuration `fields` (default: all but the
+    version and format) where a prompt file's metadata contradicts a model's. A field the file lacks
+    (written by an older version) and an architecture unknown on either side (a model built without
+    timm's registry) are not compared."""
+    fields = [k for k in expected if k not in ("vpt_fast_version", "format")] if fields is None else fields
+    return {k: (meta[k], expected[k]) for k in fields
+            if k in meta and meta[k] != expected[k] and not (k == "architecture" and "" in (meta[k], expected[k]))}
+
+
 def save_prompts(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the trainable state and its metadata to a .safetensors file."""
     from safetensors.torch import save_file
@@ -165,10 +176,7 @@ def load_prompts(model: nn.Module, path: str | os.PathLike) -> None:
     timm architecture, patch size, prefix tokens, width, depth, prompts, deep/shallow, projection,
     classes) raises ValueError naming the differences, and the model is left unchanged."""
     state, meta = read_prompt_file(path)
-    expected = metadata(model)
-    diffs = {k: (meta[k], v) for k, v in expected.items()
-             if k not in ("vpt_fast_version", "format") and k in meta and meta[k] != v  # older files lack some
-             and not (k == "architecture" and "" in (meta[k], v))}  # a model built without timm's registry
+    diffs = metadata_differences(meta, metadata(model))
     if diffs:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in diffs.items())
         raise ValueError(f"checkpoint {os.fspath(path)} was made for another configuration ({detail})")

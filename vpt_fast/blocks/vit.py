@@ -265,23 +265,21 @@ def residual_mlp(block: nn.Module, residual: Tensor, branch: Tensor, backend: st
 def warn_if_hooks_bypassed(block: nn.Module, backend: str) -> None:
     """Prompt-aware blocks run their submodules' weights through fused ops instead of calling the
     submodules, so forward/backward hooks on them (Grad-CAM, activation statistics) would silently
-    not fire: warn, naming them. Hooks on the block itself run as usual."""
+    not fire: warn, naming them. Hooks on the block itself run as usual. Runs every forward, so the
+    common case (no hooks) is a walk of the hook dicts without building names."""
     from torch.nn.modules import module as torch_module
-    hooked = []
-    stack = [("", child_name, child) for child_name, child in block._modules.items()]
-    while stack:
-        prefix, name, module = stack.pop()
-        if module is None:
-            continue
-        path = prefix + name
-        if (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks):
-            hooked.append(path)
-        stack.extend((path + ".", n, m) for n, m in module._modules.items())
+
+    def hooked(module: nn.Module) -> bool:
+        return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                    or module._backward_pre_hooks)
+    stack = list(block._modules.values())
+    while stack and not any(m is not None and hooked(m) for m in stack):
+        stack = [c for m in stack if m is not None for c in m._modules.values()]
+    names = [name for name, m in block.named_modules() if name and hooked(m)] if stack else []
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
-        hooked.append("(global module hooks)")
-    if hooked:
-        warnings.warn(f"hooks on {', '.join(sorted(hooked))} of a {type(block).__name__} do not run with backend "
+        names.append("(global module hooks)")
+    if names:
+        warnings.warn(f"hooks on {', '.join(sorted(names))} of a {type(block).__name__} do not run with backend "
                       f"{backend!r}: prompt-aware blocks apply those modules' weights in fused ops without "
                       f"calling them. Hooks on the block itself run; set_backend(model, 'reference') runs "
                       f"timm's modules and their hooks", stacklevel=3)

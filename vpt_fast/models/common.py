@@ -216,8 +216,10 @@ def cached_prompt_values(source, slot: Hashable, modules: Iterable[nn.Module], b
     if torch.is_grad_enabled():
         source.kv_cache.clear()  # a training step may change parameters without a version bump
         return None
+    if backend == "reference":
+        return None
     key = source.cache_key()
-    if backend == "reference" or key is None:
+    if key is None:
         return None
     key = (key, parameter_key(parameters_of(*modules)), backend, device,
            autocast_dtype(device), optimizer_steps(), variant)

@@ -70,6 +70,20 @@ class FrozenNormMlp(torch.autograd.Function):
         return dx, None, None, None, None, None, None, None, None, None
 
 
+def _add_norm(add_ln, residual: Tensor, branch: Tensor, scale: Optional[Tensor], nw, nb, eps: float,
+              reuse_branch: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(s, y, mean, rstd) of s = residual + branch * scale, y = LayerNorm(s) in the dtype the MLP's GEMM
+    reads. With `reuse_branch`, s overwrites the branch (which nothing else reads) where it can: eager,
+    a contiguous non-view of s's dtype; the MLP then runs with the buffers the unfused
+    `x = residual + branch` leaves alive (the branch freed), not one more. `s is branch` says it did."""
+    s_dtype = sum_dtype(residual, branch, scale)
+    reuse = (reuse_branch and branch._base is None and branch.dtype == s_dtype and branch.is_contiguous()
+             and branch.shape == residual.shape and not torch.compiler.is_compiling())
+    return add_ln.add_layer_norm_fwd(residual, branch, scale, nw, nb, eps,
+                                     norm_output_dtype(s_dtype, residual.device, feeds_matmul=True),
+                                     s_out=branch if reuse else None)
+
+
 class FrozenAddNormMlp(torch.autograd.Function):
     """(s, mlp(norm(s))) with s = residual + branch * scale: the add and the norm are one
     `add_layer_norm` kernel each way, and backward writes ds + d(norm input) once (the gradient of
@@ -80,15 +94,8 @@ class FrozenAddNormMlp(torch.autograd.Function):
                 reuse_branch: bool):
         add_ln = resolve(backend, "add_layer_norm", residual.device)
         act = resolve(backend, "bias_gelu", residual.device)
-        s_dtype = sum_dtype(residual, branch, scale)
-        out_dtype = norm_output_dtype(s_dtype, residual.device, feeds_matmul=True)
-        # s overwrites the branch, which nothing else reads: the MLP then runs with the buffers the
-        # unfused `x = residual + branch` leaves alive (the branch freed), not one more
-        reuse = (reuse_branch and branch._base is None and branch.dtype == s_dtype and branch.is_contiguous()
-                 and branch.shape == residual.shape and not torch.compiler.is_compiling())
-        s, y, mean, rstd = add_ln.add_layer_norm_fwd(residual, branch, scale, nw, nb, eps, out_dtype,
-                                                     s_out=branch if reuse else None)
-        if reuse:
+        s, y, mean, rstd = _add_norm(add_ln, residual, branch, scale, nw, nb, eps, reuse_branch)
+        if s is branch:
             ctx.mark_dirty(branch)
         h, out = _mlp_fwd(y, w1, b1, w2, b2, act)
         ctx.save_for_backward(s, nw, nb, mean, rstd, w1, b1, w2, None if recompute_fc1 else h, scale)
@@ -126,11 +133,7 @@ def add_norm_mlp_residual(residual: Tensor, branch: Tensor, scale: Optional[Tens
         raise ValueError(f"branch must have residual's shape {tuple(residual.shape)}, got {tuple(branch.shape)}")
     add_ln = resolve(backend, "add_layer_norm", residual.device)
     act = resolve(backend, "bias_gelu", residual.device)
-    s_dtype = sum_dtype(residual, branch, scale)
-    reuse = branch._base is None and branch.dtype == s_dtype and branch.is_contiguous()
-    s, y, _, _ = add_ln.add_layer_norm_fwd(residual, branch, scale, norm.weight, norm.bias, norm.eps,
-                                           norm_output_dtype(s_dtype, residual.device, feeds_matmul=True),
-                                           s_out=branch if reuse else None)
+    s, y, _, _ = _add_norm(add_ln, residual, branch, scale, norm.weight, norm.bias, norm.eps, reuse_branch=True)
     g = act.bias_gelu_fwd(F.linear(y, mlp.fc1.weight, mlp.fc1.bias), None, inplace=True)
     del y
     w2, b2 = mlp.fc2.weight, mlp.fc2.bias
