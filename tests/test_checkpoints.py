@@ -45,7 +45,11 @@ def test_non_floating_or_non_finite_entries_are_refused(tmp_path, bad, entry):
     source = prompted(seed=1, num_prompts=4)
     state = vpt_fast.prompt_state_dict(source)
     state[entry] = make_bad(state[entry])
-    model = prompted(seed=2, num_prompts=4)
+    model = prompted(seed=1, num_prompts=4)  # the source's backbone, other prompts and head
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
     before = vpt_fast.prompt_state_dict(model)
     with pytest.raises(ValueError, match=f"{entry!r}.*{message}"):
         vpt_fast.load_prompt_state_dict(model, state)
@@ -136,6 +140,10 @@ def test_export_train_py_checkpoint(tmp_path, capsys, ema):
     torch.manual_seed(5)
     fresh = vpt_fast.prompt(timm.create_model("vit_tiny_patch16_224", num_classes=6, **TINY_VIT),
                             num_prompts=3, deep=True, project=8)
+    with pytest.raises(ValueError, match="trained on another backbone"):  # the file records the checkpoint's
+        vpt_fast.load_prompts(fresh, out)
+    fresh.load_state_dict(model.state_dict())  # the backbone the prompts were trained on (and the prompts)
+    vpt_fast.load_prompt_state_dict(fresh, vpt_fast.prompt_state_dict(ema_model if not ema else model))
     vpt_fast.load_prompts(fresh, out)
     assert_state_equal(vpt_fast.prompt_state_dict(fresh), expected)
     assert out.stat().st_size < checkpoint.stat().st_size / 20
@@ -168,6 +176,8 @@ def test_export_swin_train_py_checkpoint(tmp_path):
     out = tmp_path / "prompts.safetensors"
     cli(["export", str(checkpoint), str(out)])
     fresh = timm.create_model("vpt_swin_tiny_patch4_window7_224", num_classes=6, **kwargs)
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(("vpt.", "head."))},
+                          strict=False)  # the checkpoint's backbone, fresh prompts and head
     vpt_fast.load_prompts(fresh, out)
     expected = vpt_fast.prompt_state_dict(model)
     assert set(expected) == {"prompts.0", "head.weight", "head.bias"}  # head.fc in the model's state_dict

@@ -102,12 +102,15 @@ def test_checkpoint_from_another_backbone_of_the_same_width_is_refused(tmp_path,
 
 
 def test_checkpoint_without_the_newer_metadata_fields_still_loads(tmp_path):
-    """Files written before the architecture/patch/prefix fields existed load as before."""
+    """Files written by the first format version (no architecture, patch, prefix, head, geometry or
+    backbone records) load as before, onto any backbone of their configuration."""
     from safetensors.torch import save_file
 
     from vpt_fast.io import metadata
     source = prompted(num_prompts=4, deep=True)
-    old = {k: v for k, v in metadata(source).items() if k not in ("architecture", "patch_size", "num_prefix_tokens")}
+    first_fields = ("format", "model_family", "embed_dim", "depth", "num_prompts", "deep", "project", "num_classes",
+                    "vpt_fast_version")
+    old = {k: v for k, v in metadata(source).items() if k in first_fields}
     save_file({k: t.contiguous() for k, t in vpt_fast.prompt_state_dict(source).items()},
               str(tmp_path / "old.safetensors"), metadata=old)
     model = prompted(seed=3, num_prompts=4, deep=True)

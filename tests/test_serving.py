@@ -262,7 +262,7 @@ def test_bank_parameters_are_the_tasks_and_the_backbone_is_shared():
     models = _task_models(tiny_vit, 2, num_prompts=3, backend="torch")
     bank = vpt_fast.PromptBank(models[0])
     bank.add("a", models[0])
-    bank.add("b", vpt_fast.prompt_state_dict(models[1]))
+    bank.add("b", vpt_fast.prompt_state_dict(models[1]), metadata=vpt_fast.io.metadata(models[1]))
     params = list(bank.parameters())
     assert len(params) == 2 * 3 and all(p.requires_grad for p in params)
     assert set(bank.prompt_state_dict("b")) == set(vpt_fast.prompt_state_dict(models[1]))
@@ -271,8 +271,9 @@ def test_bank_parameters_are_the_tasks_and_the_backbone_is_shared():
 
 def test_bank_heads_may_differ_in_classes_and_files_load(tmp_path):
     models = _task_models(tiny_vit, 1, num_prompts=3, backend="torch")
-    other = randomize(vpt_fast.prompt(tiny_vit(num_classes=9), num_prompts=3))
-    vpt_fast.save_prompts(other, tmp_path / "nine.safetensors")
+    other = copy.deepcopy(models[0])  # the same backbone, a 9-class head
+    other.reset_classifier(9)
+    vpt_fast.save_prompts(randomize(other), tmp_path / "nine.safetensors")
     bank = vpt_fast.PromptBank(models[0]).eval()
     bank.add("five", models[0])
     bank.add("nine", tmp_path / "nine.safetensors")
@@ -292,7 +293,7 @@ def test_bank_refuses_mismatched_tasks_naming_the_field(kwargs, field, tmp_path)
     vpt_fast.save_prompts(other, tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match=field):
         bank.add("file", tmp_path / "other.safetensors")
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match="does not match"), pytest.warns(UserWarning, match="without metadata"):
         bank.add("state", vpt_fast.prompt_state_dict(other))
     assert bank.task_names == []
 
@@ -373,7 +374,7 @@ def test_bank_refuses_a_task_model_with_another_backbone():
     base = tiny_vit()
     bank = vpt_fast.PromptBank(vpt_fast.prompt(copy.deepcopy(base), num_prompts=3))
     other = tiny_vit()  # fresh random weights
-    with pytest.raises(ValueError, match="another backbone: its .*differs"):
+    with pytest.raises(ValueError, match="another backbone: .* holds other values"):
         bank.add("other", vpt_fast.prompt(other, num_prompts=3))
     bank.add("same", vpt_fast.prompt(copy.deepcopy(base), num_prompts=3).double())
     assert bank.task_names == ["same"]

@@ -16,18 +16,30 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from vpt_fast.io import _check_entry, _named_tensors, metadata, metadata_differences, read_prompt_file
+from vpt_fast import backbone
+from vpt_fast.io import (
+    BACKBONE_FIELDS,
+    _check_entry,
+    _named_tensors,
+    check_metadata,
+    configuration_metadata,
+    metadata_differences,
+    read_prompt_file,
+)
 from vpt_fast.ops import parameters_of
 from vpt_fast.ops.attention import gather_sets
 from vpt_fast.prompting import _prompted
 from vpt_fast.prompts import KVCacheOwner, VisualPrompts, parameter_key
 
 TaskSource = Union[str, os.PathLike, Mapping[str, Tensor], nn.Module]
+# Metadata fields a task need not share with the bank (each task has its own head).
+_ANY_HEAD = ("num_classes",)
 
 
 class Task(nn.Module):
@@ -104,27 +116,45 @@ class PromptBank(KVCacheOwner):
         """Task names in the order task ids refer to."""
         return list(self.tasks.keys())
 
-    def add(self, name: str, source: TaskSource) -> Task:
-        """Add a task from a `save_prompts` file, a `prompt_state_dict`, or a prompted model with
-        the bank's configuration (anything else is refused with an error naming the field)."""
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"task name must be a non-empty string, got {name!r}")
-        if name in self.tasks:
+    def add(self, name: str, source: TaskSource, check_backbone: bool = True,
+            metadata: Optional[Mapping[str, str]] = None) -> Task:
+        """Add a task; anything that does not fit the bank is refused with an error naming it.
+
+        Args:
+            name: the task's name (task ids follow the order of addition).
+            source: a `save_prompts` file, a `prompt_state_dict`, or a prompted model. It must have the
+                bank's prompt configuration (family, P, deep/shallow, projection, width, depth) and head
+                configuration (pooling, fc_norm, class/register tokens, norm_pre); any number of classes.
+            check_backbone: refuse a task trained on another backbone than the bank's: a model whose
+                module structure or frozen weights (parameters and buffers) differ, a file whose
+                recorded architecture, geometry, structure or weight signature differ. False adds it
+                anyway (its logits in the bank are then not its own model's).
+            metadata: for a state dict, the `vpt_fast.io.metadata` of the model it came from (as
+                `read_prompt_file` returns it), checked like a file's. A state dict without it carries
+                no record of its backbone: a warning says so.
+        """
+        if isinstance(name, str) and name in self.tasks:
             raise ValueError(f"task {name!r} is already in the bank")
+        if not isinstance(name, str) or not name or "." in name or hasattr(self.tasks, name):
+            raise ValueError(f"task name must be a non-empty string without '.' that is not an attribute of "
+                             f"nn.ModuleDict (the tasks are held in one), got {name!r}")
+        if metadata is not None and not isinstance(source, Mapping):
+            raise TypeError("metadata= describes a state dict source; files and models carry their own")
         if isinstance(source, nn.Module):
-            self._check_model(name, source)
+            self._check_model(name, source, check_backbone)
             state = {n: t.detach() for n, t in _named_tensors(source).items()}
         elif isinstance(source, (str, os.PathLike)):
             state, meta = read_prompt_file(source)
-            diffs = metadata_differences(meta, metadata(self.model), (
-                "model_family", "architecture", "patch_size", "num_prefix_tokens", "embed_dim", "depth",
-                "num_prompts", "deep", "project"))
-            if diffs:
-                field, (theirs, mine) = next(iter(diffs.items()))
-                raise ValueError(f"task {name!r} ({os.fspath(source)}) does not match the bank: {field} is "
-                                 f"{theirs!r} in the file, {mine!r} in the bank")
+            check_metadata(meta, self.model, f"task {name!r} ({os.fspath(source)})", check_backbone, _ANY_HEAD)
         elif isinstance(source, Mapping):
             state = dict(source)
+            if metadata is not None:
+                check_metadata(dict(metadata), self.model, f"task {name!r}", check_backbone, _ANY_HEAD)
+            elif check_backbone:
+                warnings.warn(f"task {name!r} is a state dict without metadata: nothing records the backbone it "
+                              f"was trained on, so it cannot be checked against the bank's. Add a save_prompts "
+                              f"file or the task's model, or pass metadata=vpt_fast.io.metadata(task_model) "
+                              f"(check_backbone=False: you vouch for it)", stacklevel=2)
         else:
             raise TypeError(f"a task comes from a file path, a prompt state dict or a prompted model, "
                             f"got {type(source).__name__}")
@@ -142,36 +172,31 @@ class PromptBank(KVCacheOwner):
         self.tasks[name] = task
         return task
 
-    def _check_model(self, name: str, model: nn.Module) -> None:
+    def _check_model(self, name: str, model: nn.Module, check_backbone: bool) -> None:
+        """A task model fits when its prompt and head configuration are the bank's and (with
+        `check_backbone`) its backbone computes the same function: same module structure (types and
+        settings) and the same frozen parameters and buffers, compared both ways, exactly, in the
+        bank's dtype and device."""
         _prompted(model)
-        mine, theirs = self.model.vpt_config, model.vpt_config
         if type(model) is not type(self.model):
             raise ValueError(f"task {name!r} does not match the bank: model family {type(model).__name__} vs "
                              f"{type(self.model).__name__}")
-        for field in ("num_prompts", "deep", "project"):
-            if getattr(theirs, field) != getattr(mine, field):
-                raise ValueError(f"task {name!r} does not match the bank: {field} is {getattr(theirs, field)!r} "
-                                 f"in the task, {getattr(mine, field)!r} in the bank")
-        a, b = metadata(model), metadata(self.model)
-        for field in ("embed_dim", "depth"):
-            if a[field] != b[field]:
-                raise ValueError(f"task {name!r} does not match the bank: {field} is {a[field]} in the task, "
-                                 f"{b[field]} in the bank")
-        self._check_same_backbone(name, model)
-
-    def _check_same_backbone(self, name: str, model: nn.Module) -> None:
-        """A task's logits equal its own model's only on the backbone it was trained with: every frozen
-        backbone parameter of `model` must equal the bank's (compared in the bank's dtype and device)."""
-        own = {id(p) for p in model.vpt.parameters()} | {id(p) for p in model.get_classifier().parameters()}
-        bank_params = dict(self.model.named_parameters())
-        for param_name, param in model.named_parameters():
-            mine = bank_params.get(param_name)
-            if id(param) in own or mine is None or param is mine:
-                continue
-            if param.shape != mine.shape or not torch.equal(param.detach().to(mine.device, mine.dtype), mine.detach()):
-                raise ValueError(f"task {name!r} was made on another backbone: its {param_name} differs from the "
-                                 f"bank's. The bank runs every task on its own backbone, where this task's logits "
-                                 f"would not be its model's")
+        mine = configuration_metadata(self.model)
+        fields = [k for k in mine if k not in _ANY_HEAD and (check_backbone or k not in BACKBONE_FIELDS)]
+        diffs = metadata_differences(configuration_metadata(model), mine, fields)
+        if diffs:
+            field, (theirs, ours) = next(iter(diffs.items()))
+            raise ValueError(f"task {name!r} does not match the bank: {field} is {theirs} in the task, "
+                             f"{ours} in the bank")
+        if not check_backbone:
+            return
+        difference = (backbone.structure_difference(backbone.structure(model), backbone.structure(self.model),
+                                                    ("the task's", "the bank's"))
+                      or backbone.exact_weights_difference(model, self.model))
+        if difference is not None:
+            raise ValueError(f"task {name!r} was made on another backbone: {difference}. The bank runs every task "
+                             f"on its own backbone, where this task's logits would not be its model's "
+                             f"(check_backbone=False adds it anyway)")
 
     def _new_task(self, name: str, state: Mapping[str, Tensor]) -> Task:
         template = self.model.vpt

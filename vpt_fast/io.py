@@ -2,12 +2,14 @@
 metadata that identifies the configuration it was trained for."""
 from __future__ import annotations
 
+import json
 import os
 from typing import Iterable, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
+from vpt_fast import backbone
 from vpt_fast.prompting import _prompted
 
 _FORMAT = "vpt_fast.prompts/1"
@@ -120,14 +122,14 @@ def load_prompt_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> Non
             target.copy_(state[name])
 
 
-def metadata(model: nn.Module) -> dict[str, str]:
-    from vpt_fast.version import __version__
+def configuration_metadata(model: nn.Module) -> dict[str, str]:
+    """The readable fields of `metadata`: the prompt configuration and the backbone's configuration
+    (`vpt_fast.backbone.configuration`)."""
     _prompted(model)
     config = model.vpt_config
     depth = len(model.blocks) if hasattr(model, "blocks") else [len(s.blocks) for s in model.layers]
     architecture = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or ""
     return {
-        "format": _FORMAT,
         "model_family": type(model).__name__,
         "architecture": architecture.removeprefix("vpt_"),  # register_timm's names build the base model
         "patch_size": str(tuple(model.patch_embed.patch_size)),
@@ -138,48 +140,134 @@ def metadata(model: nn.Module) -> dict[str, str]:
         "deep": str(config.deep),
         "project": str(config.project),
         "num_classes": str(model.num_classes),
-        "vpt_fast_version": __version__,
+        **backbone.configuration(model),
     }
+
+
+def metadata(model: nn.Module) -> dict[str, str]:
+    """What a prompt file records about the model it was saved from: `configuration_metadata`, the
+    format and version, and, as JSON, the backbone's structure and a signature of its frozen weights
+    (`backbone_structure`, `backbone_weights`; `vpt_fast.backbone`)."""
+    from vpt_fast.version import __version__
+    meta = {"format": _FORMAT, **configuration_metadata(model), "vpt_fast_version": __version__,
+            "backbone_structure": backbone.dumps(backbone.structure(model))}
+    weights = backbone.weights_signature(model)
+    if weights is not None:
+        meta["backbone_weights"] = backbone.dumps(weights)
+    return meta
+
+
+# Compared only with check_backbone=True: which backbone computes the prompts' function.
+BACKBONE_FIELDS = ("architecture",) + backbone.GEOMETRY_FIELDS
+_NOT_COMPARED = ("vpt_fast_version", "format", "backbone_structure", "backbone_weights")
 
 
 def metadata_differences(meta: dict[str, str], expected: dict[str, str],
                          fields: Optional[Iterable[str]] = None) -> dict[str, tuple[str, str]]:
     """{field: (file's value, model's value)} for the configuration `fields` (default: all but the
-    version and format) where a prompt file's metadata contradicts a model's. A field the file lacks
-    (written by an older version) and an architecture unknown on either side (a model built without
-    timm's registry) are not compared."""
-    fields = [k for k in expected if k not in ("vpt_fast_version", "format")] if fields is None else fields
+    version, format and the JSON backbone records) where a prompt file's metadata contradicts a
+    model's. A field the file lacks (written by an older version) and an architecture unknown on
+    either side (a model built without timm's registry) are not compared."""
+    fields = [k for k in expected if k not in _NOT_COMPARED] if fields is None else fields
     return {k: (meta[k], expected[k]) for k in fields
-            if k in meta and meta[k] != expected[k] and not (k == "architecture" and "" in (meta[k], expected[k]))}
+            if k in meta and k in expected and meta[k] != expected[k]
+            and not (k == "architecture" and "" in (meta[k], expected[k]))}
+
+
+def check_metadata(meta: dict[str, str], model: nn.Module, source: str, check_backbone: bool = True,
+                   skip: tuple[str, ...] = ()) -> None:
+    """Raise ValueError naming the first way a prompt file's metadata (`meta`) does not fit `model`:
+    a configuration field (prompts, head, pooling, tokens), or with `check_backbone` the backbone it
+    was trained on (architecture, geometry, module structure, frozen weights). `source` names the
+    file in the message; `skip` lists fields not to compare (e.g. the bank ignores num_classes)."""
+    expected = metadata(model)
+    fields = [k for k in expected if k not in _NOT_COMPARED + skip
+              and (check_backbone or k not in BACKBONE_FIELDS)]
+    diffs = metadata_differences(meta, expected, fields)
+    if diffs:
+        detail = ", ".join(f"{k}: {a!r} in the file vs {b!r} in the model" for k, (a, b) in diffs.items())
+        opt_out = (" (check_backbone=False loads it anyway)"
+                   if set(diffs) <= set(BACKBONE_FIELDS) else "")
+        raise ValueError(f"{source} was made for another configuration ({detail}){opt_out}")
+    if not check_backbone:
+        return
+    what = ("the file's", "the model's")
+    difference = None
+    if "backbone_structure" in meta:
+        difference = backbone.structure_difference(json.loads(meta["backbone_structure"]),
+                                                   json.loads(expected["backbone_structure"]), what)
+    if difference is None and "backbone_weights" in meta and "backbone_weights" in expected:
+        difference = backbone.weights_difference(json.loads(meta["backbone_weights"]),
+                                                 json.loads(expected["backbone_weights"]), what)
+    if difference is not None:
+        raise ValueError(f"{source} was trained on another backbone: {difference}. Its prompts and head give the "
+                         f"logits they were trained for only on that backbone; pass check_backbone=False to load "
+                         f"it anyway")
 
 
 def save_prompts(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the trainable state and its metadata to a .safetensors file."""
+    """Write the trainable state and its metadata (`metadata`) to a .safetensors file."""
+    _write_prompt_file(model, path, metadata(model))
+
+
+def _write_prompt_file(model: nn.Module, path: str | os.PathLike, meta: dict[str, str]) -> None:
     from safetensors.torch import save_file
     tensors = {name: t.contiguous() for name, t in prompt_state_dict(model).items()}
-    save_file(tensors, os.fspath(path), metadata=metadata(model))
+    save_file(tensors, os.fspath(path), metadata=meta)
+
+
+def _load_backbone(model: nn.Module, state: Mapping[str, Tensor]) -> bool:
+    """Copy the frozen backbone's persistent tensors from a whole-model `state` into `model`; False
+    (and nothing copied) when `state` does not hold every one of them with the model's shape."""
+    entries = {_strip_wrappers(key): value for key, value in state.items()}
+    persistent = set(model.state_dict())
+    frozen = {name: t for name, t in backbone.frozen_tensors(model).items() if name in persistent}
+    if not all(isinstance(entries.get(name), Tensor) and entries[name].shape == t.shape for name, t in frozen.items()):
+        return False
+    with torch.no_grad():
+        for name, t in frozen.items():
+            t.copy_(entries[name])
+    return True
 
 
 def read_prompt_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """(tensors, metadata) of a file written by `save_prompts` (ValueError for any other file)."""
-    from safetensors import safe_open
-    with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
-        meta = f.metadata() or {}
-        state = {name: f.get_tensor(name) for name in f.keys()}
+    """(tensors, metadata) of a file written by `save_prompts`. A path that is missing, a directory,
+    or not a readable safetensors file raises an error naming it; any other safetensors file
+    raises ValueError."""
+    from safetensors import SafetensorError, safe_open
+    name = os.fspath(path)
+    if not os.path.exists(name):
+        raise FileNotFoundError(f"prompt file {name} does not exist")
+    if os.path.isdir(name):
+        raise IsADirectoryError(f"prompt file {name} is a directory, expected a .safetensors file written by "
+                                f"vpt_fast.save_prompts")
+    try:
+        with safe_open(name, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            state = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"prompt file {name} is not a readable safetensors file (truncated or another "
+                         f"format?): {error}") from error
     if meta.get("format") != _FORMAT:
-        raise ValueError(f"{os.fspath(path)} is not a vpt_fast prompt checkpoint (format {meta.get('format')!r})")
+        raise ValueError(f"{name} is not a vpt_fast prompt checkpoint (format {meta.get('format')!r})")
     return state, meta
 
 
-def load_prompts(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a file written by `save_prompts`. A checkpoint made for another configuration (family,
-    timm architecture, patch size, prefix tokens, width, depth, prompts, deep/shallow, projection,
-    classes) raises ValueError naming the differences, and the model is left unchanged."""
+def load_prompts(model: nn.Module, path: str | os.PathLike, check_backbone: bool = True) -> None:
+    """Load a file written by `save_prompts`; the model is left unchanged when anything is refused.
+
+    Args:
+        model: a prompted model.
+        path: the .safetensors file.
+        check_backbone: refuse a file trained on another backbone: another timm architecture, image
+            size or Swin window sizes, module structure (e.g. qk-norm, norm eps, activation, heads)
+            or frozen weights (another pretrained tag). False loads it anyway, for someone who means
+            it. A file made for another configuration of the prompts or head (family, patch size,
+            tokens, width, depth, prompts, deep/shallow, projection, classes, pooling, fc_norm,
+            norm_pre) is refused either way. Fields a file lacks (older versions) are not compared.
+    """
     state, meta = read_prompt_file(path)
-    diffs = metadata_differences(meta, metadata(model))
-    if diffs:
-        detail = ", ".join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in diffs.items())
-        raise ValueError(f"checkpoint {os.fspath(path)} was made for another configuration ({detail})")
+    check_metadata(meta, model, f"checkpoint {os.fspath(path)}", check_backbone)
     load_prompt_state_dict(model, state)
 
 
@@ -222,10 +310,12 @@ def export_train_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLik
                             model_name: str | None = None, **overrides) -> nn.Module:
     """Turn a timm `train.py` checkpoint of a prompted model into a prompt file (`save_prompts`).
 
-    The prompted model is rebuilt (random backbone, no download) from the checkpoint's `args` as
-    train.py built it (`--model`, `--num-classes`, `--gp`, `--in-chans`, `--model-kwargs`), with
-    `model_name` and `overrides` taking precedence; its prompt and classifier entries are loaded
-    strictly from the checkpoint (any configuration mismatch raises) and written with metadata.
+    The prompted model is rebuilt (no download) from the checkpoint's `args` as train.py built it
+    (`--model`, `--num-classes`, `--gp`, `--in-chans`, `--model-kwargs`), with `model_name` and
+    `overrides` taking precedence; its prompt and classifier entries are loaded strictly from the
+    checkpoint (any configuration mismatch raises), its frozen backbone from the checkpoint's own
+    backbone entries, and all are written with metadata. A checkpoint without the backbone (a bare
+    prompt state dict) gives a file without the backbone weight signature, as older files are.
 
     Args:
         checkpoint: the train.py checkpoint (or a prompted model's bare state_dict).
@@ -257,5 +347,7 @@ def export_train_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLik
     kwargs.update({key: value for key, value in overrides.items() if value is not None})
     model = timm.create_model(name, pretrained=False, **kwargs)
     load_prompt_state_dict(model, state)
-    save_prompts(model, out)
+    meta = metadata(model) if _load_backbone(model, state) else {
+        k: v for k, v in metadata(model).items() if k != "backbone_weights"}
+    _write_prompt_file(model, out, meta)
     return model
