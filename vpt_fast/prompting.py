@@ -58,11 +58,14 @@ def _prompted(model: nn.Module) -> VisualPrompts:
 
 def set_backend(model: nn.Module, backend: str, recompute: Optional[str] = None) -> nn.Module:
     """Switch a prompted model's backend (and optionally its recompute policy) in place. Both are
-    validated before anything changes."""
+    validated before anything changes. A recompute policy given here replaces timm's gradient
+    checkpointing (which is recompute="block")."""
     _prompted(model)
     current = model.vpt_config
     config = PromptConfig(**{**current.to_dict(), "backend": backend,
                              "recompute": current.recompute if recompute is None else recompute})
+    if recompute is not None:
+        model.__dict__.pop("_recompute_before_checkpointing", None)
     model.vpt_config = config
     apply_block_settings(model)
     return model

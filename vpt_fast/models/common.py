@@ -7,6 +7,7 @@ new module built before the model changes, and any failure restores the model ex
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, Callable, Hashable, Iterable, Optional
 
@@ -45,9 +46,16 @@ class PromptedModel:
         return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """timm's gradient checkpointing, as `recompute="block"`: every block saves its input only
-        and recomputes itself in backward. Disabling it restores the configured `recompute`."""
-        self.grad_checkpointing = bool(enable)
+        """timm's gradient checkpointing is `recompute="block"`: every block saves its input only and
+        recomputes itself in backward, and `vpt_config.recompute` says "block" while it is on.
+        Disabling it restores the policy in effect before it was enabled ("none" if it was "block")."""
+        config = self.vpt_config
+        if enable and config.recompute != "block":
+            self._recompute_before_checkpointing = config.recompute
+            self.vpt_config = dataclasses.replace(config, recompute="block")
+        elif not enable and config.recompute == "block":
+            restored = self.__dict__.pop("_recompute_before_checkpointing", "none")
+            self.vpt_config = dataclasses.replace(config, recompute=restored)
         apply_block_settings(self)
 
     def prune_intermediate_layers(self, *args, **kwargs):
@@ -75,10 +83,12 @@ class PromptedModel:
 
 
 def apply_block_settings(model: nn.Module) -> None:
-    """Push the model's backend and effective recompute policy to every prompt-aware module."""
+    """Push the model's backend and recompute policy to every prompt-aware module; timm's
+    `grad_checkpointing` flag says whether block recompute is on."""
     from vpt_fast.ops.mlp import is_fusable
     config = model.vpt_config
-    recompute = "block" if getattr(model, "grad_checkpointing", False) else config.recompute
+    recompute = config.recompute
+    model.grad_checkpointing = recompute == "block"
     unfused = 0
     for module in model.modules():
         if getattr(module, "is_vpt_block", False):
@@ -148,7 +158,8 @@ def install(model: nn.Module, cls: type, prompts: VisualPrompts, config: PromptC
         for p in model.get_classifier().parameters():
             p.requires_grad_(True)
         model.__class__ = cls
-        model.grad_checkpointing = checkpointing
+        if checkpointing:
+            model.set_grad_checkpointing(True)
         apply_block_settings(model)
         model.train(model.training)
     except BaseException:
@@ -160,6 +171,7 @@ def install(model: nn.Module, cls: type, prompts: VisualPrompts, config: PromptC
         for p, flag in saved_flags:
             p.requires_grad_(flag)
         model.__dict__.pop("vpt_config", None)
+        model.__dict__.pop("_recompute_before_checkpointing", None)
         if saved_ckpt is None:
             model.__dict__.pop("grad_checkpointing", None)
         else:
