@@ -154,10 +154,12 @@ def weights_signature(model: nn.Module) -> Optional[dict[str, list]]:
     with torch.no_grad():
         for name, t in tensors.items():
             flat = t.detach().reshape(-1)
-            flat = flat if flat.is_floating_point() else flat.to(torch.float32)
+            # the norm is returned in the input's dtype: bf16/fp16/integers are summed as fp32
+            flat = flat if flat.dtype in (torch.float32, torch.float64) else flat.to(torch.float32)
             index = torch.linspace(0, max(flat.numel() - 1, 0), min(_SAMPLES, flat.numel()),
                                    device=flat.device).round().long()
-            pieces.append(torch.cat([flat.abs().sum(dtype=torch.float32).reshape(1), flat[index].float()]))
+            l1 = torch.linalg.vector_norm(flat, 1).float()  # no |x| temporary
+            pieces.append(torch.cat([l1.reshape(1), flat[index].float()]))
             layout.append((name, list(t.shape), index.numel()))
         values = torch.cat([p.to(pieces[0].device) for p in pieces]).cpu().tolist() if pieces else []
     signature, at = {}, 0
