@@ -18,7 +18,7 @@ from utils import prompted_swin, prompted_vit, random_batch, randomize, rel_erro
 from vpt_fast.bench import count_flops
 from vpt_fast.blocks.swin import SwinBlock
 from vpt_fast.blocks.vit import ViTBlock
-from vpt_fast.models.common import cached_prompt_values
+from vpt_fast.prompt_cache import cached_prompt_values
 
 BACKENDS = [b for b in vpt_fast.available_backends() if b != "reference"]
 FAMILIES = ["vit-shallow", "swin-deep", "swin-shallow"]

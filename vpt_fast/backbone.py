@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from vpt_fast.prompts import optimizer_steps, parameter_key
+from vpt_fast.prompt_cache import optimizer_steps, parameter_key
 
 # Modules that are the identity in eval mode, where the frozen backbone always runs.
 _EVAL_IDENTITY = ("Identity", "Dropout", "DropPath", "PatchDropout")

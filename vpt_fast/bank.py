@@ -34,8 +34,9 @@ from vpt_fast.io import (
 )
 from vpt_fast.ops import parameters_of
 from vpt_fast.ops.attention import gather_sets
+from vpt_fast.prompt_cache import KVCacheOwner, parameter_key
 from vpt_fast.prompting import _prompted
-from vpt_fast.prompts import KVCacheOwner, VisualPrompts, parameter_key
+from vpt_fast.prompts import VisualPrompts
 
 TaskSource = Union[str, os.PathLike, Mapping[str, Tensor], nn.Module]
 # Metadata fields a task need not share with the bank (each task has its own head).
@@ -57,7 +58,7 @@ class Task(nn.Module):
 
 
 class TaskPrompts:
-    """The prompt source of a mixed batch: every listed task's sets, stacked, read by sample index.
+    """The prompt source (`PromptSource`) of a mixed batch: every listed task's sets, stacked, read by sample index.
 
     Without prompt dropout a block reads the stacked sets (S, P, width) and the per-sample index;
     with prompt dropout active, every sample gets its own task's rows with its own mask (B, P, width),

@@ -9,6 +9,7 @@ from typing import Optional
 
 from torch import nn
 
+from vpt_fast import prompt_cache
 from vpt_fast.config import PromptConfig
 from vpt_fast.models.common import PromptedModel, apply_block_settings
 from vpt_fast.prompts import VisualPrompts
@@ -77,15 +78,9 @@ def clear_caches(model: nn.Module) -> nn.Module:
     next forward. Needed only after a write the caches cannot see: values put into a parameter
     through `.data` outside a training step. Optimizer steps (fused ones too), `load_prompts`,
     `load_state_dict`, `.to()` and in-place updates under `torch.no_grad()` are seen."""
-    from vpt_fast.bank import PromptBank
-    from vpt_fast.prompts import KVCacheOwner
-    if not isinstance(model, PromptBank):
+    if not isinstance(model, prompt_cache.KVCacheOwner):  # a PromptBank owns its cache
         _prompted(model)
-    for module in model.modules():
-        if isinstance(module, KVCacheOwner):
-            module.kv_cache.clear()
-        if callable(getattr(module, "clear_caches", None)):
-            module.clear_caches()
+    prompt_cache.clear_caches(model)
     return model
 
 

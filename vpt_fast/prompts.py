@@ -17,24 +17,9 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from vpt_fast.ops import parameters_of
-
-
-class KVCacheOwner(nn.Module):
-    """A module that holds per-block prompt keys/values computed without gradients (see
-    `vpt_fast.models.vit.block_prompts`): derived values, never pickled or deep-copied."""
-
-    @property
-    def kv_cache(self) -> dict:
-        return self.__dict__.setdefault("_kv_cache", {})
-
-    def __getstate__(self) -> dict:
-        state = dict(super().__getstate__())
-        state.pop("_kv_cache", None)
-        return state
+from vpt_fast.prompt_cache import KVCacheOwner, parameter_key
 
 
 class VisualPrompts(KVCacheOwner):
@@ -116,45 +101,3 @@ class VisualPrompts(KVCacheOwner):
         if self.training and self.dropout.p > 0:
             return None
         return parameter_key(parameters_of(self))
-
-
-_optimizer_steps = 0
-
-
-def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    global _optimizer_steps
-    _optimizer_steps += 1
-
-
-# Fused optimizers update parameters without bumping their version counters: every
-# torch.optim.Optimizer step (timm's optimizers included) changes the prompt caches' keys instead.
-register_optimizer_step_post_hook(_count_optimizer_step)
-
-
-def optimizer_steps() -> int:
-    """torch.optim optimizer steps taken in this process (part of every prompt-cache key)."""
-    return _optimizer_steps
-
-
-def parameter_key(tensors) -> tuple:
-    """(storage, offset, version, dtype, device) of every tensor: changes whenever a value may have
-    changed (optimizer steps and `copy_` bump the version, `.data =` and `.to()` change the storage)."""
-    return tuple((StorageId(t), t.storage_offset(), t._version, t.dtype, t.device) for t in tensors)
-
-
-class StorageId:
-    """The identity of a tensor's storage, for cache keys. A data pointer is not one: a freed
-    storage's memory is soon reused by a new one (`.data =`, `.to()` and back). This holds a weak
-    reference to the storage, which keeps its address from being given to another storage while
-    the key lives (without keeping its memory), and equals another StorageId of the same storage."""
-
-    __slots__ = ("ref",)
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.ref = StorageWeakRef(tensor.untyped_storage())
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, StorageId) and self.ref.cdata == other.ref.cdata and not self.ref.expired()
-
-    def __hash__(self) -> int:
-        return hash(self.ref.cdata)

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Callable, Hashable, Iterable, Optional
+from typing import Callable
 
-import torch
 from torch import nn
 
-from vpt_fast.backends import resolve_auto
 from vpt_fast.config import PromptConfig
-from vpt_fast.ops import autocast_dtype, parameters_of
-from vpt_fast.prompts import VisualPrompts, optimizer_steps, parameter_key
+from vpt_fast.prompts import VisualPrompts
 
 
 class PromptedModel:
@@ -194,48 +191,3 @@ def prompt_module(model: nn.Module, num_sets: list[int], widths: list[int], conf
     prompts = VisualPrompts(num_sets, config.num_prompts, widths, tuple(model.patch_embed.patch_size),
                             config.project, config.dropout, per_stage=per_stage)
     return prompts.to(device=param.device, dtype=param.dtype)
-
-
-def cached_prompt_values(source, slot: Hashable, modules: Iterable[nn.Module], backend: str, device: torch.device,
-                         compute: Callable[[], Any], variant: Hashable = None) -> Optional[Any]:
-    """What `compute()` derives from the prompts entering one block (their keys/values after norm1
-    and the qkv projection), computed once and cached on the prompt source while no gradient is
-    needed; None when it must be computed in the forward pass instead (gradients enabled, the
-    reference backend, torch.compile tracing, or prompt dropout drawing new rows).
-
-    The cache entry of `slot` is keyed by everything the values depend on: the source's
-    `cache_key()` (prompt and projection parameters: storage, version, dtype, device), the
-    parameters of `modules` (the block's norm and projections), the resolved backend, the device,
-    the autocast dtype and `variant` (what `compute` returns, e.g. with or without queries); any
-    change recomputes them. Two kinds of update leave storage and version as they were: fused
-    optimizers (`torch.optim.AdamW(fused=True)`) and writes through `.data`. So the key also holds
-    the number of optimizer steps taken in the process, and a forward with gradients (a training
-    step) empties the source's cache. What remains unseen is a `.data` write outside training (e.g.
-    loading values by hand): call `vpt_fast.clear_caches(model)` after it.
-
-    Args:
-        source: the prompt source (`VisualPrompts`, or a `PromptBank`'s task table).
-        slot: the block's key in `source.kv_cache`, e.g. its index.
-        modules: the block's modules `compute` reads parameters of.
-        backend: the block's backend ("auto" is resolved for `device`).
-        device: the device of the token rows.
-        compute: builds the values, without gradients.
-        variant: anything else that changes what `compute` returns.
-    """
-    backend = resolve_auto(backend, device)
-    if torch.compiler.is_compiling():
-        return None
-    if torch.is_grad_enabled():
-        source.kv_cache.clear()  # a training step may change parameters without a version bump
-        return None
-    if backend == "reference":
-        return None
-    key = source.cache_key()
-    if key is None:
-        return None
-    key = (key, parameter_key(parameters_of(*modules)), backend, device,
-           autocast_dtype(device), optimizer_steps(), variant)
-    hit = source.kv_cache.get(slot)
-    if hit is None or hit[0] != key:
-        hit = source.kv_cache[slot] = (key, compute())
-    return hit[1]

@@ -20,13 +20,13 @@ from vpt_fast.blocks.vit import PromptQKV, ViTBlock
 from vpt_fast.config import PromptConfig
 from vpt_fast.models.common import (
     PromptedModel,
-    cached_prompt_values,
     check_unprompted,
     install,
     prompt_module,
     warn_ignored_dropout,
 )
 from vpt_fast.ops.attention import gather_sets
+from vpt_fast.prompt_cache import cached_prompt_values
 
 SUPPORTED_POOLS = ("token", "avg", "")
 _HEAD = ("fc_norm", "head_drop", "head")
