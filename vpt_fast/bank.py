@@ -25,17 +25,17 @@ from torch import Tensor, nn
 from vpt_fast import backbone
 from vpt_fast.io import (
     BACKBONE_FIELDS,
-    _check_entry,
-    _named_tensors,
+    check_entry,
     check_metadata,
     configuration_metadata,
     metadata_differences,
     read_prompt_file,
+    trainable_tensors,
 )
 from vpt_fast.ops import parameters_of
 from vpt_fast.ops.attention import gather_sets
 from vpt_fast.prompt_cache import KVCacheOwner, parameter_key
-from vpt_fast.prompting import _prompted
+from vpt_fast.prompting import prompts_of
 from vpt_fast.prompts import VisualPrompts
 
 TaskSource = Union[str, os.PathLike, Mapping[str, Tensor], nn.Module]
@@ -106,7 +106,7 @@ class PromptBank(KVCacheOwner):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        _prompted(model)
+        prompts_of(model)
         object.__setattr__(self, "model", model)  # shared, not a submodule: parameters() = the tasks'
         self.tasks = nn.ModuleDict()
         self.train(model.training)
@@ -143,7 +143,7 @@ class PromptBank(KVCacheOwner):
             raise TypeError("metadata= describes a state dict source; files and models carry their own")
         if isinstance(source, nn.Module):
             self._check_model(name, source, check_backbone)
-            state = {n: t.detach() for n, t in _named_tensors(source).items()}
+            state = {n: t.detach() for n, t in trainable_tensors(source).items()}
         elif isinstance(source, (str, os.PathLike)):
             state, meta = read_prompt_file(source)
             check_metadata(meta, self.model, f"task {name!r} ({os.fspath(source)})", check_backbone, _ANY_HEAD)
@@ -165,7 +165,7 @@ class PromptBank(KVCacheOwner):
         if missing or unexpected:
             raise ValueError(f"task {name!r} does not match the bank: missing {missing}, unexpected {unexpected}")
         for entry, target in names.items():
-            _check_entry(entry, state[entry], target)
+            check_entry(entry, state[entry], target)
         with torch.no_grad():
             for entry, target in names.items():
                 target.copy_(state[entry])
@@ -178,7 +178,7 @@ class PromptBank(KVCacheOwner):
         `check_backbone`) its backbone computes the same function: same module structure (types and
         settings) and the same frozen parameters and buffers, compared both ways, exactly, in the
         bank's dtype and device."""
-        _prompted(model)
+        prompts_of(model)
         if type(model) is not type(self.model):
             raise ValueError(f"task {name!r} does not match the bank: model family {type(model).__name__} vs "
                              f"{type(self.model).__name__}")

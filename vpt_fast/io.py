@@ -10,13 +10,14 @@ import torch
 from torch import Tensor, nn
 
 from vpt_fast import backbone
-from vpt_fast.prompting import _prompted
+from vpt_fast.prompting import prompts_of
 
 _FORMAT = "vpt_fast.prompts/1"
 
 
-def _named_tensors(model: nn.Module) -> dict[str, Tensor]:
-    named = dict(_prompted(model).state_tensors())
+def trainable_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """The prompted model's trainable tensors under `prompt_state_dict` names (not copies)."""
+    named = dict(prompts_of(model).state_tensors())
     for name, p in model.get_classifier().named_parameters():
         named[f"head.{name}"] = p
     return named
@@ -25,7 +26,7 @@ def _named_tensors(model: nn.Module) -> dict[str, Tensor]:
 def prompt_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The trainable state: {"prompts": (Lp, P, dim)}, "proj.weight"/"proj.bias" if projected,
     and "head.weight"/"head.bias" (detached copies)."""
-    return {name: t.detach().clone() for name, t in _named_tensors(model).items()}
+    return {name: t.detach().clone() for name, t in trainable_tensors(model).items()}
 
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel / DataParallel, torch.compile
@@ -62,9 +63,9 @@ def _prompt_entries(model: nn.Module, state: Mapping[str, Tensor]) -> dict[str, 
     if not whole_model:
         return state
     classifier = model.get_classifier()
-    named = _named_tensors(model)
+    named = trainable_tensors(model)
     selected = {}
-    for full_prefix, short_prefix, module in (("vpt.", "", _prompted(model)),
+    for full_prefix, short_prefix, module in (("vpt.", "", prompts_of(model)),
                                               (_qualified_name(model, classifier) + ".", "head.", classifier)):
         # the module's own non-trainable entries (buffers) are not prompt state; an entry the module
         # does not have at all (say a projection this model lacks) is kept, to be reported unexpected
@@ -82,7 +83,9 @@ def _listed(names: list[str], limit: int = 8) -> str:
     return f"[{shown}{f', ... ({len(names) - limit} more)' if len(names) > limit else ''}]"
 
 
-def _check_entry(name: str, value: object, target: Tensor) -> None:
+def check_entry(name: str, value: object, target: Tensor) -> None:
+    """Raise ValueError unless `value` can be loaded into the prompt state entry `target`: a finite
+    floating-point tensor of its shape."""
     if not isinstance(value, Tensor):
         raise ValueError(f"prompt state {name!r} is a {type(value).__name__}, expected a tensor")
     if tuple(value.shape) != tuple(target.shape):
@@ -105,7 +108,7 @@ def load_prompt_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> Non
     prefixes of DDP are removed). Strict: missing, unexpected or mis-shaped entries, non-floating
     dtypes and NaN/inf values raise ValueError naming the entry, and leave the model unchanged.
     Floating-point entries are cast to the model's dtype."""
-    named = _named_tensors(model)
+    named = trainable_tensors(model)
     entries = _prompt_entries(model, state)
     missing = sorted(set(named) - set(entries))
     unexpected = sorted(set(entries) - set(named))
@@ -116,7 +119,7 @@ def load_prompt_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> Non
                          f"unexpected {_listed(unexpected)}{hint}")
     state = entries
     for name, target in named.items():
-        _check_entry(name, state[name], target)
+        check_entry(name, state[name], target)
     with torch.no_grad():
         for name, target in named.items():
             target.copy_(state[name])
@@ -125,7 +128,7 @@ def load_prompt_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> Non
 def configuration_metadata(model: nn.Module) -> dict[str, str]:
     """The readable fields of `metadata`: the prompt configuration and the backbone's configuration
     (`vpt_fast.backbone.configuration`)."""
-    _prompted(model)
+    prompts_of(model)
     config = model.vpt_config
     depth = len(model.blocks) if hasattr(model, "blocks") else [len(s.blocks) for s in model.layers]
     architecture = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or ""

@@ -50,7 +50,7 @@ def prompt(model: nn.Module, num_prompts: int = 50, deep: bool = True, dropout: 
                     f"got {type(model).__module__}.{type(model).__name__}")
 
 
-def _prompted(model: nn.Module) -> VisualPrompts:
+def prompts_of(model: nn.Module) -> VisualPrompts:
     """The prompt module of a prompted model (ValueError otherwise)."""
     if not isinstance(model, PromptedModel) or not isinstance(getattr(model, "vpt", None), VisualPrompts):
         raise ValueError("model is not prompted: call vpt_fast.prompt(model, ...) first")
@@ -61,7 +61,7 @@ def set_backend(model: nn.Module, backend: str, recompute: Optional[str] = None)
     """Switch a prompted model's backend (and optionally its recompute policy) in place. Both are
     validated before anything changes. A recompute policy given here replaces timm's gradient
     checkpointing (which is recompute="block")."""
-    _prompted(model)
+    prompts_of(model)
     current = model.vpt_config
     config = PromptConfig(**{**current.to_dict(), "backend": backend,
                              "recompute": current.recompute if recompute is None else recompute})
@@ -79,7 +79,7 @@ def clear_caches(model: nn.Module) -> nn.Module:
     through `.data` outside a training step. Optimizer steps (fused ones too), `load_prompts`,
     `load_state_dict`, `.to()` and in-place updates under `torch.no_grad()` are seen."""
     if not isinstance(model, prompt_cache.KVCacheOwner):  # a PromptBank owns its cache
-        _prompted(model)
+        prompts_of(model)
     prompt_cache.clear_caches(model)
     return model
 
