@@ -1,6 +1,7 @@
-"""`vpt_fast.register_timm()`: `vpt_<name>` timm entries for every timm ViT and Swin (docs/design.md
-§4), with prompt() keywords as model kwargs and the base model's pretrained configurations; and the
-`examples/timm_train.py` launcher that runs a train.py with those names registered."""
+"""`vpt_fast.register_timm()`: `vpt_<name>` timm entries for every timm ViT and Swin that prompt()
+accepts (docs/design.md §4), with prompt() keywords as model kwargs and the base model's pretrained
+configurations; and the `examples/timm_train.py` launcher that runs a train.py with those names
+registered."""
 from __future__ import annotations
 
 import os
@@ -14,7 +15,9 @@ import torch
 from timm.models import get_pretrained_cfg
 
 import vpt_fast
-from vpt_fast.timm_models import BASE_MODULES
+from vpt_fast import timm_models
+from vpt_fast.models.common import PromptedModel
+from vpt_fast.timm_models import BASE_MODULES, prompt_accepts
 
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5)
 TINY_SWIN = dict(img_size=56, window_size=7, embed_dim=32, depths=(2, 2), num_heads=(2, 4), num_classes=5,
@@ -22,7 +25,7 @@ TINY_SWIN = dict(img_size=56, window_size=7, embed_dim=32, depths=(2, 2), num_he
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_every_vit_and_swin_is_registered_once():
+def test_every_vit_and_swin_that_prompt_accepts_is_registered_once():
     vpt_fast.register_timm()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # timm warns when a name is registered over
@@ -30,9 +33,59 @@ def test_every_vit_and_swin_is_registered_once():
     bases = timm.list_models(module=list(BASE_MODULES))
     assert len(bases) > 100 and "vit_base_patch16_224" in bases and "swin_base_patch4_window7_224" in bases
     assert "deit_small_patch16_224" in bases and "vit_small_r26_s32_224" in bases  # DeiT and hybrid ViTs
-    assert set(timm.list_models("vpt_*")) == {f"vpt_{name}" for name in bases}
+    accepted = [name for name in bases if prompt_accepts(name)]
+    assert set(timm.list_models("vpt_*")) == {f"vpt_{name}" for name in accepted}
     assert set(timm.list_models("vpt_*", pretrained=True)) == {
-        f"vpt_{name}" for name in timm.list_models(module=list(BASE_MODULES), pretrained=True)}
+        f"vpt_{name}" for name in timm.list_models(module=list(BASE_MODULES), pretrained=True)
+        if name.split(".")[0] in accepted}
+    for name in ("vit_base_patch16_224", "deit_small_patch16_224", "vit_small_r26_s32_224",
+                 "vit_base_patch16_siglip_gap_224", "swin_tiny_patch4_window7_224"):
+        assert timm.is_model(f"vpt_{name}"), name
+    # what prompt() refuses has no name: distillation token, attention pool, other blocks and norms
+    for name in ("deit_tiny_distilled_patch16_224", "vit_base_patch16_siglip_224", "vit_base_patch16_rpn_224",
+                 "vit_base_patch16_xp_224", "vit_small_patch16_18x2_224", "aimv2_large_patch14_224",
+                 "vit_dwee_patch16_reg1_gap_256"):
+        assert name in bases and not timm.is_model(f"vpt_{name}"), name
+
+
+def test_the_filter_is_prompts_own_verdict(monkeypatch):
+    """register_timm asks prompt() itself: a model family prompt() learns is registered, one it drops
+    is not, with no list to update."""
+    import vpt_fast.prompting
+    monkeypatch.setattr(timm_models, "_verdicts", {})
+    assert not prompt_accepts("deit_tiny_distilled_patch16_224")
+    monkeypatch.setattr(timm_models, "_verdicts", {})
+    monkeypatch.setattr(vpt_fast.prompting, "prompt", lambda model, **kwargs: model)
+    assert prompt_accepts("eva02_tiny_patch14_224") and prompt_accepts("deit_tiny_distilled_patch16_224")
+
+    def refuse(model, **kwargs):
+        raise TypeError("unsupported")
+    monkeypatch.setattr(timm_models, "_verdicts", {})
+    monkeypatch.setattr(vpt_fast.prompting, "prompt", refuse)
+    assert not prompt_accepts("vit_tiny_patch16_224") and not prompt_accepts("swin_tiny_patch4_window7_224")
+
+
+@pytest.mark.slow  # every candidate built at full size on the meta device
+def test_registered_names_are_exactly_those_prompt_accepts():
+    """The verdicts come from models built with one block per stage; here every candidate is built at
+    timm's full depth (on the meta device, random init skipped as register_timm does: meta tensors hold
+    no values): each registered name creates a prompted model, and prompt() refuses each base model
+    that got no name, with its own TypeError (not an artefact of the meta device)."""
+    vpt_fast.register_timm()
+    refused = {}
+    for base in timm.list_models(module=list(BASE_MODULES)):
+        with warnings.catch_warnings(), torch.device("meta"), timm_models._NoRandomInit():
+            warnings.simplefilter("ignore")
+            if timm.is_model(f"vpt_{base}"):
+                assert isinstance(timm.create_model(f"vpt_{base}", num_prompts=1, backend="reference"),
+                                  PromptedModel), base
+                continue
+            model = timm.create_model(base)
+            with pytest.raises(TypeError) as error:
+                vpt_fast.prompt(model, num_prompts=1, backend="reference")
+            refused[base] = str(error.value)
+    assert len(refused) >= 45 and "deit_tiny_distilled_patch16_224" in refused
+    assert "attention pooling" in refused["vit_base_patch16_siglip_224"]
 
 
 def test_pretrained_cfgs_are_the_base_models():

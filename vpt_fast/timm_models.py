@@ -1,4 +1,5 @@
-"""timm registry entries `vpt_<name>` for every timm ViT and Swin model (docs/design.md §4).
+"""timm registry entries `vpt_<name>` for every timm ViT and Swin model that `vpt_fast.prompt` accepts
+(docs/design.md §4).
 
     vpt_fast.register_timm()
     model = timm.create_model("vpt_vit_base_patch16_224.augreg_in21k", pretrained=True,
@@ -13,12 +14,21 @@ tags, input size, mean/std and weight downloads exactly as for the base model, a
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any, Callable
 
+import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 PREFIX = "vpt_"
-BASE_MODULES = ("vision_transformer", "vision_transformer_hybrid", "deit", "swin_transformer")
+# timm modules whose models are candidates; only those prompt() accepts are registered, so a family
+# prompt() learns (eva) is registered without a change here
+BASE_MODULES = ("vision_transformer", "vision_transformer_hybrid", "deit", "swin_transformer", "eva")
+# prompt() checks every block alike, so its verdict does not depend on depth: a candidate is built with
+# one block (per stage) when its entrypoint takes one of these arguments, else at full size
+_SHALLOW = ({"depth": 1}, {"depths": (1, 1, 1, 1)}, {})
+_verdicts: dict[str, bool] = {}  # base name -> accepted, once per process
 
 __all__ = ["register_timm"]
 
@@ -26,6 +36,47 @@ __all__ = ["register_timm"]
 def _prompt_kwargs() -> tuple[str, ...]:
     from vpt_fast.prompting import prompt
     return tuple(name for name in inspect.signature(prompt).parameters if name != "model")
+
+
+class _NoRandomInit(TorchFunctionMode):
+    """Skips the random initialisation of meta tensors: they hold no values, and torch runs these ops
+    on the meta device through Python decompositions (`normal_` ~30 ms a call), which was most of the
+    time spent building a model there."""
+
+    _OPS = frozenset({torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.erfinv_, torch.Tensor.clamp_})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self._OPS and args[0].is_meta:
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+def prompt_accepts(base: str) -> bool:
+    """Whether `vpt_fast.prompt` accepts the timm model named `base`: the model is built on the meta
+    device (no memory, no weights) and prompted there; the verdict is kept for the process."""
+    if base not in _verdicts:
+        _verdicts[base] = _build_and_prompt(base)
+    return _verdicts[base]
+
+
+def _build_and_prompt(base: str) -> bool:
+    from timm.models import model_entrypoint
+
+    from vpt_fast.prompting import prompt
+    with warnings.catch_warnings(), torch.device("meta"), _NoRandomInit():
+        warnings.simplefilter("ignore")  # dropout and deprecation notices of models nobody asked for
+        for kwargs in _SHALLOW:
+            try:
+                model = model_entrypoint(base)(pretrained=False, **kwargs)
+                break
+            except Exception:
+                if not kwargs:
+                    return False  # cannot be built at all
+        try:
+            prompt(model, num_prompts=1, backend="reference")
+        except Exception:
+            return False
+    return True
 
 
 def _entrypoint(base: str, prompt_kwargs: tuple[str, ...]) -> Callable[..., nn.Module]:
@@ -67,13 +118,16 @@ def _alias_pretrained_cfgs(registry: Any, base: str, name: str) -> None:
 
 def register_timm() -> list[str]:
     """Register `vpt_<name>` in timm's model registry for every timm model whose entrypoint lives in
-    `timm.models.vision_transformer`, `vision_transformer_hybrid`, `deit` or `swin_transformer` (deprecated
-    aliases excluded).
+    `timm.models.vision_transformer`, `vision_transformer_hybrid`, `deit`, `swin_transformer` or `eva`
+    (deprecated aliases excluded) and that `vpt_fast.prompt` accepts. Models it refuses (distilled DeiT,
+    attention pooling, RmsNorm or other block types, ...) get no name. Whether it accepts one is decided
+    by building the model on the meta device and prompting it, once per model and process: the first
+    call takes a few seconds (timm 1.0.31: 157 of 267 candidates accepted, ~5 s of CPU time on a
+    loaded 2-core machine), later calls are instant.
     Idempotent: names registered by an earlier call are kept; models timm gained since are added.
 
     Model keywords `num_prompts`, `deep`, `dropout`, `project`, `backend`, `recompute` go to
-    `vpt_fast.prompt`; all others to the base model. Base models `prompt()` does not support (e.g.
-    attention pooling) are registered too and raise its error when created.
+    `vpt_fast.prompt`; all others to the base model.
 
     Returns:
         The `vpt_` names added by this call (empty when everything was registered already).
@@ -100,6 +154,8 @@ def register_timm() -> list[str]:
             if getattr(existing, "vpt_base", None) != base:
                 raise RuntimeError(f"timm already has a model named {name!r} that is not vpt_fast's "
                                    f"(from {existing.__module__}); refusing to overwrite it")
+            continue
+        if not prompt_accepts(base):
             continue
         fn = _entrypoint(base, prompt_kwargs)
         setattr(module, name, fn)  # timm lists entrypoints in the module's __all__; keep them resolvable
