@@ -11,7 +11,7 @@ from timm.models.vision_transformer import ResPostBlock
 
 import utils
 import vpt_fast
-from utils import VIT_VARIANTS, prompted_vit, random_batch, rel_error, tiny_vit
+from utils import VIT_VARIANTS, prompted_vit, random_batch, rel_error, released_vit_logits, tiny_vit
 
 TOL = 1e-4  # fp32 on CPU, docs/design.md §5
 FAST_BACKENDS = [b for b in vpt_fast.available_backends() if b in ("torch", "cuda")]
@@ -239,26 +239,6 @@ def test_recompute_is_bitwise_identical_under_autocast():
         assert torch.equal(results[recompute][1], results["none"][1])
 
 
-def _released_vpt_logits(backbone, prompts, proj, deep: bool, x):
-    """The released VPT ViT forward, written out independently of vpt_fast's code on timm's own blocks:
-    `incorporate_prompt` puts the (projected) prompt set 0 after the prefix tokens; in VPT-Deep,
-    `forward_deep_prompt` overwrites those P rows with set i before block i > 0; the prompt rows are
-    dropped before timm's final norm and head."""
-    x = backbone.norm_pre(backbone.patch_drop(backbone._pos_embed(backbone.patch_embed(x))))
-    prefix, num_prompts = backbone.num_prefix_tokens, prompts.shape[1]
-
-    def prompt_rows(i):
-        rows = prompts[i] if proj is None else proj(prompts[i])
-        return rows.expand(x.shape[0], -1, -1)
-    x = torch.cat([x[:, :prefix], prompt_rows(0), x[:, prefix:]], dim=1)
-    for i, block in enumerate(backbone.blocks):
-        if deep and i > 0:
-            x = torch.cat([x[:, :prefix], prompt_rows(i), x[:, prefix + num_prompts:]], dim=1)
-        x = block(x)
-    x = torch.cat([x[:, :prefix], x[:, prefix + num_prompts:]], dim=1)
-    return backbone.forward_head(backbone.norm(x))
-
-
 @pytest.mark.parametrize("project", [None, 8], ids=["no_proj", "proj8"])
 @pytest.mark.parametrize("deep", [True, False], ids=["deep", "shallow"])
 @pytest.mark.parametrize("options", [{}, {"reg_tokens": 2},
@@ -276,7 +256,7 @@ def test_every_backend_equals_the_released_code(options, deep, project):
     backbone.head.load_state_dict(model.head.state_dict())
     x, _ = random_batch(model, 2)
     with torch.no_grad():
-        expected = _released_vpt_logits(backbone, model.vpt.prompts, model.vpt.proj, deep, x)
+        expected = released_vit_logits(backbone, model.vpt.prompts, model.vpt.proj, deep, x)
         for backend in ["reference", *FAST_BACKENDS]:
             vpt_fast.set_backend(model, backend)
             assert rel_error(model(x), expected) < 1e-5, backend

@@ -10,12 +10,11 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models.swin_transformer import window_partition, window_reverse
 from torch.utils.flop_counter import FlopCounterMode
 
 import utils
 import vpt_fast
-from utils import SWIN_SIZES, prompted_swin, random_batch, randomize, rel_error, tiny_swin
+from utils import SWIN_SIZES, prompted_swin, random_batch, randomize, rel_error, released_swin_logits, tiny_swin
 from vpt_fast import set_backend
 from vpt_fast.bench import flop_mapping
 from vpt_fast.blocks.swin import SwinBlock, SwinPatchMerging
@@ -80,81 +79,6 @@ def test_samples_are_independent(backend, deep):
     assert rel_error(a[1], b[1]) > 1e-3
 
 
-# -- a literal transcription of the released per-window code (KMnP/vpt, PromptedSwinTransformer) --
-# It works on (B, P + H*W, C) rows with prompts first, attaches prompts to windows in its own batch
-# order and needs every resolution to be a multiple of the window (no padding).
-
-def released_window_attention(attn, x, mask, num_prompts):
-    b_, n, c = x.shape
-    qkv = attn.qkv(x).reshape(b_, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]
-    q = q * attn.scale
-    scores = q @ k.transpose(-2, -1)
-    rpb = attn.relative_position_bias_table[attn.relative_position_index.view(-1)].view(
-        attn.window_area, attn.window_area, -1).permute(2, 0, 1).contiguous()
-    heads, wa, _ = rpb.shape
-    rpb = torch.cat((torch.zeros(heads, num_prompts, wa), rpb), dim=1)
-    rpb = torch.cat((torch.zeros(heads, wa + num_prompts, num_prompts), rpb), dim=-1)
-    scores = scores + rpb.unsqueeze(0)
-    if mask is not None:
-        nw = mask.shape[0]
-        mask = torch.cat((torch.zeros(nw, num_prompts, wa), mask), dim=1)
-        mask = torch.cat((torch.zeros(nw, wa + num_prompts, num_prompts), mask), dim=-1)
-        scores = scores.view(b_ // nw, nw, attn.num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
-        scores = scores.view(-1, attn.num_heads, n, n)
-    scores = scores.softmax(-1)
-    return attn.proj((scores @ v).transpose(1, 2).reshape(b_, n, c))
-
-
-def released_block(blk, x, num_prompts, height, width):
-    batch, _, c = x.shape
-    ws, shift = blk.window_size[0], blk.shift_size[0]
-    shortcut = x
-    x = blk.norm1(x)
-    prompt_emb, x = x[:, :num_prompts, :], x[:, num_prompts:, :]
-    x = x.view(batch, height, width, c)
-    shifted_x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2)) if shift > 0 else x
-    x_windows = window_partition(shifted_x, (ws, ws)).view(-1, ws * ws, c)
-    num_windows = x_windows.shape[0] // batch
-    prompt_emb = prompt_emb.unsqueeze(0).expand(num_windows, -1, -1, -1).reshape(-1, num_prompts, c)
-    x_windows = torch.cat((prompt_emb, x_windows), dim=1)
-    attn_windows = released_window_attention(blk.attn, x_windows, blk.attn_mask, num_prompts)
-    prompt_emb = attn_windows[:, :num_prompts, :].view(-1, batch, num_prompts, c).mean(0)
-    attn_windows = attn_windows[:, num_prompts:, :].view(-1, ws, ws, c)
-    shifted_x = window_reverse(attn_windows, (ws, ws), height, width)
-    x = torch.roll(shifted_x, shifts=(shift, shift), dims=(1, 2)) if shift > 0 else shifted_x
-    x = torch.cat((prompt_emb, x.reshape(batch, height * width, c)), dim=1)
-    x = shortcut + x
-    return x + blk.mlp(blk.norm2(x))
-
-
-def released_merging(merging, x, num_prompts, height, width):
-    batch, _, c = x.shape
-    prompt_emb, x = x[:, :num_prompts, :], x[:, num_prompts:, :]
-    prompt_emb = torch.cat((prompt_emb, prompt_emb, prompt_emb, prompt_emb), dim=-1)
-    x = x.view(batch, height, width, c)
-    x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
-    x = torch.cat((prompt_emb, x.view(batch, -1, 4 * c)), dim=1)
-    return merging.reduction(merging.norm(x))
-
-
-def released_forward(timm_model, prompt_sets, deep, images):
-    num_prompts = prompt_sets[0].shape[1]
-    x = timm_model.patch_embed(images)
-    batch, height, width, c = x.shape
-    x = torch.cat((prompt_sets[0][0].expand(batch, -1, -1), x.reshape(batch, height * width, c)), dim=1)
-    for s, stage in enumerate(timm_model.layers):
-        if s > 0:
-            x = released_merging(stage.downsample, x, num_prompts, height, width)
-            height, width = height // 2, width // 2
-        for i, blk in enumerate(stage.blocks):
-            if deep and (s, i) != (0, 0):
-                x = torch.cat((prompt_sets[s][i].expand(batch, -1, -1), x[:, num_prompts:, :]), dim=1)
-            x = released_block(blk, x, num_prompts, height, width)
-    x = timm_model.norm(x).mean(1)
-    return timm_model.head.fc(x)
-
-
 @pytest.mark.parametrize("deep", [True, False], ids=["deep", "shallow"])
 @pytest.mark.parametrize("size", ["w7", "w12"])
 def test_batch1_equals_released_code(size, deep):
@@ -167,14 +91,14 @@ def test_batch1_equals_released_code(size, deep):
     x2 = x.clone()
     x2[1] = torch.randn_like(x2[1])
     with torch.no_grad():
-        released = released_forward(timm_model, sets, deep, x[:1])
+        released = released_swin_logits(timm_model, sets, deep, x[:1])
         for backend in ["reference"] + FAST_BACKENDS:
             set_backend(model, backend)
             assert rel_error(model(x[:1]), released) < TOL, backend
         # The released code's batch-order bug (docs/design.md §1): at batch 2 sample 0 depends on sample 1
         # (shallow; deep prompts are the same for every sample, and their mixed-up window means are
         # thrown away except in the last block, which has one window here).
-        a, b = released_forward(timm_model, sets, deep, x), released_forward(timm_model, sets, deep, x2)
+        a, b = released_swin_logits(timm_model, sets, deep, x), released_swin_logits(timm_model, sets, deep, x2)
     err = rel_error(a[0], b[0])
     assert (err < TOL) if deep else (err > 1e-4), err
 

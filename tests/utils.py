@@ -7,6 +7,7 @@ from typing import Optional
 
 import timm
 import torch
+from timm.models.swin_transformer import window_partition, window_reverse
 from torch import Tensor, nn
 
 import vpt_fast
@@ -188,3 +189,100 @@ def assert_follows_reference_in_low_precision(model, backend: str, x: Tensor, y:
     for i, (got, ref, base) in enumerate(zip(result(backend, dtype), reference, baseline)):
         assert_flash_rule(got, ref, base, name=f"{backend} {dtype} output {i}", factor=factor,
                           atol=ulp * ref.abs().max().item())
+
+
+# -- independent transcriptions of the released VPT code (KMnP/vpt) on timm's unmodified models --
+
+def released_vit_logits(backbone, prompts, proj, deep: bool, x):
+    """The released VPT ViT forward, written out independently of vpt_fast's code on timm's own blocks:
+    `incorporate_prompt` puts the (projected) prompt set 0 after the prefix tokens; in VPT-Deep,
+    `forward_deep_prompt` overwrites those P rows with set i before block i > 0; the prompt rows are
+    dropped before timm's final norm and head."""
+    x = backbone.norm_pre(backbone.patch_drop(backbone._pos_embed(backbone.patch_embed(x))))
+    prefix, num_prompts = backbone.num_prefix_tokens, prompts.shape[1]
+
+    def prompt_rows(i):
+        rows = prompts[i] if proj is None else proj(prompts[i])
+        return rows.expand(x.shape[0], -1, -1)
+    x = torch.cat([x[:, :prefix], prompt_rows(0), x[:, prefix:]], dim=1)
+    for i, block in enumerate(backbone.blocks):
+        if deep and i > 0:
+            x = torch.cat([x[:, :prefix], prompt_rows(i), x[:, prefix + num_prompts:]], dim=1)
+        x = block(x)
+    x = torch.cat([x[:, :prefix], x[:, prefix + num_prompts:]], dim=1)
+    return backbone.forward_head(backbone.norm(x))
+
+
+# Swin: a literal transcription of the released per-window code (PromptedSwinTransformer).
+# It works on (B, P + H*W, C) rows with prompts first, attaches prompts to windows in its own batch
+# order and needs every resolution to be a multiple of the window (no padding).
+
+def released_window_attention(attn, x, mask, num_prompts):
+    b_, n, c = x.shape
+    qkv = attn.qkv(x).reshape(b_, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    q = q * attn.scale
+    scores = q @ k.transpose(-2, -1)
+    rpb = attn.relative_position_bias_table[attn.relative_position_index.view(-1)].view(
+        attn.window_area, attn.window_area, -1).permute(2, 0, 1).contiguous()
+    heads, wa, _ = rpb.shape
+    rpb = torch.cat((torch.zeros(heads, num_prompts, wa), rpb), dim=1)
+    rpb = torch.cat((torch.zeros(heads, wa + num_prompts, num_prompts), rpb), dim=-1)
+    scores = scores + rpb.unsqueeze(0)
+    if mask is not None:
+        nw = mask.shape[0]
+        mask = torch.cat((torch.zeros(nw, num_prompts, wa), mask), dim=1)
+        mask = torch.cat((torch.zeros(nw, wa + num_prompts, num_prompts), mask), dim=-1)
+        scores = scores.view(b_ // nw, nw, attn.num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
+        scores = scores.view(-1, attn.num_heads, n, n)
+    scores = scores.softmax(-1)
+    return attn.proj((scores @ v).transpose(1, 2).reshape(b_, n, c))
+
+
+def released_block(blk, x, num_prompts, height, width):
+    batch, _, c = x.shape
+    ws, shift = blk.window_size[0], blk.shift_size[0]
+    shortcut = x
+    x = blk.norm1(x)
+    prompt_emb, x = x[:, :num_prompts, :], x[:, num_prompts:, :]
+    x = x.view(batch, height, width, c)
+    shifted_x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2)) if shift > 0 else x
+    x_windows = window_partition(shifted_x, (ws, ws)).view(-1, ws * ws, c)
+    num_windows = x_windows.shape[0] // batch
+    prompt_emb = prompt_emb.unsqueeze(0).expand(num_windows, -1, -1, -1).reshape(-1, num_prompts, c)
+    x_windows = torch.cat((prompt_emb, x_windows), dim=1)
+    attn_windows = released_window_attention(blk.attn, x_windows, blk.attn_mask, num_prompts)
+    prompt_emb = attn_windows[:, :num_prompts, :].view(-1, batch, num_prompts, c).mean(0)
+    attn_windows = attn_windows[:, num_prompts:, :].view(-1, ws, ws, c)
+    shifted_x = window_reverse(attn_windows, (ws, ws), height, width)
+    x = torch.roll(shifted_x, shifts=(shift, shift), dims=(1, 2)) if shift > 0 else shifted_x
+    x = torch.cat((prompt_emb, x.reshape(batch, height * width, c)), dim=1)
+    x = shortcut + x
+    return x + blk.mlp(blk.norm2(x))
+
+
+def released_merging(merging, x, num_prompts, height, width):
+    batch, _, c = x.shape
+    prompt_emb, x = x[:, :num_prompts, :], x[:, num_prompts:, :]
+    prompt_emb = torch.cat((prompt_emb, prompt_emb, prompt_emb, prompt_emb), dim=-1)
+    x = x.view(batch, height, width, c)
+    x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+    x = torch.cat((prompt_emb, x.view(batch, -1, 4 * c)), dim=1)
+    return merging.reduction(merging.norm(x))
+
+
+def released_swin_logits(timm_model, prompt_sets, deep, images):
+    num_prompts = prompt_sets[0].shape[1]
+    x = timm_model.patch_embed(images)
+    batch, height, width, c = x.shape
+    x = torch.cat((prompt_sets[0][0].expand(batch, -1, -1), x.reshape(batch, height * width, c)), dim=1)
+    for s, stage in enumerate(timm_model.layers):
+        if s > 0:
+            x = released_merging(stage.downsample, x, num_prompts, height, width)
+            height, width = height // 2, width // 2
+        for i, blk in enumerate(stage.blocks):
+            if deep and (s, i) != (0, 0):
+                x = torch.cat((prompt_sets[s][i].expand(batch, -1, -1), x[:, num_prompts:, :]), dim=1)
+            x = released_block(blk, x, num_prompts, height, width)
+    x = timm_model.norm(x).mean(1)
+    return timm_model.head.fc(x)
