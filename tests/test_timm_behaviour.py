@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import io
+import linecache
 import pickle
 import warnings
 
@@ -390,3 +391,39 @@ def test_hooks_the_fused_blocks_bypass_warn(family):
         warnings.simplefilter("error")
         model(x)
     assert calls
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_hook_warning_points_at_the_line_that_called_the_model(family):
+    """The warning is raised several module calls deep (timm's forward, torch's module calls); it
+    names the user's line, where the hooked model is called, not torch's module.py."""
+    model = prompted_vit(num_prompts=3) if family == "vit" else prompted_swin(num_prompts=3)
+    x, _ = random_batch(model, 1)
+    block = model.blocks[0] if family == "vit" else model.layers[0].blocks[0]
+    block.mlp.fc1.register_forward_hook(lambda *args: None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(x)
+    hook_warnings = [w for w in caught if "do not run with backend" in str(w.message)]
+    assert hook_warnings and all(w.filename == __file__ for w in hook_warnings)
+    assert all(linecache.getline(w.filename, w.lineno).strip() == "model(x)" for w in hook_warnings)
+
+
+def test_flop_count_does_not_trip_the_hook_warning():
+    """FlopCounterMode's module tracker registers global module hooks: count_flops (behind `vpt-fast
+    bench`) says they are its own, so the fused blocks stay quiet; a global hook registered before
+    the measurement is still someone else's and still warns."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    from vpt_fast.bench import count_flops
+    model = prompted_vit(num_prompts=3)
+    x, _ = random_batch(model, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert count_flops(lambda: model(x)) > 0
+    handle = register_module_forward_hook(lambda *args: None)
+    try:
+        with pytest.warns(UserWarning, match=r"hooks on \(global module hooks\) of a ViTBlock"):
+            count_flops(lambda: model(x))
+    finally:
+        handle.remove()

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from vpt_fast.backends import available_backends, resolve_auto
+from vpt_fast.blocks.vit import ignore_measurement_hooks
 from vpt_fast.prompting import prompt
 from vpt_fast.version import __version__
 
@@ -108,7 +109,8 @@ def training_step(model, x, y, cfg: BenchConfig, optimizer=None):
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    with FlopCounterMode(display=False, custom_mapping=flop_mapping()) as counter:
+    # the counter's module tracker hooks every module globally; the fused blocks must not warn about it
+    with ignore_measurement_hooks(), FlopCounterMode(display=False, custom_mapping=flop_mapping()) as counter:
         fn()
     return counter.get_total_flops()
 

@@ -15,11 +15,15 @@ before the next block (docs/design.md §1). With `prompts=None` it is timm's blo
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import warnings
-from typing import NamedTuple, Optional, Union
+from typing import Iterator, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 from torch.utils.checkpoint import checkpoint
 
 from vpt_fast.backends import resolve_auto, validate_backend
@@ -262,13 +266,42 @@ def residual_mlp(block: nn.Module, residual: Tensor, branch: Tensor, backend: st
     return x + block.drop_path2(y if ls2 is None else ls2(y))
 
 
+_GLOBAL_HOOKS_BEFORE_MEASUREMENT: list[frozenset[int]] = []
+"""Ids of the global module hooks present when each open `ignore_measurement_hooks` context began."""
+
+
+def _global_hook_ids() -> set[int]:
+    return set(torch_module._global_forward_hooks) | set(torch_module._global_forward_pre_hooks)
+
+
+def _foreign_global_hooks() -> bool:
+    """Whether global forward (pre-)hooks other than an open measurement's are registered."""
+    if not (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks):
+        return False  # the common case, checked every forward: no sets built
+    if not _GLOBAL_HOOKS_BEFORE_MEASUREMENT:
+        return True
+    return bool(_global_hook_ids() & _GLOBAL_HOOKS_BEFORE_MEASUREMENT[0])  # those before the outermost one
+
+
+@contextlib.contextmanager
+def ignore_measurement_hooks() -> Iterator[None]:
+    """Global module hooks registered inside this context belong to a measurement that does not need
+    the fused blocks' submodules to be called (FlopCounterMode's module tracker only attributes
+    FLOPs to modules: its breakdown then stops at the block, the total is exact), so the hook warning
+    of `warn_if_hooks_bypassed` leaves them out. Global hooks registered before it still warn."""
+    _GLOBAL_HOOKS_BEFORE_MEASUREMENT.append(frozenset(_global_hook_ids()))
+    try:
+        yield
+    finally:
+        _GLOBAL_HOOKS_BEFORE_MEASUREMENT.pop()
+
+
 def warn_if_hooks_bypassed(block: nn.Module, backend: str) -> None:
     """Prompt-aware blocks run their submodules' weights through fused ops instead of calling the
     submodules, so forward/backward hooks on them (Grad-CAM, activation statistics) would silently
-    not fire: warn, naming them. Hooks on the block itself run as usual. Runs every forward, so the
-    common case (no hooks) is a walk of the hook dicts without building names."""
-    from torch.nn.modules import module as torch_module
-
+    not fire: warn, naming them, at the line that called the model. Hooks on the block itself run
+    as usual. Runs every forward, so the common case (no hooks) is a walk of the hook dicts without
+    building names."""
     def hooked(module: nn.Module) -> bool:
         return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                     or module._backward_pre_hooks)
@@ -276,13 +309,27 @@ def warn_if_hooks_bypassed(block: nn.Module, backend: str) -> None:
     while stack and not any(m is not None and hooked(m) for m in stack):
         stack = [c for m in stack if m is not None for c in m._modules.values()]
     names = [name for name, m in block.named_modules() if name and hooked(m)] if stack else []
-    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+    if _foreign_global_hooks():
         names.append("(global module hooks)")
     if names:
         warnings.warn(f"hooks on {', '.join(sorted(names))} of a {type(block).__name__} do not run with backend "
                       f"{backend!r}: prompt-aware blocks apply those modules' weights in fused ops without "
                       f"calling them. Hooks on the block itself run; set_backend(model, 'reference') runs "
-                      f"timm's modules and their hooks", stacklevel=3)
+                      f"timm's modules and their hooks", stacklevel=_stacklevel_outside_libraries())
+
+
+def _stacklevel_outside_libraries() -> int:
+    """The `stacklevel` for a warning raised by our caller that points at the first frame outside
+    vpt_fast, timm and torch: the user's line that called the model (or block), whatever the depth
+    of the module calls in between."""
+    import timm
+    package_dirs = (os.path.dirname(torch.__file__), os.path.dirname(timm.__file__),
+                    os.path.dirname(os.path.dirname(__file__)))
+    library_dirs = tuple(os.path.join(os.path.abspath(path), "") for path in package_dirs)
+    level, frame = 1, sys._getframe(1)
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(library_dirs):
+        level, frame = level + 1, frame.f_back
+    return level
 
 
 def is_identity_drop_path(drop_path: nn.Module) -> bool:
