@@ -159,3 +159,34 @@ def test_layer_norm_feeding_matmul_under_autocast(backend):
         assert torch.equal(y_low, y.bfloat16())
     else:  # the interpreter truncates bf16 stores
         assert_close(y_low.float(), y.bfloat16().float(), 0.0, 2.0 ** -7 * 1.01, "y")
+
+
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_layer_norm_half_affine_under_autocast(backend, x_dtype):
+    """A bf16 model's LayerNorm under autocast (`model.to(torch.bfloat16)`, then autocast): rows and
+    affine both run in float32, as CUDA autocast runs layer_norm (the torch backend met float32 rows
+    with the bf16 affine and raised 'mixed dtype'); dX comes back in the rows' dtype."""
+    from vpt_fast.backends import backend_module
+    from vpt_fast.ops.layer_norm import layer_norm
+    if backend_module(backend) is None:
+        pytest.skip(f"{backend} backend not available")
+    torch.manual_seed(4)
+    norm = torch.nn.LayerNorm(40).requires_grad_(False)
+    torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+    norm = norm.bfloat16()
+    x = (torch.randn(4, 7, 40) * 2 + 1).to(x_dtype).requires_grad_()
+    dy = torch.randn(4, 7, 40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer_norm(x, norm, backend)
+        y_low = layer_norm(x, norm, backend, feeds_matmul=True)
+    x32 = x.detach().float().requires_grad_()
+    want = torch.nn.functional.layer_norm(x32, (40,), norm.weight.float(), norm.bias.float(), norm.eps)
+    assert y.dtype == torch.float32 and y_low.dtype == torch.bfloat16
+    (dx,) = torch.autograd.grad(y, x, dy)
+    (dx_want,) = torch.autograd.grad(want, x32, dy)
+    assert dx.dtype == x_dtype
+    bf16_ulp = 2.0 ** -7 * 1.01  # one bf16 rounding: the interpreter truncates bf16 stores
+    assert_close(y, want, 1e-5, 1e-5, "y")
+    assert_close(y_low.float(), want.bfloat16().float(), 0.0, bf16_ulp, "y_low")
+    assert_close(dx.float(), dx_want.to(x_dtype).float(), 1e-5, 1e-5 if x_dtype == torch.float32 else bf16_ulp, "dx")

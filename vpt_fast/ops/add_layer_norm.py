@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from vpt_fast.backends import resolve
-from vpt_fast.ops import any_trainable, autocast_dtype
+from vpt_fast.ops import any_trainable, norm_operands, norm_output_dtype, sum_dtype
 from vpt_fast.ops.layer_norm import layer_norm
 
 
@@ -44,21 +44,6 @@ class FrozenAddLayerNorm(torch.autograd.Function):
             None if ds is None else ds.contiguous(), None if dy is None else dy.contiguous(), s, weight, mean, rstd,
             scale, ctx.branch_dtype)
         return d_residual, d_branch, None, None, None, None, None, None
-
-
-def sum_dtype(residual: Tensor, branch: Tensor, scale: Optional[Tensor]) -> torch.dtype:
-    """The dtype of `residual + branch * scale` under torch's type promotion: s's dtype."""
-    dtype = torch.promote_types(residual.dtype, branch.dtype)
-    return dtype if scale is None else torch.promote_types(dtype, scale.dtype)
-
-
-def norm_output_dtype(s_dtype: torch.dtype, device: torch.device, feeds_matmul: bool) -> Optional[torch.dtype]:
-    """The dtype `layer_norm(residual + branch, norm, feeds_matmul=...)` returns under autocast (float32,
-    or autocast's low dtype when the output feeds a matmul), or None (s's own dtype) without it."""
-    low = autocast_dtype(device)
-    if low is None or s_dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return None
-    return low if feeds_matmul else torch.float32
 
 
 def add_layer_norm(residual: Tensor, branch: Tensor, norm: nn.Module, backend: str, scale: Optional[Tensor] = None,
@@ -90,4 +75,5 @@ def add_layer_norm(residual: Tensor, branch: Tensor, norm: nn.Module, backend: s
         s = residual + (branch if scale is None else branch * scale)
         return s, layer_norm(s, norm, backend, feeds_matmul)
     out_dtype = norm_output_dtype(sum_dtype(residual, branch, scale), residual.device, feeds_matmul)
-    return FrozenAddLayerNorm.apply(residual, branch, scale, norm.weight, norm.bias, norm.eps, out_dtype, backend)
+    weight, bias = norm_operands(residual.device, norm.weight, norm.bias)
+    return FrozenAddLayerNorm.apply(residual, branch, scale, weight, bias, norm.eps, out_dtype, backend)

@@ -8,7 +8,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from vpt_fast.backends import resolve
-from vpt_fast.ops import any_trainable, autocast_dtype
+from vpt_fast.ops import any_trainable, norm_operands, norm_output_dtype
 
 
 class FrozenLayerNorm(torch.autograd.Function):
@@ -31,28 +31,14 @@ class FrozenLayerNorm(torch.autograd.Function):
 def layer_norm(x: Tensor, norm: torch.nn.Module, backend: str, feeds_matmul: bool = False) -> Tensor:
     """Apply a frozen `nn.LayerNorm` (over the last dim) with the given backend's kernels.
 
-    Under autocast LayerNorm runs in float32, as in timm's eager blocks. With `feeds_matmul` (the
-    output goes straight into a linear or attention, which autocast would cast to its low dtype) the
-    result is written once in that low dtype: the same values as float32 then a cast, without the
-    float32 round trip through memory.
+    Under autocast LayerNorm runs in float32 (`norm_operands`). With `feeds_matmul` (the output goes
+    straight into a linear or attention, which autocast would cast to its low dtype) the result is
+    written once in that low dtype (`norm_output_dtype`).
     """
     if not isinstance(norm, torch.nn.LayerNorm) or len(norm.normalized_shape) != 1:
         raise TypeError(f"expected nn.LayerNorm over the last dim, got {type(norm).__name__}")
     if any_trainable(norm):
         return norm(x)  # unfrozen affine: autograd's own path computes its gradients
-    x = upcast_for_autocast(x)
-    out_dtype = matmul_input_dtype(x) if feeds_matmul else None
-    return FrozenLayerNorm.apply(x, norm.weight, norm.bias, norm.eps, out_dtype, backend)
-
-
-def upcast_for_autocast(x: Tensor) -> Tensor:
-    """Autocast runs LayerNorm in float32 (as timm's eager blocks do under autocast): match it."""
-    if autocast_dtype(x.device) is not None and x.dtype in (torch.float16, torch.bfloat16):
-        return x.float()
-    return x
-
-
-def matmul_input_dtype(x: Tensor) -> Optional[torch.dtype]:
-    """The dtype autocast casts `x` to when it enters a matmul-class op, or None (no cast)."""
-    low = autocast_dtype(x.device)
-    return low if low is not None and x.dtype == torch.float32 else None
+    out_dtype = norm_output_dtype(x.dtype, x.device, feeds_matmul)
+    x, weight, bias = norm_operands(x.device, x, norm.weight, norm.bias)
+    return FrozenLayerNorm.apply(x, weight, bias, norm.eps, out_dtype, backend)

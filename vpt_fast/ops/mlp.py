@@ -17,9 +17,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from vpt_fast.backends import resolve
-from vpt_fast.ops import any_trainable, autocast_dtype
-from vpt_fast.ops.add_layer_norm import norm_output_dtype, sum_dtype
-from vpt_fast.ops.layer_norm import matmul_input_dtype, upcast_for_autocast
+from vpt_fast.ops import any_trainable, autocast_dtype, norm_operands, norm_output_dtype, sum_dtype
 
 
 def _mlp_fwd(y: Tensor, w1, b1, w2, b2, act) -> tuple[Tensor, Tensor]:
@@ -53,7 +51,7 @@ class FrozenNormMlp(torch.autograd.Function):
     def forward(ctx, x, nw, nb, eps, w1, b1, w2, b2, recompute_fc1: bool, backend: str):
         ln = resolve(backend, "layer_norm", x.device)
         act = resolve(backend, "bias_gelu", x.device)
-        y, mean, rstd = ln.layer_norm_fwd(x, nw, nb, eps, matmul_input_dtype(x))
+        y, mean, rstd = ln.layer_norm_fwd(x, nw, nb, eps, norm_output_dtype(x.dtype, x.device, feeds_matmul=True))
         h, out = _mlp_fwd(y, w1, b1, w2, b2, act)
         ctx.save_for_backward(x, nw, nb, mean, rstd, w1, b1, w2, None if recompute_fc1 else h)
         ctx.eps, ctx.ln, ctx.act, ctx.recompute_fc1 = eps, ln, act, recompute_fc1
@@ -133,7 +131,8 @@ def add_norm_mlp_residual(residual: Tensor, branch: Tensor, scale: Optional[Tens
         raise ValueError(f"branch must have residual's shape {tuple(residual.shape)}, got {tuple(branch.shape)}")
     add_ln = resolve(backend, "add_layer_norm", residual.device)
     act = resolve(backend, "bias_gelu", residual.device)
-    s, y, _, _ = _add_norm(add_ln, residual, branch, scale, norm.weight, norm.bias, norm.eps, reuse_branch=True)
+    nw, nb = norm_operands(residual.device, norm.weight, norm.bias)
+    s, y, _, _ = _add_norm(add_ln, residual, branch, scale, nw, nb, norm.eps, reuse_branch=True)
     g = act.bias_gelu_fwd(F.linear(y, mlp.fc1.weight, mlp.fc1.bias), None, inplace=True)
     del y
     w2, b2 = mlp.fc2.weight, mlp.fc2.bias
@@ -167,8 +166,9 @@ def is_fusable(norm: nn.Module, mlp: nn.Module) -> bool:
 
 def norm_mlp(x: Tensor, norm: nn.LayerNorm, mlp: nn.Module, recompute_fc1: bool, backend: str) -> Tensor:
     """mlp(norm(x)) for a frozen pre-norm timm MLP (see `is_fusable`)."""
-    return FrozenNormMlp.apply(upcast_for_autocast(x), norm.weight, norm.bias, norm.eps, mlp.fc1.weight, mlp.fc1.bias,
-                               mlp.fc2.weight, mlp.fc2.bias, recompute_fc1, backend)
+    x, nw, nb = norm_operands(x.device, x, norm.weight, norm.bias)
+    return FrozenNormMlp.apply(x, nw, nb, norm.eps, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
+                               recompute_fc1, backend)
 
 
 def add_norm_mlp(residual: Tensor, branch: Tensor, scale: Optional[Tensor], norm: nn.LayerNorm, mlp: nn.Module,
@@ -192,5 +192,6 @@ def add_norm_mlp(residual: Tensor, branch: Tensor, scale: Optional[Tensor], norm
     if scale is not None and (scale.shape != residual.shape[-1:] or scale.requires_grad):
         raise ValueError(f"scale must be a frozen ({residual.shape[-1]},) vector, got shape {tuple(scale.shape)} "
                          f"with requires_grad={scale.requires_grad}")
-    return FrozenAddNormMlp.apply(residual, branch, scale, norm.weight, norm.bias, norm.eps, mlp.fc1.weight,
-                                  mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, recompute_fc1, backend, reuse_branch)
+    nw, nb = norm_operands(residual.device, norm.weight, norm.bias)
+    return FrozenAddNormMlp.apply(residual, branch, scale, nw, nb, norm.eps, mlp.fc1.weight, mlp.fc1.bias,
+                                  mlp.fc2.weight, mlp.fc2.bias, recompute_fc1, backend, reuse_branch)
