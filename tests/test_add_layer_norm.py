@@ -347,6 +347,7 @@ def test_add_layer_norm_bad_inputs(impl):
         add_layer_norm(residual.cpu(), residual.cpu(), torch.nn.Identity(), "torch")
 
 
+@pytest.mark.slow
 def test_add_layer_norm_torch_compile(impl):
     residual, branch, scale, w, b, ds, dy = _inputs((3, 5, 40), torch.float32, branch_dtype=torch.bfloat16,
                                                     scaled=True)

@@ -708,6 +708,7 @@ def test_triton_prompt_index_and_dqkv_argument_checks(impl):
                            dqkv=torch.empty(5, 11, 3, 2, 16, device=DEVICE, dtype=torch.float16))
 
 
+@pytest.mark.slow
 def test_prompt_attention_with_index_compiles_fullgraph():
     """torch.compile(fullgraph=True) traces prompt_attention with an index (torch backend, CPU) and its
     backward; the range check becomes an asynchronous assert that still fires."""

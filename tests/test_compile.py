@@ -72,11 +72,13 @@ def assert_compiled_equals_eager(model: nn.Module, batch: int = 2) -> None:
 FAMILY_BACKENDS = [pytest.param(b, marks=[pytest.mark.slow] if b != "torch" else []) for b in BACKENDS]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", FAMILY_BACKENDS)
 def test_vit_inductor_equals_eager(backend):
     assert_compiled_equals_eager(prompted(tiny_vit, backend))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", FAMILY_BACKENDS)
 def test_swin_inductor_equals_eager(backend):
     """Window maps, shift mask and relative-position bias are built inside the graph (inductor used

@@ -291,6 +291,7 @@ def test_no_cache_when_gradients_are_needed(family):
     assert not torch.equal(a, b) and dropped.vpt.kv_cache == {}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_no_cache_while_compiling(family):
     """torch.compile traces the prompt projection into the graph (filling or reading the cache

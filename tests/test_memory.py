@@ -17,6 +17,7 @@ from vpt_fast.memory import largest_batch, max_batch, methods, parse_bytes, reso
 TINY_VIT = "vit_tiny_patch16_224"
 
 
+@pytest.mark.slow
 def test_total_orders_the_methods(tmp_path):
     """At 224 px with 50 deep prompts activations are tens of MiB, well above measurement noise."""
     out = tmp_path / "total.json"
@@ -33,6 +34,7 @@ def test_total_orders_the_methods(tmp_path):
     assert result["ratio_to_full"] == pytest.approx(peak["vpt_fast"] / peak["full"])
 
 
+@pytest.mark.slow
 def test_full_finetuning_peak_counts_gradients_and_optimizer_state():
     """At 32 px activations are negligible, so without AdamW's two moments (or without gradients)
     full fine-tuning would peak near 2x (1x) the parameter bytes above the linear probe."""
@@ -46,6 +48,7 @@ def test_full_finetuning_peak_counts_gradients_and_optimizer_state():
     assert linear["peak_bytes"] < 1.3 * param_bytes
 
 
+@pytest.mark.slow
 def test_max_batch_is_the_last_probe_within_budget():
     """vpt_fast on ViT-Ti 224 px peaks near 41 MiB at batch 1 and 64 MiB at batch 2 (23 MiB per image):
     a 52 MiB budget fits batch 1 only. The search itself is `test_largest_batch_search`."""
@@ -59,6 +62,7 @@ def test_max_batch_is_the_last_probe_within_budget():
     assert len(progress) == 3 and "batch 2 ->" in progress[2] and "(over budget)" in progress[2]
 
 
+@pytest.mark.slow
 def test_budget_probe_refuses_allocations_far_past_the_budget():
     """ViT-B full fine-tuning needs ~1.4 GB before its first forward: a 1-byte budget stops it."""
     result = step_memory(BenchConfig(model="vit_base_patch16_224", batch=1), methods()["full"], limit_bytes=1)

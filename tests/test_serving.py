@@ -326,6 +326,7 @@ def test_bank_caches_the_task_table_without_gradients(kv_calls):
     assert isinstance(bank.model, PromptedVisionTransformer)
 
 
+@pytest.mark.slow
 def test_inference_compiles_fullgraph_and_exports():
     models = _task_models(tiny_vit, 2, num_prompts=3, deep=True, backend="torch")
     bank = vpt_fast.PromptBank(models[0]).eval()

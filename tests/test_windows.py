@@ -158,6 +158,7 @@ def test_autocast_keeps_dtype():
     assert torch.equal(back, x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["w7_shift", "rect_padded_shift"])
 def test_torch_compile_inductor_maps_in_graph(case):
     """Inductor (C++ code generation) with the maps built inside the graph, as SwinBlock does under
@@ -180,6 +181,7 @@ def test_torch_compile_inductor_maps_in_graph(case):
     assert torch.equal(x_compiled.grad, x_eager.grad)
 
 
+@pytest.mark.slow
 def test_prompted_swin_compiles_fullgraph():
     """The whole prompt-aware model compiles once: the window maps and the bias caches, filled by
     eager calls in between, do not change the guarded state."""
