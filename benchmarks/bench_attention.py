@@ -109,7 +109,7 @@ MODES = ["fwd", "fwd_bwd"]
 @pytest.mark.parametrize("prompts", list(PROMPT_SETS))
 @pytest.mark.parametrize("mode", MODES + ["fwd_bwd_dqkv"])
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_prompt_attention(benchmark, backend, mode, prompts):
+def test_attention(benchmark, backend, mode, prompts):
     module = backend_module(backend)
     if module is None:
         pytest.skip(f"backend {backend!r} is not available on this machine")

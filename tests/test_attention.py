@@ -10,7 +10,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from utils import assert_close, assert_flash_rule, eager_attention_low_precision, rel_error
-from vpt_fast.backends import backend_module, torch_impl
+from vpt_fast.backends import backend_module, cuda_impl, torch_impl
+from vpt_fast.backends.torch_impl import attention as torch_attention
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -259,7 +260,7 @@ class _OpRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _naive_prompt_attention(q, k, v, pk, pv, bias, dout, scale):
+def _naive_attention(q, k, v, pk, pv, bias, dout, scale):
     """A literal softmax over [expanded prompts; own keys] in float64 with autograd: (out, lse, grads)."""
     leaves = [None if t is None else t.detach().double().requires_grad_() for t in (q, k, v, pk, pv)]
     lq, lk, lv, lpk, lpv = leaves
@@ -294,14 +295,14 @@ def test_torch_impl_matches_naive_attention(shape, views, path, monkeypatch):
     float64)."""
     B, H, Nq, Nk, P, Bp, d, nb = shape
     dtype = torch.float64 if path == "math_fp64" else torch.float32
-    monkeypatch.setattr(torch_impl, "_FORCE_MATH", path.startswith("math"))
-    monkeypatch.setattr(torch_impl, "_CPU_ONE_CALL", path == "one_call_fp32")
+    monkeypatch.setattr(torch_attention, "_FORCE_MATH", path.startswith("math"))
+    monkeypatch.setattr(torch_attention, "_CPU_ONE_CALL", path == "one_call_fp32")
     q, k, v, pk, pv, bias, dout = _inputs(B, H, Nq, Nk, P, max(Bp, 1), d, nb, dtype, views=views, device="cpu",
                                           seed=sum(shape))
     if Bp == 0:
         pk = pv = None
     scale = d ** -0.5
-    want_out, want_lse, want_grads = _naive_prompt_attention(q, k, v, pk, pv, bias, dout, scale)
+    want_out, want_lse, want_grads = _naive_attention(q, k, v, pk, pv, bias, dout, scale)
     with _OpRecorder() as recorder:
         out, lse = torch_impl.attention_fwd(q, k, v, pk, pv, scale, bias)
         grads = torch_impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, scale, bias)
@@ -329,18 +330,18 @@ def test_torch_impl_segmented_low_precision(shape, dtype, monkeypatch):
     through the CPU flash kernel) follows FlashAttention's rule against float64: at most 2x (plus one
     ulp at the tensor's scale) the error of one flash call over the concatenated keys in the same
     precision (what eager timm runs), output and every gradient."""
-    monkeypatch.setattr(torch_impl, "_CPU_ONE_CALL", False)
+    monkeypatch.setattr(torch_attention, "_CPU_ONE_CALL", False)
     B, H, Nq, Nk, P, Bp, d, nb = shape
     args = _inputs(B, H, Nq, Nk, P, Bp, d, nb, dtype, device="cpu", seed=sum(shape))
     q, k, v, pk, pv, bias, dout = args
     scale = d ** -0.5
-    want_out, _, want_grads = _naive_prompt_attention(*args, scale)
+    want_out, _, want_grads = _naive_attention(*args, scale)
     out, lse = torch_impl.attention_fwd(q, k, v, pk, pv, scale, bias)
     grads = torch_impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, scale, bias)
 
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, pk, pv)]
-    kk, vv = torch_impl._joint_kv(leaves[1], leaves[2], leaves[3], leaves[4])
-    mask = torch_impl._joint_bias(bias, B, P)
+    kk, vv = torch_attention._joint_kv(leaves[1], leaves[2], leaves[3], leaves[4])
+    mask = torch_attention._joint_bias(bias, B, P)
     one_call = torch.nn.functional.scaled_dot_product_attention(
         leaves[0], kk, vv, attn_mask=None if mask is None else mask.to(dtype), scale=scale)
     one_call_grads = torch.autograd.grad(one_call, leaves, dout)
@@ -364,8 +365,9 @@ def test_torch_impl_cuda_kernel_calls_on_meta(kernel, dtype, nb, Bp):
     pk, pv = torch.empty(Bp, H, P, d, **meta), torch.empty(Bp, H, P, d, **meta)
     bias = torch.empty(nb, H, N, N, device="meta") if nb else None
     with _OpRecorder() as recorder:
-        out, lse = torch_impl._fused_attention_fwd(kernel, q, k, v, pk, pv, 0.2, bias)
-        grads = torch_impl._fused_attention_bwd(kernel, torch.empty_like(out), q, k, v, pk, pv, out, lse, 0.2, bias)
+        out, lse = torch_attention._fused_attention_fwd(kernel, q, k, v, pk, pv, 0.2, bias)
+        grads = torch_attention._fused_attention_bwd(kernel, torch.empty_like(out), q, k, v, pk, pv, out, lse, 0.2,
+                                                     bias)
     assert out.shape == q.shape and out.dtype == dtype
     assert lse.shape == (B, H, N) and lse.dtype == torch.float32
     for name, got, like in zip(GRAD_NAMES, grads, (q, k, v, pk, pv)):
@@ -577,14 +579,14 @@ def _op_backend(backend):
 
 @pytest.mark.parametrize("backend", OP_BACKENDS)
 @pytest.mark.parametrize("case", ["S3_B5_unused_set", "S5_B2"])
-def test_prompt_attention_with_index_matches_reference(backend, case):
+def test_attention_op_with_index_matches_reference(backend, case):
     """The op (autograd) with prompt_index: output and the gradients of q, k, v, pk, pv against the
     float64 reference, for every backend."""
-    from vpt_fast.ops.attention import prompt_attention
+    from vpt_fast.ops.attention import attention
     backend = _op_backend(backend)
     q, k, v, pk, pv, bias, dout, index = _indexed_inputs(case, seed=5)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, pk, pv)]
-    out = prompt_attention(*leaves, scale=0.3, bias=bias, backend=backend, prompt_index=index)
+    out = attention(*leaves, scale=0.3, bias=bias, backend=backend, prompt_index=index)
     grads = torch.autograd.grad(out, leaves, dout)
     want_out, _, want_grads = _naive_indexed_attention(q, k, v, pk, pv, bias, dout, 0.3, index)
     assert_close(out, want_out, 2e-5, 2e-5, "out")
@@ -605,12 +607,12 @@ class _RecordDqkv:
 
 @pytest.mark.parametrize("backend", OP_BACKENDS)
 @pytest.mark.parametrize("indexed", [False, True], ids=["shared_prompts", "indexed"])
-def test_prompt_attention_qkv_gradient_is_the_backend_buffer(backend, indexed, monkeypatch):
-    """prompt_attention_qkv equals prompt_attention on the q, k, v views (output and every gradient),
+def test_attention_qkv_gradient_is_the_backend_buffer(backend, indexed, monkeypatch):
+    """attention_qkv equals attention on the q, k, v views (output and every gradient),
     and the gradient autograd delivers to qkv is the very buffer the backend filled: no stacking
     or copying of separate dq, dk, dv."""
     from vpt_fast.backends import resolve
-    from vpt_fast.ops.attention import prompt_attention, prompt_attention_qkv
+    from vpt_fast.ops.attention import attention, attention_qkv
     backend = _op_backend(backend)
     B, N, H, d = 5, 11, 2, 16
     g = torch.Generator(device="cpu").manual_seed(7)
@@ -626,7 +628,7 @@ def test_prompt_attention_qkv_gradient_is_the_backend_buffer(backend, indexed, m
 
     leaves = [t.clone().requires_grad_() for t in (qkv, pk, pv)]
     q, k, v = leaves[0].permute(2, 0, 3, 1, 4)
-    want = prompt_attention(q, k, v, leaves[1], leaves[2], scale=0.3, backend=backend, prompt_index=index)
+    want = attention(q, k, v, leaves[1], leaves[2], scale=0.3, backend=backend, prompt_index=index)
     want_grads = torch.autograd.grad(want, leaves, dout)
 
     impl = resolve(backend, "attention", qkv.device)
@@ -635,7 +637,7 @@ def test_prompt_attention_qkv_gradient_is_the_backend_buffer(backend, indexed, m
     leaves = [t.clone().requires_grad_() for t in (qkv, pk, pv)]
     delivered = []
     leaves[0].register_hook(delivered.append)
-    out = prompt_attention_qkv(leaves[0], leaves[1], leaves[2], scale=0.3, backend=backend, prompt_index=index)
+    out = attention_qkv(leaves[0], leaves[1], leaves[2], scale=0.3, backend=backend, prompt_index=index)
     grads = torch.autograd.grad(out, leaves, dout)
     assert_close(out, want, 1e-6, 1e-6, "out")
     for name, got, ref in zip(("dqkv", "dpk", "dpv"), grads, want_grads):
@@ -665,11 +667,11 @@ def test_vit_block_backward_does_not_stack_qkv_gradients():
 
 
 def test_prompt_index_bad_inputs_raise_clear_errors():
-    from vpt_fast.ops.attention import prompt_attention, prompt_attention_qkv
+    from vpt_fast.ops.attention import attention, attention_qkv
     q, k, v, pk, pv, _, _, index = _indexed_inputs("S3_B5_unused_set")
     qkv = torch.randn(5, 11, 3, 2, 16, device=DEVICE)
-    for call in (lambda i: prompt_attention(q, k, v, pk, pv, prompt_index=i),
-                 lambda i: prompt_attention_qkv(qkv, pk, pv, prompt_index=i)):
+    for call in (lambda i: attention(q, k, v, pk, pv, prompt_index=i),
+                 lambda i: attention_qkv(qkv, pk, pv, prompt_index=i)):
         with pytest.raises(ValueError, match="int64"):
             call(index.float())
         with pytest.raises(ValueError, match=r"shape \(B=5,\)"):
@@ -683,12 +685,12 @@ def test_prompt_index_bad_inputs_raise_clear_errors():
         with pytest.raises(ValueError, match="device"):
             call(index.to("meta"))
     with pytest.raises(ValueError, match="needs prompt sets"):
-        prompt_attention(q, k, v, prompt_index=index)
+        attention(q, k, v, prompt_index=index)
     with pytest.raises(ValueError, match=r"\(S, H=2, P, d=16\)"):
-        prompt_attention(q, k, v, pk[:, :1], pv[:, :1], prompt_index=index)
+        attention(q, k, v, pk[:, :1], pv[:, :1], prompt_index=index)
     # int32 is accepted by the op (cast once); the backends take int64 only
-    out32 = prompt_attention(q, k, v, pk, pv, prompt_index=index.int())
-    assert torch.equal(out32, prompt_attention(q, k, v, pk, pv, prompt_index=index))
+    out32 = attention(q, k, v, pk, pv, prompt_index=index.int())
+    assert torch.equal(out32, attention(q, k, v, pk, pv, prompt_index=index))
 
 
 def test_triton_prompt_index_and_dqkv_argument_checks(impl):
@@ -709,16 +711,16 @@ def test_triton_prompt_index_and_dqkv_argument_checks(impl):
 
 
 @pytest.mark.slow
-def test_prompt_attention_with_index_compiles_fullgraph():
-    """torch.compile(fullgraph=True) traces prompt_attention with an index (torch backend, CPU) and its
+def test_attention_op_with_index_compiles_fullgraph():
+    """torch.compile(fullgraph=True) traces attention with an index (torch backend, CPU) and its
     backward; the range check becomes an asynchronous assert that still fires."""
-    from vpt_fast.ops.attention import prompt_attention
+    from vpt_fast.ops.attention import attention
     q, k, v, pk, pv, bias, dout, index = _indexed_inputs("S3_B5_unused_set")
     q, k, v, pk, pv, bias, dout, index = (t.cpu() if t is not None else None
                                           for t in (q, k, v, pk, pv, bias, dout, index))
 
     def f(q, k, v, pk, pv, index):
-        return prompt_attention(q, k, v, pk, pv, scale=0.3, backend="torch", prompt_index=index)
+        return attention(q, k, v, pk, pv, scale=0.3, backend="torch", prompt_index=index)
 
     torch._dynamo.reset()
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
@@ -732,3 +734,662 @@ def test_prompt_attention_with_index_compiles_fullgraph():
         assert_close(a, b, 1e-6, 1e-6, name)
     with pytest.raises(RuntimeError, match=r"\[0, S=3\)"):
         compiled(q, k, v, pk, pv, torch.tensor([0, 1, 2, 3, 0]))
+
+# ------------------------------------------------------------------------------------------------
+# The C++/CUDA extension (`vpt_fast._C`, backend module `cuda_impl`). CPU: its twin equals torch_impl
+# in float64 (forward and every gradient; odd lengths, P in {0, 1, 7, 50}, Bp in {1, 2, B}, bias
+# on/off, non-contiguous views), with a prompt-set index (S not dividing B, unused sets, bitwise
+# per-set sums) and one qkv gradient buffer; every argument check raises a clear error;
+# torch.compile(fullgraph=True) traces the ops through their fake implementations and FlopCounterMode
+# counts them. GPU (`@pytest.mark.gpu`): FlashAttention's rule for the CUDA kernels in bf16/fp16
+# against float64, fp32 exactness, bitwise determinism (the triton backend's prompt gradients too).
+# ------------------------------------------------------------------------------------------------
+needs_ext = pytest.mark.skipif(not cuda_impl.AVAILABLE, reason="vpt_fast._C is not built")
+
+
+def _ext_cuda_ready():
+    if not (cuda_impl.AVAILABLE and cuda_impl.WITH_CUDA):
+        pytest.skip("vpt_fast._C built without CUDA kernels")
+
+
+def _ext_inputs(B, H, Nq, Nk, P, Bp, d, nb, dtype=torch.float64, device="cpu", views=True, seed=0):
+    """q, k, v (views into one qkv buffer when Nq == Nk and `views`), pk (non-contiguous), pv, bias,
+    dout."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+    if views and Nq == Nk:
+        q, k, v = rnd(B, Nq, 3, H, d).permute(2, 0, 3, 1, 4)
+    else:
+        q, k, v = rnd(B, H, Nq, d), rnd(B, H, Nk, d), rnd(B, H, Nk, d)
+    pk = pv = None
+    if P:
+        pk, pv = rnd(Bp, P, H, d).transpose(1, 2), rnd(Bp, H, P, d)
+    bias = rnd(nb, H, Nq, Nk) if nb else None
+    return q, k, v, pk, pv, bias, rnd(B, H, Nq, d)
+
+
+def _ext_run(impl, q, k, v, pk, pv, bias, dout, scale):
+    out, lse = impl.attention_fwd(q, k, v, pk, pv, scale, bias)
+    return out, lse, impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, scale, bias)
+
+
+def _ext_reference(q, k, v, pk, pv, bias, dout, scale):
+    """torch_impl's math path in float64 on the CPU."""
+    f64 = [None if t is None else t.detach().double().cpu() for t in (q, k, v, pk, pv, bias, dout)]
+    old, torch_attention._FORCE_MATH = torch_attention._FORCE_MATH, True
+    try:
+        return _ext_run(torch_impl, *f64, scale)
+    finally:
+        torch_attention._FORCE_MATH = old
+
+
+def _ext_check_exact(args, scale, tol):
+    out, lse, grads = _ext_run(cuda_impl, *args, scale)
+    r_out, r_lse, r_grads = _ext_reference(*args, scale)
+    q = args[0]
+    assert out.shape == q.shape and out.dtype == q.dtype and out.device == q.device
+    assert lse.shape == q.shape[:3]
+    assert lse.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32)
+    assert_close(out.cpu(), r_out, tol, tol, "out")
+    assert_close(lse.cpu(), r_lse, tol, tol, "lse")
+    for name, g, r in zip(GRAD_NAMES, grads, r_grads):
+        if r is None:
+            assert g is None, f"{name} must be None without prompts"
+            continue
+        assert g.shape == r.shape and g.dtype == q.dtype, f"{name}: {g.shape} {g.dtype}"
+        assert_close(g.cpu(), r, tol, tol, name)
+
+
+@needs_ext
+@pytest.mark.parametrize("P,Bp", [(0, 1), (1, 1), (7, 1), (7, 2), (7, 4), (1, 4), (50, 2)])
+@pytest.mark.parametrize("nb", [0, 1, 2], ids=["nobias", "bias1", "bias2"])
+def test_cpu_twin_float64(P, Bp, nb):
+    args = _ext_inputs(4, 2, 13, 13, P, Bp, 16, nb)
+    _ext_check_exact(args, 16 ** -0.5, 1e-10)
+
+
+@needs_ext
+@pytest.mark.parametrize("Nq,Nk,P,d,nb", [(13, 20, 7, 32, 1), (33, 17, 0, 16, 2), (5, 1, 3, 64, 0),
+                                          (17, 13, 5, 80, 1), (9, 9, 200, 128, 0), (3, 0, 5, 8, 0),
+                                          (1, 1, 1, 3, 0)])
+def test_cpu_twin_shapes(Nq, Nk, P, d, nb):
+    """Nq != Nk, a single key, only prompt keys (Nk = 0), odd head dims, P = 200."""
+    args = _ext_inputs(2, 2, Nq, Nk, P, 1, d, nb, views=False, seed=1)
+    _ext_check_exact(args, 0.3, 1e-10)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2),
+                                       (torch.float16, 5e-3)])
+def test_cpu_twin_low_precision(dtype, tol):
+    """float32 accumulation: only the final rounding to the input dtype differs from float64."""
+    args = _ext_inputs(4, 2, 13, 13, 7, 2, 16, 2, dtype=dtype)
+    _ext_check_exact(args, 0.25, tol)
+
+
+@needs_ext
+def test_cpu_twin_empty_prompt_segment_equals_none():
+    q, k, v, pk, pv, bias, dout = _ext_inputs(2, 2, 5, 5, 3, 1, 8, 1)
+    a = _ext_run(cuda_impl, q, k, v, None, None, bias, dout, 0.5)
+    b = _ext_run(cuda_impl, q, k, v, pk[:, :, :0], pv[:, :, :0], bias, dout, 0.5)
+    assert_close(a[0], b[0], 0, 0, "out")
+    for name, x, y in zip(GRAD_NAMES[:3], a[2][:3], b[2][:3]):
+        assert_close(x, y, 0, 0, name)
+    assert b[2][3].shape == pk[:, :, :0].shape
+
+
+@needs_ext
+def test_cpu_twin_views_equal_contiguous_and_output_layout():
+    q, k, v, pk, pv, bias, dout = _ext_inputs(2, 3, 13, 13, 7, 1, 16, 1, dtype=torch.float32)
+    assert not q.is_contiguous() and not pk.is_contiguous()
+    a = _ext_run(cuda_impl, q, k, v, pk, pv, bias, dout, 0.25)
+    c = [None if t is None else t.contiguous() for t in (q, k, v, pk, pv, bias, dout)]
+    b = _ext_run(cuda_impl, *c, 0.25)
+    assert_close(a[0], b[0], 0, 0, "out")
+    for name, x, y in zip(GRAD_NAMES, a[2], b[2]):
+        assert_close(x, y, 0, 0, name)
+    out = a[0]  # (B, H, N, d) view of a (B, N, H, d) buffer: the head merge is free
+    assert out.transpose(1, 2).is_contiguous()
+
+
+@needs_ext
+def test_cpu_twin_backward_is_deterministic():
+    """The shared prompt segment's gradients are summed over the batch in a fixed order."""
+    q, k, v, pk, pv, bias, dout = _ext_inputs(16, 2, 13, 13, 7, 1, 16, 2, dtype=torch.float32)
+    out, lse = cuda_impl.attention_fwd(q, k, v, pk, pv, 0.25, bias)
+    first = cuda_impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, 0.25, bias)
+    again = cuda_impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, 0.25, bias)
+    for name, x, y in zip(GRAD_NAMES, first, again):
+        assert torch.equal(x, y), name
+
+
+@needs_ext
+def test_cpu_twin_matches_attention_autograd():
+    """Through the public op (autograd.Function) with backend="cuda" on the CPU."""
+    from vpt_fast.ops.attention import attention
+    q, k, v, pk, pv, bias, dout = _ext_inputs(4, 2, 9, 9, 5, 2, 8, 2)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, pk, pv)]
+    out = attention(*leaves, scale=0.4, bias=bias, backend="cuda")
+    grads = torch.autograd.grad(out, leaves, dout)
+    r_out, _, r_grads = _ext_reference(q, k, v, pk, pv, bias, dout, 0.4)
+    assert_close(out, r_out, 1e-10, 1e-10, "out")
+    for name, g, r in zip(GRAD_NAMES, grads, r_grads):
+        assert_close(g, r, 1e-10, 1e-10, name)
+
+
+@needs_ext
+def test_bad_inputs_raise_clear_errors():
+    f, b = cuda_impl.attention_fwd, cuda_impl.attention_bwd
+    q, k, v, pk, pv, bias, dout = _ext_inputs(4, 2, 13, 13, 7, 2, 16, 2, dtype=torch.float32, views=False)
+    with pytest.raises(TypeError, match=r"q dtype must be .*got Int"):
+        f(q.int(), k.int(), v.int(), None, None, 1.0)
+    with pytest.raises(TypeError, match=r"k dtype must match q \(Float\), got Half"):
+        f(q, k.half(), v, None, None, 1.0)
+    with pytest.raises(TypeError, match=r"pv dtype must match q"):
+        f(q, k, v, pk, pv.double(), 1.0)
+    with pytest.raises(ValueError, match=r"q must be \(B, H, Nq, d\) with 4 dims, got shape \[4, 2, 13\]"):
+        f(q[..., 0], k, v, None, None, 1.0)
+    with pytest.raises(ValueError, match=r"k must be \(B=4, H=2, Nk, d=16\), got shape \[4, 1, 13, 16\]"):
+        f(q, k[:, :1], v[:, :1], None, None, 1.0)
+    with pytest.raises(ValueError, match=r"v must have k's shape"):
+        f(q, k, v[:, :, :5], None, None, 1.0)
+    with pytest.raises(ValueError, match="together"):
+        f(q, k, v, pk, None, 1.0)
+    with pytest.raises(ValueError, match=r"prompt batch Bp=3 must divide the query batch B=4"):
+        f(q, k, v, pk[:1].expand(3, -1, -1, -1), pv[:1].expand(3, -1, -1, -1), 1.0)
+    with pytest.raises(ValueError, match=r"pk must be \(Bp, H=2, P, d=16\)"):
+        f(q, k, v, pk[:, :1], pv[:, :1], 1.0)
+    with pytest.raises(ValueError, match=r"pv must have pk's shape"):
+        f(q, k, v, pk, pv[:, :, :3], 1.0)
+    with pytest.raises(ValueError, match=r"bias must be \(nB, H=2, Nq=13, Nk=13\)"):
+        f(q, k, v, pk, pv, 1.0, bias[:, :, :5])
+    with pytest.raises(ValueError, match=r"nB dividing B=4"):
+        f(q, k, v, pk, pv, 1.0, bias[:1].expand(3, -1, -1, -1))
+    with pytest.raises(ValueError, match=r"q must have a unit stride on its last \(head\) dim"):
+        f(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3), None, None, 1.0)
+    with pytest.raises(ValueError, match=r"pk must have a unit stride"):
+        f(q, k, v, pk.transpose(2, 3).contiguous().transpose(2, 3), pv, 1.0)
+    with pytest.raises(ValueError, match=r"at least one key"):
+        f(q, k[:, :, :0], v[:, :, :0], None, None, 1.0)
+    out, lse = f(q, k, v, pk, pv, 1.0)
+    with pytest.raises(ValueError, match=r"lse must be Float .*got Double"):
+        b(dout, q, k, v, pk, pv, out, lse.double(), 1.0)
+    with pytest.raises(ValueError, match=r"lse must be \(B, H, Nq\)"):
+        b(dout, q, k, v, pk, pv, out, lse[:, :, :3], 1.0)
+    with pytest.raises(ValueError, match=r"dout must have q's shape"):
+        b(dout[:, :, :3], q, k, v, pk, pv, out, lse, 1.0)
+    with pytest.raises(TypeError, match=r"out dtype must match q"):
+        b(dout, q, k, v, pk, pv, out.double(), lse, 1.0)
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_cuda_bad_inputs_raise_clear_errors():
+    if not cuda_impl.WITH_CUDA:
+        pytest.skip("extension built without CUDA")
+    q, k, v, pk, pv, bias, dout = _ext_inputs(2, 2, 13, 13, 7, 1, 48, 0, dtype=torch.float16, device="cuda")
+    with pytest.raises(ValueError, match=r"head dim on CUDA: expected d in \{32, 64, 80, 128\}, got d=48"):
+        cuda_impl.attention_fwd(q, k, v, pk, pv, 1.0)
+    x = torch.zeros(1, 1, 4, 64, device="cuda", dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"float32, float16 or bfloat16 \(CUDA\), got Double"):
+        cuda_impl.attention_fwd(x, x, x, None, None, 1.0)
+    y = torch.zeros(1, 1, 4, 64, device="cuda")
+    with pytest.raises(ValueError, match=r"k must be on q's device cuda"):
+        cuda_impl.attention_fwd(y, y.cpu(), y.cpu(), None, None, 1.0)
+
+
+@needs_ext
+def test_torch_compile_fullgraph_through_fake_impls():
+    q, k, v, pk, pv, bias, dout = _ext_inputs(2, 2, 13, 13, 7, 2, 16, 1, dtype=torch.float32)
+
+    def f(q, k, v, pk, pv, bias, dout):
+        out, lse = cuda_impl.attention_fwd(q, k, v, pk, pv, 0.25, bias)
+        return (out,) + tuple(cuda_impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, 0.25, bias))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got, want = compiled(q, k, v, pk, pv, bias, dout), f(q, k, v, pk, pv, bias, dout)
+    for name, x, y in zip(("out",) + GRAD_NAMES, got, want):
+        assert x.shape == y.shape and x.stride() == y.stride(), name
+        assert_close(x, y, 1e-6, 1e-6, name)
+
+
+@needs_ext
+def test_fake_impls_match_real_shapes_strides_dtypes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    for P in (0, 5):
+        args = _ext_inputs(4, 2, 9, 11, P, 2, 8, 2, dtype=torch.float32, views=False)
+        q, k, v, pk, pv, bias, dout = args
+        real = _ext_run(cuda_impl, *args, 0.5)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fargs = [None if t is None else mode.from_tensor(t) for t in args]
+            fake = _ext_run(cuda_impl, *fargs, 0.5)
+        flat_r = [real[0], real[1], *real[2]]
+        flat_f = [fake[0], fake[1], *fake[2]]
+        for x, y in zip(flat_r, flat_f):
+            if x is None:
+                assert y is None
+                continue
+            assert x.shape == y.shape and x.stride() == y.stride() and x.dtype == y.dtype
+
+
+@needs_ext
+def test_flop_counter_counts_the_ops():
+    from torch.utils.flop_counter import FlopCounterMode
+    q, k, v, pk, pv, bias, dout = _ext_inputs(2, 2, 13, 13, 7, 1, 16, 0, dtype=torch.float32)
+    with FlopCounterMode(display=False) as counter:
+        out, lse = cuda_impl.attention_fwd(q, k, v, pk, pv, 0.25)
+        cuda_impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, 0.25)
+    fwd = 4 * 2 * 2 * 13 * (7 + 13) * 16
+    assert counter.get_total_flops() == fwd + fwd * 5 // 2
+
+
+@pytest.mark.gpu
+def test_cuda_unaligned_views_and_layout():
+    """Offsets that break 16-byte alignment take the scalar load path; results match contiguous."""
+    _ext_cuda_ready()
+    q, k, v, pk, pv, bias, dout = _ext_inputs(2, 3, 37, 37, 5, 1, 64, 1, dtype=torch.bfloat16, device="cuda")
+    base = torch.randn(2 * 3 * 37 * 64 + 1, device="cuda", dtype=torch.bfloat16)
+    q_odd = base[1:].view(2, 3, 37, 64)  # 2-byte offset: not 16-byte aligned
+    q_odd.copy_(q)
+    a = _ext_run(cuda_impl, q_odd, k, v, pk, pv, bias, dout, 0.125)
+    b = _ext_run(cuda_impl, q.contiguous(), k, v, pk, pv, bias, dout, 0.125)
+    assert_close(a[0], b[0], 0, 0, "out")
+    for name, x, y in zip(GRAD_NAMES, a[2], b[2]):  # same arithmetic in the same order: bitwise equal
+        assert_close(x, y, 0, 0, name)
+    assert a[0].transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu_twin_and_is_deterministic_forward():
+    _ext_cuda_ready()
+    args = _ext_inputs(4, 2, 50, 50, 9, 2, 64, 2, dtype=torch.float32, device="cuda")
+    out1, lse1 = cuda_impl.attention_fwd(*args[:5], 0.125, args[5])
+    out2, lse2 = cuda_impl.attention_fwd(*args[:5], 0.125, args[5])
+    assert torch.equal(out1, out2) and torch.equal(lse1, lse2)
+    cpu = [None if t is None else t.cpu() for t in args]
+    out_c, lse_c = cuda_impl.attention_fwd(*cpu[:5], 0.125, cpu[5])
+    assert_close(out1.cpu(), out_c, 1e-5, 1e-5, "out")
+    assert_close(lse1.cpu(), lse_c, 1e-5, 1e-5, "lse")
+
+
+# (B, H, N, P, Bp, d, nb): ViT-B/16 deep (one prompt segment shared by the batch); Swin-B stage 0
+# (16 images x 64 windows of 49 tokens, shared deep prompts, a bias per window); Swin per-image
+# prompt segments (16 images x 16 windows, Bp=16).
+DETERMINISM_SHAPES = {"vit-b": (64, 12, 197, 50, 1, 64, 0), "swin-stage0": (1024, 4, 49, 50, 1, 32, 64),
+                      "swin-per-image": (256, 16, 49, 10, 16, 32, 16)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("shape", list(DETERMINISM_SHAPES.values()), ids=list(DETERMINISM_SHAPES))
+def test_backward_is_deterministic(backend, shape):
+    """Three backward calls on the same inputs give bitwise-equal gradients, the prompt gradients
+    (reduced over the query batches sharing a prompt batch) included: no atomics, a fixed order."""
+    import importlib
+    impl = importlib.import_module(f"vpt_fast.backends.{backend}_impl")
+    if not impl.AVAILABLE or (backend == "cuda" and not impl.WITH_CUDA):
+        pytest.skip(f"{backend} backend not available")
+    B, H, N, P, Bp, d, nb = shape
+    q, k, v, pk, pv, bias, dout = _ext_inputs(B, H, N, N, P, Bp, d, nb, dtype=torch.bfloat16, device="cuda")
+    scale = d ** -0.5
+    out, lse = impl.attention_fwd(q, k, v, pk, pv, scale, bias)
+    first = impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, scale, bias)
+    assert first[3].shape == pk.shape and torch.isfinite(first[3]).all() and first[3].abs().sum() > 0
+    for _ in range(2):
+        again = impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, scale, bias)
+        for name, x, y in zip(GRAD_NAMES, first, again):
+            if not torch.equal(x, y):
+                raise AssertionError(f"{backend} {name}: {int((x != y).sum())} of {x.numel()} elements "
+                                     f"differ between two backward calls on the same inputs")
+
+
+@pytest.mark.gpu
+def test_cuda_torch_compile_inductor():
+    _ext_cuda_ready()
+    args = _ext_inputs(2, 2, 33, 33, 7, 1, 64, 1, dtype=torch.bfloat16, device="cuda")
+
+    def f(q, k, v, pk, pv, bias, dout):
+        out, lse = cuda_impl.attention_fwd(q, k, v, pk, pv, 0.125, bias)
+        return (out,) + tuple(cuda_impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, 0.125, bias))
+
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True)(*args)
+    want = f(*args)
+    for name, x, y in zip(("out",) + GRAD_NAMES, got, want):
+        assert_close(x.float(), y.float(), 1e-2, 1e-2, name)
+
+
+# (B, S, index): S not dividing B with an unused set, one set for all batches, a permutation, and
+# sets in decreasing order (the per-set order is not the batch order)
+EXT_INDEXES = {"uneven": (5, 3, [2, 0, 2, 2, 0]), "one-set": (4, 3, [1, 1, 1, 1]),
+           "permutation": (4, 4, [3, 0, 2, 1]), "decreasing": (6, 4, [3, 3, 2, 1, 1, 0])}
+
+
+def _ext_index_inputs(B, S, H, N, P, d, nb, dtype=torch.float64, device="cpu", seed=0):
+    """q, k, v as views of one (B, N, 3, H, d) qkv buffer, pk (S, H, P, d) non-contiguous, pv, bias,
+    dout."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+    q, k, v = rnd(B, N, 3, H, d).permute(2, 0, 3, 1, 4)
+    pk, pv = rnd(S, P, H, d).transpose(1, 2), rnd(S, H, P, d)
+    bias = rnd(nb, H, N, N) if nb else None
+    return q, k, v, pk, pv, bias, rnd(B, H, N, d)
+
+
+def _ext_index_run(q, k, v, pk, pv, bias, dout, scale, prompt_index=None, dqkv=None):
+    out, lse = cuda_impl.attention_fwd(q, k, v, pk, pv, scale, bias, prompt_index=prompt_index)
+    grads = cuda_impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, scale, bias,
+                                    prompt_index=prompt_index, dqkv=dqkv)
+    return out, lse, grads
+
+
+def _per_set_sum(per_batch, index, S):
+    """(S, ...) sums of the per-batch rows of each set, added in increasing batch order."""
+    total = per_batch.new_zeros((S,) + per_batch.shape[1:])
+    for b, s in enumerate(index.tolist()):
+        total[s] += per_batch[b]
+    return total
+
+
+def _ext_index_reference(q, k, v, pk, pv, bias, dout, scale, index):
+    """torch_impl's math path in float64 on the CPU with gathered per-batch prompts (Bp = B)."""
+    f64 = [None if t is None else t.detach().double().cpu() for t in (q, k, v, pk, pv, bias, dout)]
+    q, k, v, pk, pv, bias, dout = f64
+    index = index.cpu()
+    old, torch_attention._FORCE_MATH = torch_attention._FORCE_MATH, True
+    try:
+        out, lse = torch_impl.attention_fwd(q, k, v, pk[index], pv[index], scale, bias)
+        dq, dk, dv, dpk, dpv = torch_impl.attention_bwd(dout, q, k, v, pk[index], pv[index], out, lse,
+                                                        scale, bias)
+    finally:
+        torch_attention._FORCE_MATH = old
+    S = pk.shape[0]
+    return out, lse, (dq, dk, dv, _per_set_sum(dpk, index, S), _per_set_sum(dpv, index, S))
+
+
+def _ext_check_against_reference(args, index, scale, tol):
+    out, lse, grads = _ext_index_run(*args, scale, prompt_index=index)
+    r_out, r_lse, r_grads = _ext_index_reference(*args, scale, index)
+    q, pk = args[0], args[3]
+    assert out.shape == q.shape and out.dtype == q.dtype and out.device == q.device
+    assert_close(out.cpu(), r_out, tol, tol, "out")
+    assert_close(lse.cpu(), r_lse, tol, tol, "lse")
+    for name, g, r in zip(GRAD_NAMES, grads, r_grads):
+        assert g.shape == r.shape and g.dtype == q.dtype, f"{name}: {tuple(g.shape)} {g.dtype}"
+        assert_close(g.cpu(), r, tol, tol, name)
+    assert grads[3].shape == pk.shape
+
+
+@needs_ext
+@pytest.mark.parametrize("case", list(EXT_INDEXES))
+@pytest.mark.parametrize("P,nb", [(7, 0), (1, 1)], ids=["P7", "P1-bias"])
+def test_cpu_indexed_equals_gathered_reference_float64(case, P, nb):
+    B, S, index = EXT_INDEXES[case]
+    args = _ext_index_inputs(B, S, 2, 9, P, 8, nb)
+    _ext_check_against_reference(args, torch.tensor(index), 8 ** -0.5, 1e-10)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
+def test_cpu_indexed_low_precision(dtype, tol):
+    B, S, index = EXT_INDEXES["decreasing"]
+    args = _ext_index_inputs(B, S, 2, 11, 5, 16, 2, dtype=dtype)
+    _ext_check_against_reference(args, torch.tensor(index), 0.25, tol)
+
+
+@needs_ext
+def test_cpu_indexed_equals_the_twin_on_gathered_prompts_bitwise():
+    """The index only moves a pointer: out, lse, dq, dk, dv equal the gathered run bit for bit, and
+    each set's prompt gradient is the per-batch gradients added in batch order (float32)."""
+    B, S, index = EXT_INDEXES["uneven"]
+    q, k, v, pk, pv, bias, dout = _ext_index_inputs(B, S, 3, 13, 7, 16, 1, dtype=torch.float32)
+    index = torch.tensor(index)
+    out, lse, grads = _ext_index_run(q, k, v, pk, pv, bias, dout, 0.25, prompt_index=index)
+    g_out, g_lse, g_grads = _ext_index_run(q, k, v, pk[index], pv[index], bias, dout, 0.25)
+    assert torch.equal(out, g_out) and torch.equal(lse, g_lse)
+    for name, x, y in zip(GRAD_NAMES[:3], grads[:3], g_grads[:3]):
+        assert torch.equal(x, y), name
+    assert torch.equal(grads[3], _per_set_sum(g_grads[3], index, S))
+    assert torch.equal(grads[4], _per_set_sum(g_grads[4], index, S))
+
+
+@needs_ext
+def test_cpu_unused_sets_get_exact_zeros_and_grads_are_reproducible():
+    B, S, index = 6, 5, torch.tensor([4, 1, 4, 1, 1, 4])
+    args = _ext_index_inputs(B, S, 2, 9, 7, 8, 0, dtype=torch.float32)
+    first = _ext_index_run(*args, 0.3, prompt_index=index)[2]
+    for name in ("dpk", "dpv"):
+        g = first[GRAD_NAMES.index(name)]
+        assert torch.equal(g[[0, 2, 3]], torch.zeros_like(g[[0, 2, 3]])), name
+        assert g[[1, 4]].abs().amin() > 0, name
+    again = _ext_index_run(*args, 0.3, prompt_index=index)[2]
+    for name, x, y in zip(GRAD_NAMES, first, again):
+        assert torch.equal(x, y), name
+
+
+@needs_ext
+def test_cpu_index_with_an_empty_prompt_segment():
+    """P == 0: no prompt keys; zero-size prompt gradients of pk's shape."""
+    q, k, v, pk, pv, bias, dout = _ext_index_inputs(3, 2, 2, 5, 1, 8, 0)
+    index = torch.tensor([1, 0, 1])
+    a = _ext_index_run(q, k, v, pk[:, :, :0], pv[:, :, :0], bias, dout, 0.5, prompt_index=index)
+    b = _ext_index_run(q, k, v, None, None, bias, dout, 0.5)
+    assert torch.equal(a[0], b[0])
+    assert a[2][3].shape == (2, 2, 0, 8) and a[2][4].shape == (2, 2, 0, 8)
+
+
+@needs_ext
+@pytest.mark.parametrize("indexed", [False, True], ids=["grouped", "indexed"])
+def test_cpu_dqkv_equals_separate_buffers(indexed):
+    """dq, dk, dv land in the views of one (B, N, 3, H, d) buffer, bit for bit as returned
+    separately; the returned gradients are those views."""
+    B, S, H, N, d = 4, 2, 3, 11, 16
+    q, k, v, pk, pv, bias, dout = _ext_index_inputs(B, S, H, N, 7, d, 2, dtype=torch.float32)
+    index = torch.tensor([1, 0, 0, 1]) if indexed else None
+    sep = _ext_index_run(q, k, v, pk, pv, bias, dout, 0.25, prompt_index=index)[2]
+    dqkv = torch.full((B, N, 3, H, d), float("nan"))
+    got = _ext_index_run(q, k, v, pk, pv, bias, dout, 0.25, prompt_index=index, dqkv=dqkv)[2]
+    for i, name in enumerate(GRAD_NAMES[:3]):
+        assert torch.equal(got[i], sep[i]), name
+        assert got[i].data_ptr() == dqkv[:, :, i].data_ptr() and got[i].stride() == (N * 3 * H * d, d, 3 * H * d, 1)
+        assert torch.equal(dqkv[:, :, i].transpose(1, 2), sep[i]), name
+    assert torch.equal(got[3], sep[3]) and torch.equal(got[4], sep[4])
+
+
+@needs_ext
+def test_cpu_dqkv_without_prompts_and_without_bias():
+    q, k, v, _, _, _, dout = _ext_index_inputs(2, 1, 2, 7, 1, 8, 0, dtype=torch.float32)
+    sep = _ext_index_run(q, k, v, None, None, None, dout, 0.5)[2]
+    dqkv = torch.empty(2, 7, 3, 2, 8)
+    got = _ext_index_run(q, k, v, None, None, None, dout, 0.5, dqkv=dqkv)[2]
+    assert got[3] is None and got[4] is None
+    for i, name in enumerate(GRAD_NAMES[:3]):
+        assert torch.equal(got[i], sep[i]), name
+
+
+@needs_ext
+def test_bad_index_and_dqkv_arguments_raise():
+    f, b = cuda_impl.attention_fwd, cuda_impl.attention_bwd
+    q, k, v, pk, pv, bias, dout = _ext_index_inputs(4, 3, 2, 9, 5, 8, 0, dtype=torch.float32)
+    index = torch.tensor([2, 0, 1, 2])
+    with pytest.raises(TypeError, match=r"prompt_index dtype must be int64 \(Long\), got Int"):
+        f(q, k, v, pk, pv, 1.0, prompt_index=index.int())
+    with pytest.raises(ValueError, match=r"prompt_index must be \(B,\) = \(4,\), .*got shape \[5\]"):
+        f(q, k, v, pk, pv, 1.0, prompt_index=torch.tensor([0, 0, 0, 0, 0]))
+    with pytest.raises(ValueError, match=r"prompt_index must be \(B,\) = \(4,\), .*got shape \[4, 1\]"):
+        f(q, k, v, pk, pv, 1.0, prompt_index=index[:, None])
+    with pytest.raises(ValueError, match=r"prompt_index must be contiguous, got strides \[2\]"):
+        f(q, k, v, pk, pv, 1.0, prompt_index=torch.tensor([2, 9, 0, 9, 1, 9, 2, 9])[::2])
+    with pytest.raises(ValueError, match=r"prompt_index values must be in \[0, S=3\), got 3 at position 1"):
+        f(q, k, v, pk, pv, 1.0, prompt_index=torch.tensor([0, 3, 1, 1]))
+    with pytest.raises(ValueError, match=r"prompt_index values must be in \[0, S=3\), got -1 at position 0"):
+        f(q, k, v, pk, pv, 1.0, prompt_index=torch.tensor([-1, 0, 1, 1]))
+    with pytest.raises(ValueError, match=r"prompt_index needs the prompt sets pk, pv"):
+        f(q, k, v, None, None, 1.0, prompt_index=index)
+    with pytest.raises(ValueError, match=r"prompt batch Bp=3 must divide the query batch B=4 .*prompt_index"):
+        f(q, k, v, pk, pv, 1.0)
+    out, lse = f(q, k, v, pk, pv, 1.0, prompt_index=index)
+    with pytest.raises(ValueError, match=r"prompt_index values must be in \[0, S=3\)"):
+        b(dout, q, k, v, pk, pv, out, lse, 1.0, prompt_index=torch.tensor([0, 1, 2, 7]))
+    with pytest.raises(TypeError, match=r"dqkv dtype must match q \(Float\), got Double"):
+        b(dout, q, k, v, pk, pv, out, lse, 1.0, prompt_index=index, dqkv=torch.empty(4, 9, 3, 2, 8).double())
+    with pytest.raises(ValueError, match=r"dqkv must be \(B=4, N=9, 3, H=2, d=8\), got shape \[4, 9, 2, 2, 8\]"):
+        b(dout, q, k, v, pk, pv, out, lse, 1.0, prompt_index=index, dqkv=torch.empty(4, 9, 2, 2, 8))
+    with pytest.raises(ValueError, match=r"dqkv must have 5 dims"):
+        b(dout, q, k, v, pk, pv, out, lse, 1.0, prompt_index=index, dqkv=torch.empty(4, 9, 3, 16))
+    with pytest.raises(ValueError, match=r"dqkv must have a unit stride"):
+        b(dout, q, k, v, pk, pv, out, lse, 1.0, prompt_index=index,
+          dqkv=torch.empty(8, 4, 9, 3, 2).permute(1, 2, 3, 4, 0))
+    q2 = q[:, :, :5]
+    out2, lse2 = f(q2, k, v, pk, pv, 1.0, prompt_index=index)
+    with pytest.raises(ValueError, match=r"dqkv needs as many queries as keys \(Nq == Nk\), got Nq=5, Nk=9"):
+        b(dout[:, :, :5], q2, k, v, pk, pv, out2, lse2, 1.0, prompt_index=index, dqkv=torch.empty(4, 5, 3, 2, 8))
+
+
+@needs_ext
+def test_torch_compile_fullgraph_with_index_and_dqkv():
+    B, S, index = EXT_INDEXES["uneven"]
+    q, k, v, pk, pv, bias, dout = _ext_index_inputs(B, S, 2, 9, 7, 8, 1, dtype=torch.float32)
+    index = torch.tensor(index)
+
+    def f(q, k, v, pk, pv, bias, dout, index):
+        out, lse = cuda_impl.attention_fwd(q, k, v, pk, pv, 0.25, bias, prompt_index=index)
+        dqkv = q.new_empty(q.shape[0], q.shape[2], 3, q.shape[1], q.shape[3])
+        grads = cuda_impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, 0.25, bias, prompt_index=index,
+                                        dqkv=dqkv)
+        return (out, dqkv * 2) + tuple(grads)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got, want = compiled(q, k, v, pk, pv, bias, dout, index), f(q, k, v, pk, pv, bias, dout, index)
+    for name, x, y in zip(("out", "2 dqkv") + GRAD_NAMES, got, want):
+        assert x.shape == y.shape and x.stride() == y.stride(), name
+        assert_close(x, y, 1e-6, 1e-6, name)
+
+
+@needs_ext
+@pytest.mark.parametrize("with_dqkv", [False, True], ids=["separate", "dqkv"])
+def test_fake_impls_match_real_with_index(with_dqkv):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    B, S, index = EXT_INDEXES["uneven"]
+    args = _ext_index_inputs(B, S, 2, 9, 7, 8, 1, dtype=torch.float32)
+    index = torch.tensor(index)
+
+    def run(args, index):
+        q = args[0]
+        dqkv = q.new_empty(B, 9, 3, 2, 8) if with_dqkv else None
+        out, lse = cuda_impl.attention_fwd(*args[:5], 0.5, args[5], prompt_index=index)
+        raw = torch.ops.vpt_fast.attention_bwd(args[6], *args[:5], out, lse, 0.5, args[5], index, dqkv)
+        return [out, lse, *raw]
+
+    real = run(args, index)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = run([None if t is None else mode.from_tensor(t) for t in args], mode.from_tensor(index))
+    for x, y in zip(real, fake):
+        assert x.shape == y.shape and x.stride() == y.stride() and x.dtype == y.dtype
+    assert real[5].shape == (S, 2, 7, 8)
+
+
+@needs_ext
+def test_flop_counter_counts_the_indexed_ops():
+    from torch.utils.flop_counter import FlopCounterMode
+    B, S, index = EXT_INDEXES["uneven"]
+    q, k, v, pk, pv, _, dout = _ext_index_inputs(B, S, 2, 9, 7, 8, 0, dtype=torch.float32)
+    with FlopCounterMode(display=False) as counter:
+        _ext_index_run(q, k, v, pk, pv, None, dout, 0.25, prompt_index=torch.tensor(index))
+    fwd = 4 * B * 2 * 9 * (7 + 9) * 8
+    assert counter.get_total_flops() == fwd + fwd * 5 // 2
+
+
+# relative tolerances against the float64 reference, and for the prompt gradients against the
+# gathered per-batch gradients summed per set in float64
+EXT_CUDA_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 4e-2}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(EXT_CUDA_TOL), ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("shape", [(16, 5, 12, 197, 50, 64, 0), (24, 7, 4, 49, 10, 32, 4),
+                                   (6, 4, 2, 37, 3, 80, 0), (5, 3, 2, 70, 65, 128, 1)],
+                         ids=["vit-b", "swin-windows-bias", "d80", "d128-two-key-tiles"])
+def test_cuda_indexed_equals_gathered(dtype, shape):
+    """Forward and dq, dk, dv equal the gathered run bit for bit (the index only moves a pointer);
+    dpk, dpv equal the gathered per-batch gradients summed per set; everything near float64."""
+    _ext_cuda_ready()
+    B, S, H, N, P, d, nb = shape
+    gen = torch.Generator().manual_seed(B)
+    index = torch.randint(0, S - 1, (B,), generator=gen).cuda()  # set S - 1 unused
+    args = _ext_index_inputs(B, S, H, N, P, d, nb, dtype=dtype, device="cuda", seed=1)
+    q, k, v, pk, pv, bias, dout = args
+    scale = d ** -0.5
+    out, lse, grads = _ext_index_run(*args, scale, prompt_index=index)
+    g_out, g_lse, g_grads = _ext_index_run(q, k, v, pk[index], pv[index], bias, dout, scale)
+    assert torch.equal(out, g_out) and torch.equal(lse, g_lse)
+    for name, x, y in zip(GRAD_NAMES[:3], grads[:3], g_grads[:3]):
+        assert torch.equal(x, y), name
+    tol = EXT_CUDA_TOL[dtype]
+    for i in (3, 4):
+        want = _per_set_sum(g_grads[i].double(), index, S)
+        assert torch.equal(grads[i][S - 1], torch.zeros_like(grads[i][S - 1])), GRAD_NAMES[i]
+        scale_ = want.abs().amax().item()
+        assert_close(grads[i].double(), want, tol * scale_, tol, GRAD_NAMES[i])
+    r_out, _, r_grads = _ext_index_reference(*args, scale, index)
+    assert_close(out.double().cpu(), r_out, tol, tol, "out")
+    for name, g, r in zip(GRAD_NAMES, grads, r_grads):
+        assert_close(g.double().cpu(), r, tol * max(1.0, r.abs().amax().item()), tol, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_indexed_backward_is_deterministic_with_unbalanced_sets(dtype):
+    """Most batches on one set, one set unused: three backward calls give bitwise-equal gradients."""
+    _ext_cuda_ready()
+    B, S, H, N, P, d = 64, 6, 12, 197, 50, 64
+    index = torch.zeros(B, dtype=torch.long)
+    index[::9] = torch.arange(1, 1 + len(index[::9])) % (S - 1)
+    index = index.cuda()
+    args = _ext_index_inputs(B, S, H, N, P, d, 0, dtype=dtype, device="cuda")
+    out, lse, first = _ext_index_run(*args, d ** -0.5, prompt_index=index)
+    assert torch.equal(first[3][S - 1], torch.zeros_like(first[3][S - 1]))
+    for _ in range(2):
+        again = cuda_impl.attention_bwd(args[6], *args[:5], out, lse, d ** -0.5, None, prompt_index=index)
+        for name, x, y in zip(GRAD_NAMES, first, again):
+            if not torch.equal(x, y):
+                raise AssertionError(f"{name}: {int((x != y).sum())} of {x.numel()} elements differ")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("indexed", [False, True], ids=["grouped", "indexed"])
+def test_cuda_dqkv_equals_separate_buffers(dtype, indexed):
+    _ext_cuda_ready()
+    B, S, H, N, d = 8, 2, 4, 50, 64
+    args = _ext_index_inputs(B, S, H, N, 9, d, 1, dtype=dtype, device="cuda")
+    index = torch.tensor([1, 0, 0, 1, 1, 1, 0, 1], device="cuda") if indexed else None
+    sep = _ext_index_run(*args, 0.125, prompt_index=index)[2]
+    dqkv = torch.full((B, N, 3, H, d), float("nan"), device="cuda", dtype=dtype)
+    got = _ext_index_run(*args, 0.125, prompt_index=index, dqkv=dqkv)[2]
+    for i, name in enumerate(GRAD_NAMES):
+        assert torch.equal(got[i], sep[i]), name
+    for i in range(3):
+        assert got[i].data_ptr() == dqkv[:, :, i].data_ptr()
+
+
+@pytest.mark.gpu
+def test_cuda_bad_index_and_dqkv_raise():
+    _ext_cuda_ready()
+    q, k, v, pk, pv, _, dout = _ext_index_inputs(4, 3, 2, 16, 5, 64, 0, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match=r"prompt_index must be on q's device cuda"):
+        cuda_impl.attention_fwd(q, k, v, pk, pv, 1.0, prompt_index=torch.tensor([0, 1, 2, 0]))
+    index = torch.tensor([0, 1, 2, 0], device="cuda")
+    out, lse = cuda_impl.attention_fwd(q, k, v, pk, pv, 1.0, prompt_index=index)
+    base = torch.empty(4 * 16 * 3 * 2 * 64 + 1, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"dqkv must be 16-byte aligned"):
+        cuda_impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, 1.0, prompt_index=index,
+                                dqkv=base[1:].view(4, 16, 3, 2, 64))

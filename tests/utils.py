@@ -11,7 +11,7 @@ from timm.models.swin_transformer import window_partition, window_reverse
 from torch import Tensor, nn
 
 import vpt_fast
-from vpt_fast.backends import torch_impl
+from vpt_fast.backends.torch_impl import attention as torch_attention
 
 # -- tiny prompted models and their inputs --------------------------------------------------
 
@@ -153,9 +153,9 @@ def eager_attention_low_precision(q, k, v, pk, pv, bias, dout, scale):
     """timm-style eager attention on the concatenated keys in the inputs' dtype, with autograd."""
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
     pk_, pv_ = (None, None) if pk is None else (t.detach().clone().requires_grad_() for t in (pk, pv))
-    kk, vv = torch_impl._joint_kv(k, v, pk_, pv_)
+    kk, vv = torch_attention._joint_kv(k, v, pk_, pv_)
     s = (q * scale) @ kk.transpose(-1, -2)
-    mask = torch_impl._joint_bias(bias, q.shape[0], 0 if pk is None else pk.shape[2])
+    mask = torch_attention._joint_bias(bias, q.shape[0], 0 if pk is None else pk.shape[2])
     if mask is not None:
         s = s + mask.to(s.dtype)
     out = s.softmax(-1) @ vv

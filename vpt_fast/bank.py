@@ -2,7 +2,7 @@
 
 Every task adds only its prompts (+ projection) and its classifier head. A mixed batch runs ONE
 backbone pass: each block reads a table of every task's prompt keys/values and each sample's
-attention takes its own task's set by index (`prompt_attention(..., prompt_index=...)`); each sample
+attention takes its own task's set by index (`attention(..., prompt_index=...)`); each sample
 then goes through its own task's head. Exact: a task's logits equal its own prompted model's on its
 samples, and a mixed training batch gives each task the gradients separate per-task steps would (for
 the sum of per-task losses); the per-task prompt-gradient reduction is a fixed-order GEMM.
@@ -33,7 +33,7 @@ from vpt_fast.io import (
     trainable_tensors,
 )
 from vpt_fast.ops import parameters_of
-from vpt_fast.ops.attention import gather_sets
+from vpt_fast.ops.attention import gather_prompt_sets
 from vpt_fast.prompt_cache import KVCacheOwner, parameter_key
 from vpt_fast.prompting import prompts_of
 from vpt_fast.prompts import VisualPrompts
@@ -74,7 +74,7 @@ class TaskPrompts:
     def prompt_sets(self, index: int, batch: int, stage: int = 0) -> tuple[Tensor, Optional[Tensor]]:
         if not self._dropout_active():
             return torch.cat([t.vpt.tokens(index, batch, stage) for t in self.tasks]), self.index
-        rows = gather_sets(torch.cat([t.vpt.clean_tokens(index, stage) for t in self.tasks]), self.index)
+        rows = gather_prompt_sets(torch.cat([t.vpt.clean_tokens(index, stage) for t in self.tasks]), self.index)
         out = rows
         for s, task in enumerate(self.tasks):
             if task.vpt.training and task.vpt.dropout.p > 0:

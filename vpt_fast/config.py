@@ -19,7 +19,7 @@ class PromptConfig:
         dropout: prompt dropout probability, applied each time prompts enter the sequence.
         project: if set, prompts live in this dimension and pass through a trainable Linear to the
             model width (the paper's `prompt_project`).
-        backend: "auto", "reference", "torch", "triton" or "cuda" (see `available_backends()`).
+        backend: one of `vpt_fast.backends.BACKENDS` (see `available_backends()`).
         recompute: "none" (save what input gradients need), "mlp" (recompute norm2+fc1 in backward),
             "block" (save block inputs only and recompute each block in backward).
     """

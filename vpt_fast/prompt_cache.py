@@ -15,7 +15,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from vpt_fast.backends import resolve_auto
-from vpt_fast.ops import autocast_dtype, parameters_of
+from vpt_fast.backends.dtypes import autocast_dtype
+from vpt_fast.ops import parameters_of
 
 
 class PromptSource(Protocol):

@@ -33,7 +33,7 @@ def prompt(model: nn.Module, num_prompts: int = 50, deep: bool = True, dropout: 
         deep: VPT-Deep (a prompt set per block) or VPT-Shallow (input only); a bool.
         dropout: prompt dropout, a float in [0, 1).
         project: prompt dimension (an int >= 1) with a trainable projection to the model width, or None.
-        backend: "auto", "reference", "torch", "triton" or "cuda" (must be available here).
+        backend: one of `vpt_fast.backends.BACKENDS` (must be available here).
         recompute: "none", "mlp" or "block".
     """
     config = PromptConfig(num_prompts=num_prompts, deep=deep, dropout=dropout, project=project,

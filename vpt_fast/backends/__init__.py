@@ -1,4 +1,5 @@
-"""The backend registry: names, availability, "auto", and which module runs each op.
+"""The backend registry: one `Backend` registration per backend in `REGISTRY`, the only list of backend
+names; availability, "auto" and which module runs each op are read from it.
 
 Backends (docs/design.md §4):
 - "reference": release-style eager VPT (concatenation at every block, timm math), run by the blocks;
@@ -6,60 +7,95 @@ Backends (docs/design.md §4):
 - "triton": fused Triton kernels (`triton_impl`), CUDA tensors or Triton's CPU interpreter;
 - "cuda": the C++/CUDA extension's prompt-aware attention (`cuda_impl`); its other ops come from
   triton on CUDA tensors and from torch elsewhere;
-- "auto": triton on CUDA tensors when Triton is usable, torch otherwise.
+- "auto": the available backend with the highest `auto_priority` that serves the tensors' device
+  (triton on CUDA tensors when Triton is usable, torch otherwise).
 
 Backend modules are imported once, here, so that resolving a backend inside a traced forward is a
-dict lookup (torch.compile does not trace importlib).
+dict lookup (torch.compile does not trace importlib). They are named by string so that a backend
+whose dependency is missing makes itself unavailable instead of breaking `import vpt_fast`.
 """
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from types import ModuleType
+from typing import Optional
 
 import torch
 
-BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend.
+
+    Attributes:
+        name: what `prompt()`, `set_backend()` and the blocks accept.
+        module: its primitives module (`<op>_fwd` / `<op>_bwd` per op it runs), or None when the blocks
+            run timm's own modules for it ("reference"); a backend without a module is always available.
+        devices: the device types on which "auto" and other backends' fallback chains pick it (named
+            explicitly, a backend runs wherever its module accepts the tensors); None: every device.
+        fallbacks: the backends that run, in order, the ops its module lacks (on devices they serve).
+        auto_priority: "auto" picks the available backend serving the device with the highest one;
+            None: "auto" never picks it.
+    """
+    name: str
+    module: Optional[str]
+    devices: Optional[tuple[str, ...]] = None
+    fallbacks: tuple[str, ...] = ()
+    auto_priority: Optional[int] = None
+
+    def serves(self, device: torch.device) -> bool:
+        return self.devices is None or device.type in self.devices
+
+
+REGISTRY: dict[str, Backend] = {backend.name: backend for backend in (
+    Backend("reference", module=None),
+    Backend("torch", "vpt_fast.backends.torch_impl", auto_priority=0),
+    Backend("triton", "vpt_fast.backends.triton_impl", devices=("cuda",), auto_priority=1),
+    Backend("cuda", "vpt_fast.backends.cuda_impl", fallbacks=("triton", "torch")),
+)}
+"""Every backend, in order of preference after "auto" (what `available_backends()` lists)."""
+
+BACKENDS = ("auto", *REGISTRY)
 """Every backend name `prompt()`, `set_backend()` and the blocks accept."""
-ALWAYS_AVAILABLE = ("auto", "reference", "torch")
-
-_MODULES = {
-    "torch": "vpt_fast.backends.torch_impl",
-    "triton": "vpt_fast.backends.triton_impl",
-    "cuda": "vpt_fast.backends.cuda_impl",
-}
+_WITH_MODULES = tuple(name for name, backend in REGISTRY.items() if backend.module is not None)
 
 
-def _load(name: str) -> tuple[ModuleType | None, str | None]:
+def _load(backend: Backend) -> tuple[ModuleType | None, str | None]:
     """(module, None) when the backend can run here, else (None, why not)."""
     try:
-        module = importlib.import_module(_MODULES[name])
+        module = importlib.import_module(backend.module)
     except ImportError as exc:
-        return None, f"{_MODULES[name]} did not import ({exc})"
+        return None, f"{backend.module} did not import ({exc})"
     if not getattr(module, "AVAILABLE", True):
-        return None, getattr(module, "UNAVAILABLE_REASON", f"{_MODULES[name]}.AVAILABLE is False")
+        return None, getattr(module, "UNAVAILABLE_REASON", f"{backend.module}.AVAILABLE is False")
     return module, None
 
 
 _LOADED: dict[str, ModuleType | None] = {}
 _REASONS: dict[str, str] = {}
-for _name in _MODULES:
-    _LOADED[_name], _reason = _load(_name)
+for _name in _WITH_MODULES:
+    _LOADED[_name], _reason = _load(REGISTRY[_name])
     if _reason is not None:
         _REASONS[_name] = _reason
 del _name, _reason
 
 
+def _available(name: str) -> bool:
+    return REGISTRY[name].module is None or _LOADED[name] is not None
+
+
 def backend_module(name: str) -> ModuleType | None:
-    """The primitives module of backend `name` ("torch", "triton" or "cuda"), or None when it cannot
+    """The primitives module of backend `name` (one registered with a module), or None when it cannot
     be used on this machine."""
-    if name not in _MODULES:
-        raise ValueError(f"backend_module: name must be one of {tuple(_MODULES)}, got {name!r}")
+    if name not in _WITH_MODULES:
+        raise ValueError(f"backend_module: name must be one of {_WITH_MODULES}, got {name!r}")
     return _LOADED[name]
 
 
 def available_backends() -> list[str]:
     """Backends usable on this machine, in order of preference after "auto"."""
-    return ["reference", "torch"] + [name for name in ("triton", "cuda") if _LOADED[name] is not None]
+    return [name for name in REGISTRY if _available(name)]
 
 
 def validate_backend(name: str) -> str:
@@ -72,39 +108,40 @@ def validate_backend(name: str) -> str:
     """
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    if name not in ALWAYS_AVAILABLE and _LOADED[name] is None:
+    if name != "auto" and not _available(name):
         raise RuntimeError(f"backend {name!r} is not available on this machine: {_REASONS[name]}; "
                            f"available: {available_backends()}")
     return name
 
 
 def resolve_auto(backend: str, device: torch.device) -> str:
-    """The concrete backend `backend` runs as for tensors on `device` ("auto": triton on CUDA
-    tensors when Triton is usable, else torch; any other name is returned as is)."""
+    """The concrete backend `backend` runs as for tensors on `device` ("auto": the available backend
+    with the highest `auto_priority` that serves `device`; any other name is returned as is)."""
     if backend != "auto":
         return backend
-    return "triton" if device.type == "cuda" and _LOADED["triton"] is not None else "torch"
+    candidates = [b for b in REGISTRY.values()
+                  if b.auto_priority is not None and b.serves(device) and _available(b.name)]
+    return max(candidates, key=lambda b: b.auto_priority).name
 
 
 def _chain(backend: str, device: torch.device) -> tuple[str, ...]:
-    """Backend modules tried in order for an op; the first that has the op runs it."""
-    if backend == "cuda":  # attention only: the other ops fall back to triton on CUDA, else torch
-        return ("cuda", "triton", "torch") if device.type == "cuda" else ("cuda", "torch")
-    return (backend,)
+    """Backend modules tried in order for an op: the backend's own, then its fallbacks that serve
+    `device`; the first that has the op runs it."""
+    return (backend, *(name for name in REGISTRY[backend].fallbacks if REGISTRY[name].serves(device)))
 
 
 def resolve(backend: str, op: str, device: torch.device) -> ModuleType:
     """Module whose `<op>_fwd` / `<op>_bwd` run `op` for `backend` on tensors on `device`.
 
     Args:
-        backend: "auto", "torch", "triton" or "cuda" ("reference" has no primitives: the blocks run
+        backend: "auto" or a registered backend with a module ("reference" has none: the blocks run
             timm's own modules for it).
         op: the op name, e.g. "attention", "layer_norm", "bias_gelu".
         device: where the op's tensors live.
     """
     backend = resolve_auto(backend, device)
-    if backend not in _MODULES:
-        raise ValueError(f"backend must be one of {('auto',) + tuple(_MODULES)} for op {op!r}, got {backend!r}")
+    if backend not in _WITH_MODULES:
+        raise ValueError(f"backend must be one of {('auto', *_WITH_MODULES)} for op {op!r}, got {backend!r}")
     for name in _chain(backend, device):
         module = _LOADED[name]
         if module is not None and hasattr(module, f"{op}_fwd"):

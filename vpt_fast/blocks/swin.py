@@ -40,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 from vpt_fast.backends import resolve_auto, validate_backend
 from vpt_fast.blocks.vit import PromptQKV, residual_mlp, warn_if_hooks_bypassed
 from vpt_fast.config import RECOMPUTE
-from vpt_fast.ops.attention import prompt_attention
+from vpt_fast.ops.attention import attention
 from vpt_fast.ops.layer_norm import layer_norm
 from vpt_fast.ops.linear import linear
 from vpt_fast.ops.windows import window_index, window_partition, window_reverse
@@ -85,7 +85,7 @@ class SwinBlock(nn.Module):
 
     Args:
         block: a timm `swin_transformer.SwinTransformerBlock` whose submodules are taken over.
-        backend: "auto", "reference", "torch", "triton" or "cuda".
+        backend: one of `vpt_fast.backends.BACKENDS`.
         recompute: "none", "mlp" or "block" (see `PromptConfig`).
     """
 
@@ -379,7 +379,7 @@ class SwinBlock(nn.Module):
         qkv = linear(windows, attn.qkv.weight, attn.qkv.bias)
         q, k, v = qkv.view(bw, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
         pk, pv = (None, None) if prompt_qkv is None else prompt_qkv[1:]
-        o = prompt_attention(q, k, v, pk, pv, scale=attn.scale, bias=self._bias(height, width), backend=backend)
+        o = attention(q, k, v, pk, pv, scale=attn.scale, bias=self._bias(height, width), backend=backend)
         o = linear(o.transpose(1, 2).reshape(bw, n, attn_dim), attn.proj.weight, attn.proj.bias)
         out = self._from_windows(o, height, width)
         if prompt_qkv is None or not need_prompts:
@@ -393,7 +393,7 @@ class SwinBlock(nn.Module):
         else:
             qp = qp.unsqueeze(1).expand(bp, num_windows, heads, num_prompts, head_dim)
             qp = qp.reshape(bw, heads, num_prompts, head_dim)
-        op = prompt_attention(qp, k, v, pk, pv, scale=attn.scale, backend=backend)
+        op = attention(qp, k, v, pk, pv, scale=attn.scale, backend=backend)
         op = op.view(batch, num_windows, heads, num_prompts, head_dim).mean(1)
         op = op.transpose(1, 2).reshape(batch, num_prompts, attn_dim)
         return out, linear(op, attn.proj.weight, attn.proj.bias)
@@ -405,7 +405,7 @@ class SwinPatchMerging(nn.Module):
 
     Args:
         merging: a timm `swin_transformer.PatchMerging` whose norm and reduction are taken over.
-        backend: "auto", "reference", "torch", "triton" or "cuda".
+        backend: one of `vpt_fast.backends.BACKENDS`.
         recompute: kept for `set_backend`; merging saves only LayerNorm inputs and statistics.
     """
 

@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from vpt_fast.backends import resolve_auto, validate_backend
 from vpt_fast.config import RECOMPUTE
 from vpt_fast.ops.add_layer_norm import add_layer_norm
-from vpt_fast.ops.attention import gather_sets, prompt_attention, prompt_attention_qkv
+from vpt_fast.ops.attention import attention, attention_qkv, gather_prompt_sets
 from vpt_fast.ops.layer_norm import layer_norm
 from vpt_fast.ops.linear import linear
 from vpt_fast.ops.mlp import add_norm_mlp, add_norm_mlp_residual, is_fusable, norm_mlp
@@ -42,7 +42,7 @@ class ViTBlock(nn.Module):
         block: a timm `vision_transformer.Block` whose submodules are taken over (not copied).
         num_prefix_tokens: class + register tokens at the start of the sequence; the reference
             backend inserts prompts after them.
-        backend: "auto", "reference", "torch", "triton" or "cuda".
+        backend: one of `vpt_fast.backends.BACKENDS`.
         recompute: "none", "mlp" or "block" (see `PromptConfig`).
     """
 
@@ -109,7 +109,7 @@ class ViTBlock(nn.Module):
             raise ValueError(f"query_rows must be in [1, N={x.shape[1]}], got {query_rows}")
         if backend == "reference":
             if prompt_index is not None:
-                prompts = gather_sets(prompts, prompt_index)  # release-style: every sample its own rows
+                prompts = gather_prompt_sets(prompts, prompt_index)  # release-style: every sample its own rows
             run, args = self._reference_rows, (x, prompts, query_rows)
         else:
             run, args = self._forward, (x, prompts, backend, query_rows, prompt_index)
@@ -164,7 +164,7 @@ class ViTBlock(nn.Module):
         plain_qk = isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)
         if query_rows is None and plain_qk:  # q, k, v as one tensor: its gradient is one buffer, no stacking
             qkv = linear(xn, attn.qkv.weight, attn.qkv.bias).view(batch, num_tokens, 3, heads, head_dim)
-            o = prompt_attention_qkv(qkv, pk, pv, **options)
+            o = attention_qkv(qkv, pk, pv, **options)
         else:
             if query_rows is None:
                 qkv = linear(xn, attn.qkv.weight, attn.qkv.bias)
@@ -175,7 +175,7 @@ class ViTBlock(nn.Module):
                 kv = linear(xn, *_rows_of(attn.qkv, attn_dim, 3 * attn_dim))
                 k, v = kv.view(batch, num_tokens, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
             q, k = self._qk_norm(q, attn.q_norm, backend), self._qk_norm(k, attn.k_norm, backend)
-            o = prompt_attention(q, k, v, pk, pv, **options)
+            o = attention(q, k, v, pk, pv, **options)
         o = o.transpose(1, 2).reshape(batch, o.shape[2], attn_dim)
         if not isinstance(attn.norm, nn.Identity):
             o = layer_norm(o, attn.norm, backend, feeds_matmul=True)
@@ -225,12 +225,12 @@ class ViTBlock(nn.Module):
         q, k, v = qkv.view(batch, num_own, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self._qk_norm(q, attn.q_norm, backend), self._qk_norm(k, attn.k_norm, backend)
         pq = prompt_qkv.q
-        pq = pq.expand(batch, -1, -1, -1) if prompt_index is None else gather_sets(pq, prompt_index)
+        pq = pq.expand(batch, -1, -1, -1) if prompt_index is None else gather_prompt_sets(pq, prompt_index)
         # queries in row order; the prompt keys/values are the attention op's shared prompt segment
         q = torch.cat([q[:, :, :prompt_start], pq, q[:, :, prompt_start:]], dim=2)[:, :, :query_rows]
         # the index comes checked from the model (PromptBank checks task ids once): no per-block sync
-        o = prompt_attention(q, k, v, prompt_qkv.k, prompt_qkv.v, scale=attn.scale, backend=backend,
-                             prompt_index=prompt_index, check_index_range=False)
+        o = attention(q, k, v, prompt_qkv.k, prompt_qkv.v, scale=attn.scale, backend=backend,
+                      prompt_index=prompt_index, check_index_range=False)
         o = o.transpose(1, 2).reshape(batch, q.shape[2], attn.attn_dim)
         if not isinstance(attn.norm, nn.Identity):
             o = layer_norm(o, attn.norm, backend, feeds_matmul=True)

@@ -36,7 +36,7 @@ from vpt_fast.models.common import (
     prompt_module,
     warn_ignored_dropout,
 )
-from vpt_fast.ops.attention import gather_sets
+from vpt_fast.ops.attention import gather_prompt_sets
 from vpt_fast.prompt_cache import cached_prompt_values
 
 _HEAD = ("head",)
@@ -167,13 +167,13 @@ def block_prompt_qkv(block: SwinBlock, slot: tuple[int, int], sets: Tensor, inde
                                lambda: block.prompt_qkv(sets, backend, queries), variant=queries)
     if qkv is None or index is None:
         return qkv
-    return PromptQKV(*(None if t is None else gather_sets(t, index) for t in qkv))
+    return PromptQKV(*(None if t is None else gather_prompt_sets(t, index) for t in qkv))
 
 
 def _sample_rows(sets: Tensor, index: Optional[Tensor]) -> Tensor:
     """Prompt rows as a Swin block takes them: (1 or B, P, C); a bank's sets are gathered per image
     (each image's prompts also join every one of its windows as queries)."""
-    return sets if index is None else gather_sets(sets, index)
+    return sets if index is None else gather_prompt_sets(sets, index)
 
 
 def check_swin(model: SwinTransformer) -> None:

@@ -25,7 +25,7 @@ from vpt_fast.models.common import (
     prompt_module,
     warn_ignored_dropout,
 )
-from vpt_fast.ops.attention import gather_sets
+from vpt_fast.ops.attention import gather_prompt_sets
 from vpt_fast.prompt_cache import cached_prompt_values
 
 SUPPORTED_POOLS = ("token", "avg", "")
@@ -52,7 +52,7 @@ class PromptedVisionTransformer(PromptedModel, VisionTransformer):
         num_prompts, first_qkv = 0, None
         if not deep:
             sets, index = source.prompt_sets(0, batch)
-            prompts = sets.expand(batch, -1, -1) if index is None else gather_sets(sets, index)
+            prompts = sets.expand(batch, -1, -1) if index is None else gather_prompt_sets(sets, index)
             num_prompts = prompts.shape[1]
             x = torch.cat([x[:, :npfx], prompts, x[:, npfx:]], dim=1)
             first_qkv = shallow_prompt_qkv(blocks[0], sets, source, self.vpt_config.backend, x.device)

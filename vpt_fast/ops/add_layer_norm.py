@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from vpt_fast.backends import resolve
-from vpt_fast.ops import any_trainable, norm_operands, norm_output_dtype, sum_dtype
+from vpt_fast.backends.dtypes import norm_operands, norm_output_dtype, sum_dtype
+from vpt_fast.ops import any_trainable
 from vpt_fast.ops.layer_norm import layer_norm
 
 
@@ -57,7 +58,7 @@ def add_layer_norm(residual: Tensor, branch: Tensor, norm: nn.Module, backend: s
         residual: the residual stream (..., C), float32 under autocast.
         branch: what is added to it, residual's shape, any floating dtype.
         norm: a frozen `nn.LayerNorm` over C.
-        backend: the backend whose `add_layer_norm` primitives run ("auto", "torch", "triton", "cuda").
+        backend: the backend whose `add_layer_norm` primitives run ("auto" or a registered one with primitives).
         scale: an optional (C,) per-channel scale of the branch (timm's LayerScale gamma).
         feeds_matmul: y goes straight into a linear or attention: under autocast it is written in the
             autocast dtype (docs/design.md §2.5).

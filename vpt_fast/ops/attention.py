@@ -5,7 +5,7 @@ one batch, docs/design.md §8). One autograd.Function saves q, k, v, the prompt 
 B expanded or gathered copies), the output and the log-sum-exp; backward recomputes probabilities as
 flash attention does.
 
-Two entries: `prompt_attention(q, k, v, ...)` for any q, k, v, and `prompt_attention_qkv(qkv, ...)`
+Two entries: `attention(q, k, v, ...)` for any q, k, v, and `attention_qkv(qkv, ...)`
 for the standard case where q, k, v are the three slots of one qkv projection output (B, N, 3, H, d):
 its backward has the backend write dq, dk, dv straight into one buffer of that layout and hands it to
 autograd as qkv's gradient (no stacking or copying of three separate gradients).
@@ -18,9 +18,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from vpt_fast.backends import resolve
-from vpt_fast.backends.torch_impl import attention_bwd_prompts, reduce_prompt_sets
-from vpt_fast.ops import autocast_dtype
+from vpt_fast.backends import resolve, torch_impl
+from vpt_fast.backends.dtypes import attention_operands
 
 
 def _split_qkv(qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -28,7 +27,7 @@ def _split_qkv(qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
 
-class PromptAttention(torch.autograd.Function):
+class Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pk, pv, bias, prompt_index, scale: float, backend: str):
         impl = resolve(backend, "attention", q.device)
@@ -44,15 +43,15 @@ class PromptAttention(torch.autograd.Function):
         q, k, v, pk, pv, bias, prompt_index, out, lse = ctx.saved_tensors
         if pk is not None and not any(ctx.needs_input_grad[:3]):
             # only the prompt segment needs a gradient (deep VPT's first block): its P columns
-            dpk, dpv = attention_bwd_prompts(dout, q, pk, pv, out, lse, ctx.scale, prompt_index)
+            dpk, dpv = torch_impl.attention_bwd_prompts(dout, q, pk, pv, out, lse, ctx.scale, prompt_index)
             return None, None, None, dpk, dpv, None, None, None, None
         dq, dk, dv, dpk, dpv = ctx.impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, ctx.scale, bias,
                                                       prompt_index=prompt_index)
         return dq, dk, dv, dpk, dpv, None, None, None, None
 
 
-class PromptAttentionQKV(torch.autograd.Function):
-    """`PromptAttention` on the q, k, v slots of one (B, N, 3, H, d) tensor; the gradient of that
+class AttentionQKV(torch.autograd.Function):
+    """`Attention` on the q, k, v slots of one (B, N, 3, H, d) tensor; the gradient of that
     tensor is one buffer of its layout that the backend fills."""
 
     @staticmethod
@@ -71,7 +70,7 @@ class PromptAttentionQKV(torch.autograd.Function):
         qkv, pk, pv, bias, prompt_index, out, lse = ctx.saved_tensors
         q, k, v = _split_qkv(qkv)
         if pk is not None and not ctx.needs_input_grad[0]:
-            dpk, dpv = attention_bwd_prompts(dout, q, pk, pv, out, lse, ctx.scale, prompt_index)
+            dpk, dpv = torch_impl.attention_bwd_prompts(dout, q, pk, pv, out, lse, ctx.scale, prompt_index)
             return None, dpk, dpv, None, None, None, None
         dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
         _, _, _, dpk, dpv = ctx.impl.attention_bwd(dout, q, k, v, pk, pv, out, lse, ctx.scale, bias,
@@ -79,7 +78,7 @@ class PromptAttentionQKV(torch.autograd.Function):
         return dqkv, dpk, dpv, None, None, None, None
 
 
-class GatherSets(torch.autograd.Function):
+class GatherPromptSets(torch.autograd.Function):
     """`table[index]` along dim 0: per-sample prompt rows where a copy is needed (the reference
     backend, prompt dropout per sample, shallow prompts entering the token sequence)."""
 
@@ -87,22 +86,22 @@ class GatherSets(torch.autograd.Function):
     def forward(ctx, table: Tensor, index: Tensor) -> Tensor:
         ctx.save_for_backward(index)
         ctx.num_sets = table.shape[0]
-        return table.index_select(0, index)
+        return torch_impl.gather_prompt_sets(table, index)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
         (index,) = ctx.saved_tensors
-        return reduce_prompt_sets(grad, index, ctx.num_sets, grad.dtype), None
+        return torch_impl.reduce_prompt_sets(grad, index, ctx.num_sets, grad.dtype), None
 
 
-def gather_sets(table: Tensor, index: Tensor) -> Tensor:
+def gather_prompt_sets(table: Tensor, index: Tensor) -> Tensor:
     """Rows of `table` (S, ...) for each entry of `index` (B,): (B, ...), with a deterministic
     backward (each set's gradient a one-hot GEMM over the samples that read it, no atomics)."""
     if index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"prompt_index must be a 1-dim integer tensor, got {index.dtype} of shape "
                          f"{tuple(index.shape)}")
-    return GatherSets.apply(table, index.long())
+    return GatherPromptSets.apply(table, index.long())
 
 
 def check_prompt_index(prompt_index: Tensor, batch: int, num_sets: int, device: torch.device,
@@ -160,21 +159,10 @@ def _check_prompts(query_shape: tuple[int, ...], device: torch.device, pk: Optio
     return None
 
 
-def _low_precision(tensors: list[Optional[Tensor]], device: torch.device) -> list[Optional[Tensor]]:
-    """Under autocast, the tensors in its low dtype (as autocast does for scaled_dot_product_attention);
-    otherwise they must share one dtype."""
-    low = autocast_dtype(device)
-    if low is not None:
-        return [None if t is None else t.to(low) for t in tensors]
-    if len({t.dtype for t in tensors if t is not None}) > 1:
-        raise TypeError(f"q, k, v, pk, pv must share one dtype, got {[t.dtype for t in tensors if t is not None]}")
-    return tensors
-
-
-def prompt_attention(q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor] = None,
-                     pv: Optional[Tensor] = None, *, scale: Optional[float] = None,
-                     bias: Optional[Tensor] = None, backend: str = "torch",
-                     prompt_index: Optional[Tensor] = None, check_index_range: bool = True) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor] = None,
+              pv: Optional[Tensor] = None, *, scale: Optional[float] = None,
+              bias: Optional[Tensor] = None, backend: str = "torch",
+              prompt_index: Optional[Tensor] = None, check_index_range: bool = True) -> Tensor:
     """softmax(q [pk; k]^T * scale + [0, bias]) [pv; v] per query batch.
 
     Args:
@@ -184,7 +172,7 @@ def prompt_attention(q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor] = Non
             b // (B // Bp), so Bp = 1 shares one segment across the batch.
         scale: softmax scale, default d ** -0.5.
         bias: optional (nB, H, Nq, Nk) additive bias on own keys (query batch b reads b % nB).
-        backend: "torch", "triton" or "cuda".
+        backend: "auto" or a registered backend with primitives (`vpt_fast.backends.REGISTRY`).
         prompt_index: optional (B,) int64 (or int32) tensor on q's device: query batch b reads prompt
             set `prompt_index[b]` of pk, pv (S, H, P, d) instead (several tasks in one batch; S need
             not divide B). The triton and cuda backends read the set through the index inside their
@@ -202,22 +190,22 @@ def prompt_attention(q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor] = Non
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
     prompt_index = _check_prompts(q.shape, q.device, pk, pv, prompt_index, check_index_range)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    q, k, v, pk, pv = _low_precision([q, k, v, pk, pv], q.device)
-    out, _ = PromptAttention.apply(q, k, v, pk, pv, bias, prompt_index, scale, backend)
+    q, k, v, pk, pv = attention_operands([q, k, v, pk, pv], q.device)
+    out, _ = Attention.apply(q, k, v, pk, pv, bias, prompt_index, scale, backend)
     return out
 
 
-def prompt_attention_qkv(qkv: Tensor, pk: Optional[Tensor] = None, pv: Optional[Tensor] = None, *,
-                         scale: Optional[float] = None, bias: Optional[Tensor] = None, backend: str = "torch",
-                         prompt_index: Optional[Tensor] = None, check_index_range: bool = True) -> Tensor:
-    """`prompt_attention` on q, k, v = the three slots of one qkv projection output, whose gradient
+def attention_qkv(qkv: Tensor, pk: Optional[Tensor] = None, pv: Optional[Tensor] = None, *,
+                  scale: Optional[float] = None, bias: Optional[Tensor] = None, backend: str = "torch",
+                  prompt_index: Optional[Tensor] = None, check_index_range: bool = True) -> Tensor:
+    """`attention` on q, k, v = the three slots of one qkv projection output, whose gradient
     the backend writes as one buffer of qkv's layout (the stacked gradient autograd would otherwise
     assemble from three separate ones).
 
     Args:
         qkv: (B, N, 3, H, d): timm's `qkv(x).view(B, N, 3, H, d)`; q, k, v are
             `qkv.permute(2, 0, 3, 1, 4)` slots 0, 1, 2 (Nq = Nk = N).
-        pk, pv, scale, bias, backend, prompt_index, check_index_range: as in `prompt_attention`.
+        pk, pv, scale, bias, backend, prompt_index, check_index_range: as in `attention`.
 
     Returns:
         (B, H, N, d) attention output.
@@ -228,6 +216,6 @@ def prompt_attention_qkv(qkv: Tensor, pk: Optional[Tensor] = None, pv: Optional[
     prompt_index = _check_prompts((batch, heads, tokens, head_dim), qkv.device, pk, pv, prompt_index,
                                   check_index_range)
     scale = head_dim ** -0.5 if scale is None else float(scale)
-    qkv, pk, pv = _low_precision([qkv, pk, pv], qkv.device)
-    out, _ = PromptAttentionQKV.apply(qkv, pk, pv, bias, prompt_index, scale, backend)
+    qkv, pk, pv = attention_operands([qkv, pk, pv], qkv.device)
+    out, _ = AttentionQKV.apply(qkv, pk, pv, bias, prompt_index, scale, backend)
     return out

@@ -8,7 +8,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from vpt_fast.backends import resolve
-from vpt_fast.ops import any_trainable, norm_operands, norm_output_dtype
+from vpt_fast.backends.dtypes import norm_operands, norm_output_dtype
+from vpt_fast.ops import any_trainable
 
 
 class FrozenLayerNorm(torch.autograd.Function):

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from vpt_fast.backends import resolve
-from vpt_fast.ops import any_trainable, autocast_dtype, norm_operands, norm_output_dtype, sum_dtype
+from vpt_fast.backends.dtypes import autocast_dtype, norm_operands, norm_output_dtype, sum_dtype, sum_norm_operands
+from vpt_fast.ops import any_trainable
 
 
 def _mlp_fwd(y: Tensor, w1, b1, w2, b2, act) -> tuple[Tensor, Tensor]:
@@ -108,7 +109,7 @@ class FrozenAddNormMlp(torch.autograd.Function):
         s, nw, nb, mean, rstd, w1, b1, w2, h, scale = ctx.saved_tensors
         hidden = [] if h is None else [h]
         del h  # as in FrozenNormMlp.backward
-        dy = None if dout is None else _mlp_input_grad(ctx, dout, *_norm_inputs(s, nw, nb), w1, b1, w2, hidden)
+        dy = None if dout is None else _mlp_input_grad(ctx, dout, *sum_norm_operands(s, nw, nb), w1, b1, w2, hidden)
         d_residual, d_branch = ctx.add_ln.add_layer_norm_bwd(
             None if ds is None else ds.contiguous(), dy, s, nw, mean, rstd, scale, ctx.branch_dtype)
         return d_residual, d_branch, None, None, None, None, None, None, None, None, None, None, None
@@ -143,13 +144,6 @@ def add_norm_mlp_residual(residual: Tensor, branch: Tensor, scale: Optional[Tens
         torch.addmm(rows, g.view(-1, g.shape[-1]), w2.t(), out=rows)  # not addmm_: FlopCounterMode counts this one
         return s
     return s.add_(F.linear(g, w2, b2))
-
-
-def _norm_inputs(s: Tensor, nw: Optional[Tensor], nb: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
-    """s and the affine as `add_layer_norm_fwd` normalised them: in s's accumulation dtype (float32 for
-    half-precision rows), so that recompute="mlp" reruns the same arithmetic."""
-    acc = torch.promote_types(s.dtype, torch.float32)
-    return tuple(None if t is None else t.to(acc) for t in (s, nw, nb))
 
 
 def is_fusable(norm: nn.Module, mlp: nn.Module) -> bool:

@@ -10,8 +10,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from vpt_fast.backends.dtypes import sum_dtype
 from vpt_fast.backends.triton_impl.common import (
     DTYPES,
+    as_rows,
     call,
     check_affine,
     check_available,
@@ -19,22 +21,17 @@ from vpt_fast.backends.triton_impl.common import (
     check_tensor,
     custom_op,
     eager,
-    kernel_module,
     launch,
+    row_config,
+    triton,
 )
-from vpt_fast.backends.triton_impl.layer_norm import _row_config, _rows
 
-kernels = kernel_module("add_layer_norm")
-
-
-def _sum_dtype(residual: Tensor, branch: Tensor, scale: Optional[Tensor]) -> torch.dtype:
-    """dtype of `residual + branch * scale` under torch's type promotion (s's dtype)."""
-    dtype = torch.promote_types(residual.dtype, branch.dtype)
-    return dtype if scale is None else torch.promote_types(dtype, scale.dtype)
+if triton is not None:  # without triton the backend reports itself unavailable (common.AVAILABLE)
+    from vpt_fast.kernels import add_layer_norm as kernels
 
 
 def _add_layer_norm_fwd_fake(residual, branch, scale, weight, bias, eps, out_dtype):
-    s = torch.empty_like(residual, dtype=_sum_dtype(residual, branch, scale), memory_format=torch.contiguous_format)
+    s = torch.empty_like(residual, dtype=sum_dtype(residual, branch, scale), memory_format=torch.contiguous_format)
     stats = residual.new_empty(residual.shape[:-1], dtype=torch.float32)
     return s, torch.empty_like(s, dtype=out_dtype or s.dtype), stats, torch.empty_like(stats)
 
@@ -43,7 +40,7 @@ def _add_layer_norm_fwd_impl(residual: Tensor, branch: Tensor, scale: Optional[T
                              bias: Optional[Tensor], eps: float, out_dtype: Optional[torch.dtype],
                              s_out: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     C = residual.shape[-1]
-    s = s_out if s_out is not None else torch.empty(residual.shape, dtype=_sum_dtype(residual, branch, scale),
+    s = s_out if s_out is not None else torch.empty(residual.shape, dtype=sum_dtype(residual, branch, scale),
                                                     device=residual.device)
     y = torch.empty(residual.shape, dtype=out_dtype or s.dtype, device=residual.device)
     mean = torch.empty(residual.shape[:-1], dtype=torch.float32, device=residual.device)
@@ -51,12 +48,12 @@ def _add_layer_norm_fwd_impl(residual: Tensor, branch: Tensor, scale: Optional[T
     rows = mean.numel()
     if rows == 0 or C == 0:
         return s, y, mean, rstd
-    res2, branch2 = _rows(residual), _rows(branch)
+    res2, branch2 = as_rows(residual), as_rows(branch)
     launch(kernels._add_layer_norm_fwd, (rows,))(
         res2, branch2, scale if scale is not None else res2, weight if weight is not None else res2,
         bias if bias is not None else res2, s, y, mean, rstd, res2.stride(0), branch2.stride(0), C, C, C, eps,
         HAS_SCALE=scale is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        **_row_config(C))
+        **row_config(C))
     return s, y, mean, rstd
 
 
@@ -81,15 +78,15 @@ def _add_layer_norm_bwd_impl(ds: Optional[Tensor], dy: Optional[Tensor], s: Tens
     rows = mean.numel()
     if rows == 0 or C == 0:
         return outputs
-    s2 = _rows(s)
-    ds2 = s2 if ds is None else _rows(ds)
-    dy2 = s2 if dy is None else _rows(dy)
+    s2 = as_rows(s)
+    ds2 = s2 if ds is None else as_rows(ds)
+    dy2 = s2 if dy is None else as_rows(dy)
     launch(kernels._add_layer_norm_bwd, (rows,))(
         ds2, dy2, s2, weight if weight is not None else s2, mean.contiguous(), rstd.contiguous(),
         scale if scale is not None else s2, d_residual, d_residual if d_branch is None else d_branch,
         ds2.stride(0), dy2.stride(0), s2.stride(0), C, C, C, HAS_DS=ds is not None, HAS_DY=dy is not None,
         HAS_WEIGHT=weight is not None, HAS_SCALE=scale is not None, WRITE_DBRANCH=d_branch is not None,
-        **_row_config(C))
+        **row_config(C))
     return outputs
 
 
@@ -122,9 +119,9 @@ def add_layer_norm_fwd(residual: Tensor, branch: Tensor, scale: Optional[Tensor]
         branch, scale = branch * scale, None
     scale, weight, bias = (None if t is None else t.contiguous() for t in (scale, weight, bias))
     if s_out is not None and eager():
-        if s_out.shape != residual.shape or s_out.dtype != _sum_dtype(residual, branch, scale) \
+        if s_out.shape != residual.shape or s_out.dtype != sum_dtype(residual, branch, scale) \
                 or not s_out.is_contiguous():
-            raise ValueError(f"triton backend: s_out must be a contiguous {_sum_dtype(residual, branch, scale)} "
+            raise ValueError(f"triton backend: s_out must be a contiguous {sum_dtype(residual, branch, scale)} "
                              f"tensor of shape {tuple(residual.shape)}, got {s_out.dtype} {tuple(s_out.shape)}")
         return _add_layer_norm_fwd_impl(residual, branch, scale, weight, bias, float(eps), out_dtype, s_out)
     s, y, mean, rstd = call(_add_layer_norm_fwd_impl, "triton_add_layer_norm_fwd", residual, branch, scale, weight,

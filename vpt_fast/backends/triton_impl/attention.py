@@ -28,13 +28,13 @@ from vpt_fast.backends.triton_impl.common import (
     check_same_device,
     check_tensor,
     custom_op,
-    kernel_module,
     last_dim_unit,
     launch,
     triton,
 )
 
-kernels = kernel_module("attention")
+if triton is not None:  # without triton the backend reports itself unavailable (common.AVAILABLE)
+    from vpt_fast.kernels import attention as kernels
 
 _HEAD_DIMS = "16 <= d <= 128"
 _LOG2E = 1.4426950408889634

@@ -17,12 +17,12 @@ from vpt_fast.backends.triton_impl.common import (
     check_tensor,
     custom_op,
     eager,
-    kernel_module,
     launch,
     triton,
 )
 
-kernels = kernel_module("bias_gelu")
+if triton is not None:  # without triton the backend reports itself unavailable (common.AVAILABLE)
+    from vpt_fast.kernels import bias_gelu as kernels
 
 
 def _gelu_config() -> dict:

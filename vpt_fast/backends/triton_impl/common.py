@@ -1,14 +1,13 @@
 """Shared pieces of the triton backend: availability, argument checks and launch helpers.
 
-Every op module (`attention`, `layer_norm`, `bias_gelu`) registers its primitives through
-`custom_op` and launches its kernels through `call` / `launch`, so they run the same way eagerly,
-under torch.compile and under dispatch modes (fake tensors, FlopCounterMode).
+Every op module (`attention`, `layer_norm`, `add_layer_norm`, `bias_gelu`) registers its primitives
+through `custom_op` and launches its kernels through `call` / `launch`, so they run the same way
+eagerly, under torch.compile and under dispatch modes (fake tensors, FlopCounterMode). The row-wise
+(LayerNorm) kernels share `row_config` and `as_rows`.
 """
 from __future__ import annotations
 
-import importlib
 import os
-from types import ModuleType
 from typing import Callable, Optional
 
 import torch
@@ -33,11 +32,6 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # CUDA's grid limits: axis 0 up to 2**31 - 1 blocks, axes 1 and 2 up to 65,535.
 MAX_GRID_X = 2 ** 31 - 1
 MAX_GRID_YZ = 65535
-
-
-def kernel_module(op: str) -> Optional[ModuleType]:
-    """`vpt_fast.kernels.<op>` (the @triton.jit code of one op), or None when triton did not import."""
-    return None if triton is None else importlib.import_module(f"vpt_fast.kernels.{op}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,3 +120,19 @@ def launch(kernel, grid: tuple[int, ...]):
     """`kernel[grid]`, checked against CUDA's grid limits; wrapped for torch.compile when traced."""
     runnable = kernel if INTERPRET or eager() else torch.library.wrap_triton(kernel)
     return runnable[check_grid(grid, kernel.__name__)]
+
+
+def row_config(n_cols: int) -> dict:
+    """Block size and warps of a kernel that runs one program per row of `n_cols` elements (the
+    LayerNorm kernels)."""
+    block = triton.next_power_of_2(max(n_cols, 16))
+    if INTERPRET:
+        return dict(BLOCK_SIZE=block, num_warps=1)
+    warps = 16 if block >= 8192 else 8 if block >= 2048 else 4
+    return dict(BLOCK_SIZE=block, num_warps=warps)
+
+
+def as_rows(x: Tensor) -> Tensor:
+    """`x` as a 2-dim (rows, last dim) tensor whose last dim has unit stride (a view when it can be)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 or x2.shape[-1] == 1 else x2.contiguous()

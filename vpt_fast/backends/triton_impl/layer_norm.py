@@ -11,32 +11,20 @@ from torch import Tensor
 
 from vpt_fast.backends.triton_impl.common import (
     DTYPES,
-    INTERPRET,
+    as_rows,
     call,
     check_affine,
     check_available,
     check_same_device,
     check_tensor,
     custom_op,
-    kernel_module,
     launch,
+    row_config,
     triton,
 )
 
-kernels = kernel_module("layer_norm")
-
-
-def _row_config(n_cols: int) -> dict:
-    block = triton.next_power_of_2(max(n_cols, 16))
-    if INTERPRET:
-        return dict(BLOCK_SIZE=block, num_warps=1)
-    warps = 16 if block >= 8192 else 8 if block >= 2048 else 4
-    return dict(BLOCK_SIZE=block, num_warps=warps)
-
-
-def _rows(x: Tensor) -> Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 or x2.shape[-1] == 1 else x2.contiguous()
+if triton is not None:  # without triton the backend reports itself unavailable (common.AVAILABLE)
+    from vpt_fast.kernels import layer_norm as kernels
 
 
 def _layer_norm_fwd_fake(x, weight, bias, eps, out_dtype):
@@ -54,11 +42,11 @@ def _layer_norm_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     rows = mean.numel()
     if rows == 0 or C == 0:
         return y, mean, rstd
-    x2 = _rows(x)
+    x2 = as_rows(x)
     launch(kernels._layer_norm_fwd, (rows,))(
         x2, weight if weight is not None else x2, bias if bias is not None else x2, y, mean, rstd,
         x2.stride(0), C, C, eps, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        **_row_config(C))
+        **row_config(C))
     return y, mean, rstd
 
 
@@ -76,11 +64,11 @@ def _layer_norm_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: 
     rows = dx.numel() // C if C else 0
     if rows == 0:
         return dx
-    x2, dy2 = _rows(x), _rows(dy)
+    x2, dy2 = as_rows(x), as_rows(dy)
     mean, rstd = mean.contiguous(), rstd.contiguous()
     launch(kernels._layer_norm_bwd, (rows,))(
         dy2, x2, weight if weight is not None else x2, mean, rstd, dx,
-        dy2.stride(0), x2.stride(0), C, C, HAS_WEIGHT=weight is not None, **_row_config(C))
+        dy2.stride(0), x2.stride(0), C, C, HAS_WEIGHT=weight is not None, **row_config(C))
     return dx
 
 

@@ -1,19 +1,15 @@
-"""Prompt-aware primitives in plain PyTorch (aten ops only): the executable specification.
+"""Prompt-aware attention in plain PyTorch (docs/design.md §2.1): `attention_fwd` / `attention_bwd`,
+`attention_bwd_prompts` (the prompt columns alone) and the prompt-set gather/reduce they use.
 
-Each op comes as a forward primitive and a backward primitive that computes input gradients only
-(the backbone is frozen, docs/design.md §2.3). `vpt_fast/ops/<op>.py` wraps a pair in one
-`torch.autograd.Function` and decides what is saved; the triton and cuda backends provide the same
-primitives with the same signatures, so every backend is checked against this file.
-
-Attention (docs/design.md §2.1): queries are a sample's own rows; keys/values are the sample's own rows
-plus an optional prompt segment `pk/pv` of shape (Bp, H, P, d), where Bp divides B and query batch
-`b` reads prompt batch `b // (B // Bp)`: Bp == 1 is the batch-shared (stride 0) segment of deep VPT,
-Bp == B a per-sample segment, and B = Bp * nW the per-image segment shared by nW Swin windows.
-`bias` (optional, (nB, H, Nq, Nk), query batch `b` reads `b % nB`) is added to own-token scores
-only; every pair involving a prompt gets zero bias. With `prompt_index` (int64 (B,)) query batch `b`
-reads prompt set `prompt_index[b]` of pk/pv (S, H, P, d) instead: this backend gathers the sets per
-sample (a (B, H, P, d) copy; the triton and cuda kernels read through the index) and sums the
-per-sample prompt gradients per set with a one-hot GEMM (fixed order, no atomics).
+Queries are a sample's own rows; keys/values are the sample's own rows plus an optional prompt
+segment `pk/pv` of shape (Bp, H, P, d), where Bp divides B and query batch `b` reads prompt batch
+`b // (B // Bp)`: Bp == 1 is the batch-shared (stride 0) segment of deep VPT, Bp == B a per-sample
+segment, and B = Bp * nW the per-image segment shared by nW Swin windows. `bias` (optional,
+(nB, H, Nq, Nk), query batch `b` reads `b % nB`) is added to own-token scores only; every pair
+involving a prompt gets zero bias. With `prompt_index` (int64 (B,)) query batch `b` reads prompt set
+`prompt_index[b]` of pk/pv (S, H, P, d) instead: this backend gathers the sets per sample (a
+(B, H, P, d) copy; the triton and cuda kernels read through the index) and sums the per-sample
+prompt gradients per set with a one-hot GEMM (fixed order, no atomics).
 """
 from __future__ import annotations
 
@@ -22,6 +18,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from vpt_fast.backends.dtypes import accumulation_dtype
 
 
 def _expand_prompts(p: Tensor, batch: int) -> Tensor:
@@ -71,7 +69,7 @@ def gather_prompt_sets(p: Tensor, prompt_index: Tensor) -> Tensor:
 def reduce_prompt_sets(g: Tensor, prompt_index: Tensor, num_sets: int, dtype: torch.dtype) -> Tensor:
     """Per-sample prompt gradients (B, ...) -> per-set sums (num_sets, ...) in `dtype`: a one-hot GEMM
     accumulated in float32 or wider (same result on every run; zeros for sets no sample reads)."""
-    acc = _acc_dtype(g)
+    acc = accumulation_dtype(g)
     one_hot = F.one_hot(prompt_index, num_sets).to(acc).t()
     summed = one_hot @ g.reshape(g.shape[0], -1).to(acc)
     return summed.to(dtype).view(num_sets, *g.shape[1:])
@@ -85,11 +83,6 @@ def copy_into_qkv(dqkv: Optional[Tensor], dq: Tensor, dk: Tensor, dv: Tensor) ->
     for view, grad in zip(views, (dq, dk, dv)):
         view.copy_(grad)
     return views
-
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    """float32 accumulation for low precision; float64 stays float64 (exact references in tests)."""
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 _FORCE_MATH = False  # tests flip this to check the math path on CPU
@@ -169,7 +162,7 @@ def _segment_bwd(kernel: str, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bia
     if kernel == "cpu_flash":
         mask = None if bias is None else _joint_bias(bias, q.shape[0], 0).to(q.dtype)
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, k, v, out, lse.to(_acc_dtype(q)), 0.0, False, attn_mask=mask, scale=scale)
+            dout, q, k, v, out, lse.to(accumulation_dtype(q)), 0.0, False, attn_mask=mask, scale=scale)
     if kernel == "flash":
         # Without dropout the kernel ignores the RNG state; these are its forward's (unset) shapes.
         rng_state = torch.empty(2, dtype=torch.uint64, device=q.device)
@@ -257,7 +250,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, pk: Optional[Tensor], pv: Opt
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, kk, vv, attn_mask=None if mask is None else mask.to(q.dtype), scale=scale)
         return out, lse.float()
-    acc = _acc_dtype(q)
+    acc = accumulation_dtype(q)
     s = torch.matmul(q.to(acc), kk.to(acc).transpose(-1, -2)) * scale
     if mask is not None:
         s = s + mask.to(acc)
@@ -296,7 +289,7 @@ def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, pk: Optional[T
     kernel = _fused_kernel(q, has_bias=bias is not None)
     if kernel is not None and not (kernel == "cpu_flash" and _CPU_ONE_CALL):
         return _fused_attention_bwd(kernel, dout, q, k, v, pk, pv, out, lse, scale, bias)
-    acc = _acc_dtype(q)
+    acc = accumulation_dtype(q)
     kk, vv = _joint_kv(k, v, pk, pv)
     num_prompts = 0 if pk is None else pk.shape[2]
     mask = _joint_bias(bias, q.shape[0], num_prompts)
@@ -331,7 +324,7 @@ def attention_bwd_prompts(dout: Tensor, q: Tensor, pk: Tensor, pv: Tensor, out: 
     output and log-sum-exp of any backend's forward. Costs the P prompt columns instead of every key;
     prompt columns carry no bias. dpk/dpv have pk's shape (summed over the batches sharing a prompt
     batch, or per set with `prompt_index` as in `attention_bwd`)."""
-    acc = _acc_dtype(q)
+    acc = accumulation_dtype(q)
     batch = q.shape[0]
     qa, do = q.to(acc), dout.to(acc)
     if prompt_index is None:
@@ -349,83 +342,3 @@ def attention_bwd_prompts(dout: Tensor, q: Tensor, pk: Tensor, pv: Tensor, out: 
                 reduce_prompt_sets(dpv, prompt_index, num_sets, pv.dtype))
     bp = pk.shape[0]
     return _reduce_prompt_grad(dpk, bp).to(pk.dtype), _reduce_prompt_grad(dpv, bp).to(pv.dtype)
-
-
-def layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                   out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """LayerNorm over the last dim. Returns (y, mean, rstd): y in `out_dtype` (default x's dtype),
-    rounded once from the accumulation dtype; mean/rstd of shape x.shape[:-1] in the accumulation
-    dtype (float32, float64 for float64 inputs)."""
-    y, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], weight, bias, eps)
-    if out_dtype is not None:
-        y = y.to(out_dtype)
-    return y, mean.squeeze(-1), rstd.squeeze(-1)
-
-
-def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor,
-                   rstd: Tensor) -> Tensor:
-    """dX only (in x's dtype; dy may be in another dtype): the affine parameters are frozen."""
-    if weight is not None and weight.dtype != x.dtype:  # e.g. bf16 rows, fp32 affine: the aten kernel wants one dtype
-        acc = _acc_dtype(x)
-        return layer_norm_bwd(dy.to(acc), x.to(acc), weight.to(acc), mean, rstd).to(x.dtype)
-    dx, _, _ = torch.ops.aten.native_layer_norm_backward(
-        dy.to(x.dtype), x, x.shape[-1:], mean.unsqueeze(-1), rstd.unsqueeze(-1), weight, None, [True, False, False])
-    return dx
-
-
-def bias_gelu_fwd(h: Tensor, bias: Optional[Tensor], inplace: bool = False) -> Tensor:
-    """gelu(h + bias), exact erf GELU as timm's default `nn.GELU`. `inplace`: written into `h`
-    (returned), for callers that own h and need no gradient (no 4x-wide buffer allocated)."""
-    if inplace:
-        return torch.ops.aten.gelu_(h if bias is None else h.add_(bias))
-    return F.gelu(h if bias is None else h + bias)
-
-
-def bias_gelu_bwd(dg: Tensor, h: Tensor, bias: Optional[Tensor], inplace: bool = False) -> Tensor:
-    """d gelu(h + bias) / dh: dX only. `inplace`: written into `dg` (returned), which saves a buffer
-    4x the block's width at the peak of the MLP backward."""
-    a = h if bias is None else h + bias
-    if inplace:
-        return torch.ops.aten.gelu_backward.grad_input(dg, a, grad_input=dg)
-    return torch.ops.aten.gelu_backward(dg, a)
-
-
-def add_layer_norm_fwd(residual: Tensor, branch: Tensor, scale: Optional[Tensor], weight: Optional[Tensor],
-                       bias: Optional[Tensor], eps: float, out_dtype: Optional[torch.dtype] = None,
-                       s_out: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Residual add then LayerNorm over the last dim: s = residual + branch * scale (`scale` an optional
-    per-channel LayerScale), computed as timm's `x + ls(branch)` computes it, in torch's promoted
-    dtype; y = LayerNorm(s) with statistics in the accumulation dtype (float32, float64 for float64),
-    rounded once to `out_dtype` (default s's dtype). Returns (s, y, mean, rstd). `s_out`: s is written
-    there (it may be `branch` itself: the same values, one buffer fewer)."""
-    if s_out is None:
-        s = residual + (branch if scale is None else branch * scale)
-    else:
-        s = torch.add(residual, branch if scale is None else torch.mul(branch, scale, out=s_out), out=s_out)
-    acc = _acc_dtype(s)
-    if s.dtype == acc and all(t is None or t.dtype == acc for t in (weight, bias)):
-        y, mean, rstd = layer_norm_fwd(s, weight, bias, eps, out_dtype)
-    else:  # half-precision rows or a mixed affine: normalise the rows upcast, as autocast's LayerNorm does
-        y, mean, rstd = layer_norm_fwd(s.to(acc), *(None if t is None else t.to(acc) for t in (weight, bias)),
-                                       eps, out_dtype or s.dtype)
-    return s, y, mean, rstd
-
-
-def add_layer_norm_bwd(ds: Optional[Tensor], dy: Optional[Tensor], s: Tensor, weight: Optional[Tensor],
-                       mean: Tensor, rstd: Tensor, scale: Optional[Tensor],
-                       branch_dtype: torch.dtype) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """Input gradients of `add_layer_norm_fwd` (the affine and the scale are frozen): (d residual,
-    d branch). d residual = ds + LayerNorm's dX(dy), both in s's dtype, summed as autograd sums the
-    two uses of s; d branch = d residual times `scale` in the product's dtype, in `branch_dtype`.
-    `ds` or `dy` may be None (no gradient reached s or y); both None gives (None, None)."""
-    if ds is None and dy is None:
-        return None, None
-    total = ds
-    if dy is not None:
-        acc = _acc_dtype(s)
-        dx = layer_norm_bwd(dy, s if s.dtype == acc else s.to(acc), weight, mean, rstd).to(s.dtype)
-        total = dx if ds is None else ds.to(s.dtype) + dx
-    if scale is None:
-        return total, total.to(branch_dtype)
-    product_dtype = torch.promote_types(branch_dtype, scale.dtype)
-    return total, (total.to(product_dtype) * scale).to(branch_dtype)
