@@ -127,8 +127,9 @@ def _forward(method: str, norm: nn.LayerNorm, out_dtype: torch.dtype) -> Callabl
     return lambda x: layer_norm(x, norm, method, feeds_matmul=True)
 
 
-def _step(forward: Callable[[Tensor], Tensor], x: Tensor, dy: Tensor, mode: str,
-          autocast: Optional[torch.dtype]) -> Step:
+def autocast_step(forward: Callable[[Tensor], Tensor], x: Tensor, dy: Tensor, mode: str,
+                  autocast: Optional[torch.dtype]) -> Step:
+    """One call of `forward(x)` under `autocast` (None: off), with x's gradient for `dy` in "fwd_bwd"."""
     def step() -> tuple[Tensor, ...]:
         with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
             y = forward(x)
@@ -145,8 +146,8 @@ def _bench(benchmark, cfg: BenchConfig, env_info: dict, method: str, mode: str) 
     g = torch.Generator(device=cfg.device).manual_seed(0)
     x = torch.randn(shape, device=cfg.device, generator=g).requires_grad_(mode == "fwd_bwd")
     dy = torch.randn(shape, device=cfg.device, generator=g).to(out_dtype)
-    steps = {name: _step(_forward(name, norm, out_dtype), x, dy, mode, low) for name in {"eager", method}}
-    steps["exact"] = _step(_forward("eager", norm, torch.float32), x, dy.float(), mode, None)
+    steps = {name: autocast_step(_forward(name, norm, out_dtype), x, dy, mode, low) for name in {"eager", method}}
+    steps["exact"] = autocast_step(_forward("eager", norm, torch.float32), x, dy.float(), mode, None)
 
     activation, rows, dim = x.numel(), x.numel() // dims["dim"], dims["dim"]
     x_bytes, y_bytes = activation * x.element_size(), activation * dy.element_size()

@@ -107,3 +107,20 @@ def test_bias_gelu_fwd_inplace_writes_h(impl, backend, with_bias):
     g = module.bias_gelu_fwd(h, b, inplace=True)
     assert g.data_ptr() == h.data_ptr()
     assert torch.equal(g, expected)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bias_gelu_op_matches_autograd_and_leaves_the_frozen_bias(with_bias):
+    """The op (`vpt_fast.ops.bias_gelu.bias_gelu`, torch backend): output and dh equal autograd's
+    through `F.gelu(h + bias)`; the frozen bias gets no gradient, a trainable one takes autograd's path."""
+    from vpt_fast.ops.bias_gelu import bias_gelu
+    h, b, dg = _inputs((3, 7, 50), torch.float64, with_bias, device="cpu")
+    h.requires_grad_()
+    g = bias_gelu(h, b, backend="torch")
+    want = torch.nn.functional.gelu(h if b is None else h + b)
+    assert_close(g, want, 1e-12, 1e-12, "gelu")
+    assert_close(torch.autograd.grad(g, h, dg)[0], torch.autograd.grad(want, h, dg)[0], 1e-12, 1e-12, "dh")
+    if with_bias:
+        trainable = b.clone().requires_grad_()
+        bias_gelu(h, trainable, backend="torch").sum().backward()
+        assert trainable.grad is not None
