@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from vpt_fast.backends import available_backends, resolve_auto
+from vpt_fast.backends import available_backends, resolve_auto, validate_backend
 from vpt_fast.blocks.vit import ignore_measurement_hooks
 from vpt_fast.prompting import prompt
 from vpt_fast.version import __version__
@@ -85,10 +86,29 @@ def build_model(cfg: BenchConfig, backend: str = "reference", recompute: Optiona
     return model.to(cfg.device).train()
 
 
+def check_model(cfg: BenchConfig) -> None:
+    """Build `cfg`'s prompted model on the meta device (no memory, no compute) and run a forward of
+    one image: raises what building or running it would raise (unknown or unsupported model, image
+    size the patch embedding or windows refuse, bad prompt settings) in about a second, before any
+    measurement starts."""
+    import timm
+    kwargs = {} if cfg.img_size is None else {"img_size": cfg.img_size}
+    # warnings about the model come once, from the real build; this throwaway copy keeps quiet
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = timm.create_model(cfg.model, pretrained=False, num_classes=cfg.num_classes, **kwargs)
+        prompt(model, num_prompts=cfg.num_prompts, deep=cfg.deep, backend="reference")
+        with torch.no_grad():
+            model(torch.empty(1, 3, *_image_size(model)))
+
+
+def _image_size(model: torch.nn.Module) -> tuple[int, int]:
+    return model.patch_embed.img_size if hasattr(model.patch_embed, "img_size") else (224, 224)
+
+
 def make_batch(cfg: BenchConfig, model: torch.nn.Module):
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    h, w = model.patch_embed.img_size if hasattr(model.patch_embed, "img_size") else (224, 224)
-    x = torch.randn(cfg.batch, 3, h, w, generator=g).to(cfg.device)
+    x = torch.randn(cfg.batch, 3, *_image_size(model), generator=g).to(cfg.device)
     y = torch.randint(0, cfg.num_classes, (cfg.batch,), generator=g).to(cfg.device)
     return x, y
 
@@ -211,9 +231,28 @@ def interleaved_times(fns: dict[str, Callable[[], object]], steps: int, warmup: 
     return times
 
 
+def source_revision() -> Optional[dict]:
+    """{"commit": `git rev-parse HEAD`, "dirty": tracked files differ from it} of the git checkout
+    vpt_fast runs from; None when the package is not a git checkout of its own (an installed wheel,
+    also one inside another project's repository)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, check=False)
+    try:
+        toplevel, head = git("rev-parse", "--show-toplevel"), git("rev-parse", "HEAD")
+    except FileNotFoundError:  # git is not installed
+        return None
+    if toplevel.returncode or head.returncode or os.path.realpath(toplevel.stdout.strip()) != os.path.realpath(root):
+        return None
+    changes = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": head.stdout.strip(), "dirty": bool(changes.stdout.strip())}
+
+
 def environment() -> dict:
+    """Versions, device and the vpt_fast commit (`source_revision`) a measurement ran with."""
     info = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "cpu_threads": torch.get_num_threads(), "vpt_fast": __version__}
+            "cpu_threads": torch.get_num_threads(), "vpt_fast": __version__, "git": source_revision()}
     try:
         import triton
         info["triton"] = triton.__version__
@@ -229,12 +268,35 @@ def environment() -> dict:
     return info
 
 
+def bench_backends(cfg: BenchConfig) -> tuple[list[str], dict[str, str]]:
+    """The vpt_fast backends `run_bench` times for `cfg.backends` (empty: every available one but
+    reference, which is the eager baseline), and those it skips, with the reason.
+
+    Raises:
+        ValueError: a name that is not a backend.
+    """
+    timed, skipped = [], {}
+    for backend in dict.fromkeys(cfg.backends or available_backends()):  # in order, once each
+        if backend == "triton" and not cfg.device.startswith("cuda"):
+            skipped[backend] = (f"it is timed on CUDA devices only, not {cfg.device!r} (Triton's CPU "
+                                f"interpreter is for tests)")
+            continue
+        try:
+            validate_backend(backend)
+        except RuntimeError as exc:
+            skipped[backend] = str(exc)
+            continue
+        if backend != "reference" or cfg.backends:
+            timed.append(backend)
+    return timed, skipped
+
+
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict]:
     """Eager release-style VPT vs each backend: img/s (train, inference), activation memory, FLOPs,
     max |logit difference| vs eager. Returns one row per method."""
-    backends = cfg.backends or [b for b in available_backends() if b != "reference"]
-    if not cfg.device.startswith("cuda"):
-        backends = [b for b in backends if b != "triton"]  # the interpreter is for tests, not timing
+    backends, skipped = bench_backends(cfg)
+    if not backends:
+        raise ValueError(f"no backend left to time of {cfg.backends}: {skipped}")
     methods = [("eager", "reference")] + ([("eager+compile", "reference")] if cfg.compile else [])
     methods += [(f"vpt_fast[{b}]", b) for b in backends]
     if cfg.compile:
@@ -242,6 +304,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
         methods.append((f"vpt_fast[{fastest}]+compile", fastest))
     log(f"vpt-fast bench: {cfg.model}, batch {cfg.batch}, {cfg.num_prompts} {'deep' if cfg.deep else 'shallow'}"
         f" prompts, {cfg.dtype}, {cfg.device}, recompute={cfg.recompute}")
+    for backend, reason in skipped.items():
+        log(f"skipping backend {backend!r}: {reason}")
     models, steps_train, steps_infer, rows = {}, {}, {}, []
     for name, backend in methods:
         log(f"[build] {name}")

@@ -3,14 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import os
+import pickle
+import re
 import sys
+import zipfile
 from dataclasses import asdict
 
 import torch
 
 import vpt_fast.memory as peak_memory
-from vpt_fast.bench import BenchConfig, activation_memory, environment, format_table, run_bench
+from vpt_fast.backends import BACKENDS, validate_backend
+from vpt_fast.bench import (
+    BenchConfig,
+    activation_memory,
+    bench_backends,
+    check_model,
+    environment,
+    format_table,
+    run_bench,
+)
+
+DEFAULT_TASKS = [1, 8, 64]
+DEFAULT_BATCHES = [1, 2, 4, 8, 16]
 
 
 def _config(args: argparse.Namespace, **extra) -> BenchConfig:
@@ -19,68 +36,198 @@ def _config(args: argparse.Namespace, **extra) -> BenchConfig:
                        recompute=getattr(args, "recompute", "none"), **extra)
 
 
+# argparse types: each refuses a bad value with the message argparse prints after "argument --name: "
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            return _checked_int(text, minimum)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+    return parse
+
+
+def _checked_int(text: str, minimum: int) -> int:
+    value = int(text)
+    if value < minimum:
+        raise ValueError(f"{value} < {minimum}")
+    return value
+
+
+def _positive_int_list(text: str) -> list[int]:
+    try:
+        values = [_checked_int(item, 1) for item in text.split(",") if item.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers >= 1 such as 1,2,4, got {text!r}")
+    return values
+
+
+def _model_name(text: str) -> str:
+    """A short alias (vit_b, swin_t, ...) resolved to its timm name, or a timm model name; an unknown
+    name is refused with the close names timm and the aliases know."""
+    import timm
+    name = peak_memory.resolve_model_name(text)
+    if timm.is_model(name):
+        return name
+    known = timm.list_models() + list(peak_memory.MODEL_ALIASES)
+    completions = sorted((n for n in known if n.startswith(text)), key=len)  # 'vit_small' -> vit_small_patch...
+    close = list(dict.fromkeys(completions + difflib.get_close_matches(text, known, n=5)))[:5]
+    hint = f"; close names: {', '.join(close)}" if close else ""
+    raise argparse.ArgumentTypeError(f"unknown model {text!r}{hint} (expected a timm model name or one of "
+                                     f"{', '.join(peak_memory.MODEL_ALIASES)})")
+
+
+def _device(text: str) -> str:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:<index>, got {text!r}")
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and gpus == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} needs a CUDA GPU and torch {torch.__version__} sees none "
+                                         f"here; expected cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= gpus:
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda:0 to cuda:{gpus - 1} ({gpus} GPUs here), got {text!r}")
+    return text
+
+
+def _backend_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in BACKENDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown backend {unknown[0]!r} in {text!r}; expected a comma list of "
+                                         f"{', '.join(BACKENDS)}")
+    return names
+
+
+def _output_file(text: str) -> str:
+    """A file path that can be written: not a directory, in a directory that exists."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; expected a file path to write")
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: directory {folder!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: directory {folder!r} is not writable")
+    return text
+
+
+_LEGACY_TORCH_FILE_START = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[:-1]  # without STOP
+"""How files torch.save wrote before torch 1.6 (_use_new_zipfile_serialization=False) begin."""
+
+
+def _checkpoint_file(text: str) -> str:
+    """An existing file in a format torch.save writes (a zip archive, or torch's legacy pickle
+    format): anything else makes torch.load fail with errors that name neither (KeyError: 101)."""
+    if not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; expected a train.py checkpoint file")
+    with open(text, "rb") as f:
+        is_legacy = f.read(len(_LEGACY_TORCH_FILE_START)) == _LEGACY_TORCH_FILE_START
+    if not (zipfile.is_zipfile(text) or is_legacy):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a checkpoint torch.save wrote (neither a zip archive "
+                                         f"nor torch's legacy format; a truncated download?)")
+    return text
+
+
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="vit_small_patch16_224",
+    p.add_argument("--model", default="vit_small_patch16_224", type=_model_name,
                    help="timm model name (random weights; default %(default)s)")
-    p.add_argument("--prompts", type=int, default=50, help="prompt tokens per prompted block (default %(default)s)")
+    p.add_argument("--prompts", type=_int_at_least(1), default=50,
+                   help="prompt tokens per prompted block (default %(default)s)")
     p.add_argument("--shallow", action="store_true", help="VPT-Shallow instead of VPT-Deep")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="autocast dtype (float32: no autocast)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
+    p.add_argument("--device", default="cpu", type=_device, help="cpu, cuda or cuda:<index>")
+    p.add_argument("--img-size", type=_int_at_least(1), default=None, help="image size (default: the model's)")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vpt-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    commands = {"bench": (_add_bench(sub), _bench), "memory": (_add_memory(sub), _memory),
+                "export": (_add_export(sub), _export)}
+    args = parser.parse_args(argv)
+    command_parser, run = commands[args.command]
+    run(args, command_parser)
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="eager release-style VPT vs vpt_fast backends (main job)",
                            description=f"--model also takes {', '.join(peak_memory.MODEL_ALIASES)} (random weights).")
     _common(bench)
-    bench.add_argument("--batch", type=int, default=8, help="default %(default)s")
-    bench.add_argument("--steps", type=int, default=5,
+    bench.add_argument("--batch", type=_int_at_least(1), default=8, help="default %(default)s")
+    bench.add_argument("--steps", type=_int_at_least(1), default=5,
                        help="timed rounds per method, median reported (default %(default)s)")
-    bench.add_argument("--backends", default="", help="comma list (default: every available backend)")
+    bench.add_argument("--backends", type=_backend_list, default=[],
+                       help=f"comma list of {', '.join(BACKENDS)} (default: every available backend)")
     bench.add_argument("--recompute", default="none", choices=["none", "mlp", "block"], help="default %(default)s")
     bench.add_argument("--compile", action="store_true",
                        help="also time eager and the fastest backend under torch.compile")
-    bench.add_argument("--json", default=None, help="write rows and environment to this file")
+    bench.add_argument("--json", default=None, type=_output_file, help="write rows and environment to this file")
     bench.add_argument("--inference", action="store_true",
                        help="serving instead: bare backbone, eager VPT, vpt_fast with cached prompt K/V, and "
                             "PromptBanks with --tasks tasks mixed in one batch vs one pass per task")
-    bench.add_argument("--tasks", default="1,8,64", help="--inference: comma list of task counts (default %(default)s)")
-    _add_memory(sub)
-    _add_export(sub)
-    args = parser.parse_args(argv)
-    if args.command == "export":
-        _export(args)
-    elif args.command == "bench":
-        args.model = peak_memory.resolve_model_name(args.model)
-        cfg = _config(args, steps=args.steps, compile=args.compile,
-                      backends=[b for b in args.backends.split(",") if b])
-        log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-        if args.inference:
-            from vpt_fast.serving_bench import format_inference_table, run_inference_bench
-            rows = run_inference_bench(cfg, [int(n) for n in args.tasks.split(",") if n], log=log)
-            print(format_inference_table(rows))
-        else:
-            rows = run_bench(cfg, log=log)
-            print(format_table(rows))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"config": asdict(cfg), "environment": environment(), "rows": rows}, f, indent=2)
+    bench.add_argument("--tasks", type=_positive_int_list, default=None,
+                       help=f"--inference: comma list of task counts (default {','.join(map(str, DEFAULT_TASKS))})")
+    return bench
+
+
+def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.inference and (args.backends or args.compile or args.recompute != "none"):
+        parser.error("--backends, --compile and --recompute time training; --inference times vpt_fast's "
+                     "automatic backend without them")
+    if args.tasks and not args.inference:
+        parser.error(f"--tasks {','.join(map(str, args.tasks))} goes with --inference")
+    cfg = _config(args, steps=args.steps, compile=args.compile, backends=args.backends)
+    if not args.inference:
+        timed, skipped = bench_backends(cfg)
+        if not timed:
+            parser.error(f"--backends {','.join(args.backends)}: nothing left to time here: "
+                         + "; ".join(f"{name!r} is skipped: {why}" for name, why in skipped.items()))
+    _check_model(cfg, parser)
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    if args.inference:
+        from vpt_fast.serving_bench import format_inference_table, run_inference_bench
+        rows = run_inference_bench(cfg, args.tasks or DEFAULT_TASKS, log=log)
+        print(format_inference_table(rows))
     else:
-        _memory(args)
+        rows = run_bench(cfg, log=log)
+        print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": asdict(cfg), "environment": environment(), "rows": rows}, f, indent=2)
 
 
-def _add_memory(sub: argparse._SubParsersAction) -> None:
+def _check_model(cfg: BenchConfig, parser: argparse.ArgumentParser) -> None:
+    """Refuse a model that cannot be prompted or run at this size before anything is measured."""
+    try:
+        check_model(cfg)
+    except (ValueError, TypeError, RuntimeError, AssertionError) as exc:  # what timm and prompt() raise
+        size = "its default image size" if cfg.img_size is None else f"--img-size {cfg.img_size}"
+        parser.error(f"--model {cfg.model} at {size} with --prompts {cfg.num_prompts}: {_first_line(exc)}")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _add_memory(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     memory = sub.add_parser("memory", help="activation memory against batch size, eager vs vpt_fast; "
                                            "--total: peak of a whole training step vs full fine-tuning",
                             description=f"--model also takes {', '.join(peak_memory.MODEL_ALIASES)} (random weights).")
     _common(memory)
-    memory.add_argument("--batches", default="1,2,4,8,16", help="comma list of batch sizes (default %(default)s)")
-    memory.add_argument("--backend", default=None,
+    memory.add_argument("--batches", type=_positive_int_list, default=None,
+                        help=f"comma list of batch sizes (default {','.join(map(str, DEFAULT_BATCHES))})")
+    memory.add_argument("--backend", default=None, choices=BACKENDS,
                         help="vpt_fast backend (default: torch for activations, auto for --total/--max-batch)")
-    memory.add_argument("--plot", default=None, help="write a PNG plot here (needs matplotlib)")
+    memory.add_argument("--plot", default=None, type=_output_file, help="write a PNG plot here (needs matplotlib)")
     mode = memory.add_mutually_exclusive_group()
     mode.add_argument("--total", action="store_true",
                       help="peak memory of a whole AdamW training step (parameters, gradients, optimizer "
@@ -89,22 +236,33 @@ def _add_memory(sub: argparse._SubParsersAction) -> None:
                       help="per method, the largest batch whose training step stays within --budget")
     memory.add_argument("--budget", default=None, help="memory budget for --max-batch, e.g. 16GiB, 512MiB "
                                                        "(default on CUDA: the device's memory)")
-    memory.add_argument("--batch-limit", type=int, default=None,
+    memory.add_argument("--batch-limit", type=_int_at_least(1), default=None,
                         help="--max-batch stops there if the step still fits (CPU: bounds the run time)")
     memory.add_argument("--methods", default=None,
                         help=f"comma list for --total/--max-batch (default: all) of {', '.join(peak_memory.methods())}")
-    memory.add_argument("--json", default=None, help="--total/--max-batch: write the results to this file")
+    memory.add_argument("--json", default=None, type=_output_file,
+                        help="--total/--max-batch: write the results to this file")
+    return memory
 
 
-def _memory(args: argparse.Namespace) -> None:
-    args.model = peak_memory.resolve_model_name(args.model)
+def _memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.backend is not None:
+        try:
+            validate_backend(args.backend)
+        except RuntimeError as exc:
+            parser.error(f"--backend: {exc}")
+    if args.max_batch and args.batches:
+        parser.error("--batches goes with --total or the default activation table; --max-batch searches the batch")
+    if args.plot:
+        _require_matplotlib(parser)
+    _check_model(_config(args), parser)
     if args.total or args.max_batch:
         _total_memory(args)
         return
     if args.budget or args.batch_limit or args.json or args.methods:
         raise SystemExit("--budget, --batch-limit, --json and --methods go with --total or --max-batch")
     backend = args.backend or "torch"
-    batches = [int(b) for b in args.batches.split(",") if b]
+    batches = args.batches or DEFAULT_BATCHES
     series = {"eager": ("reference", "none"), f"vpt_fast[{backend}]": (backend, "none"),
               f"vpt_fast[{backend}, recompute=mlp]": (backend, "mlp"),
               f"vpt_fast[{backend}, recompute=block]": (backend, "block")}
@@ -123,6 +281,14 @@ def _memory(args: argparse.Namespace) -> None:
     if args.plot:
         _plot(args, batches, results)
         print(f"wrote {args.plot}")
+
+
+def _require_matplotlib(parser: argparse.ArgumentParser) -> None:
+    """--plot is refused before a measurement that would end without its plot."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        parser.error("--plot needs matplotlib: pip install 'vpt_fast[plot]'")
 
 
 def _total_memory(args: argparse.Namespace) -> None:
@@ -149,7 +315,7 @@ def _total_memory(args: argparse.Namespace) -> None:
     else:
         if args.budget or args.batch_limit:
             raise SystemExit("--budget and --batch-limit go with --max-batch")
-        batches = [int(b) for b in args.batches.split(",") if b]
+        batches = args.batches or DEFAULT_BATCHES
         _progress(f"vpt-fast memory --total: {title}; one fresh process per (method, batch)")
         results = peak_memory.total_memory(cfg, chosen, batches, _progress)
         print(f"peak memory of a training step, MiB: {title}")
@@ -180,12 +346,9 @@ def _budget(args: argparse.Namespace) -> int:
 
 
 def _plot(args, batches, results) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise SystemExit("--plot needs matplotlib: pip install 'vpt_fast[plot]'") from exc
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, mems in results.items():
         ax.plot(batches, [m["activation_bytes"] / 2**20 for m in mems], marker="o", label=f"{name} (activations)")
@@ -200,29 +363,41 @@ def _plot(args, batches, results) -> None:
     fig.savefig(args.plot, dpi=120)
 
 
-def _add_export(sub: argparse._SubParsersAction) -> None:
+def _add_export(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="a timm train.py checkpoint of a vpt_ model -> a prompt file "
                                            "(prompts, projection, head; vpt_fast.load_prompts reads it)")
-    export.add_argument("checkpoint", help="train.py checkpoint (model_best.pth.tar, last.pth.tar, ...)")
-    export.add_argument("out", help="the .safetensors prompt file to write")
+    export.add_argument("checkpoint", type=_checkpoint_file,
+                        help="train.py checkpoint (model_best.pth.tar, last.pth.tar, ...)")
+    export.add_argument("out", type=_output_file, help="the .safetensors prompt file to write")
     export.add_argument("--ema", action="store_true", help="export the EMA weights (state_dict_ema)")
-    export.add_argument("--model", default=None, help="timm model name, vpt_<name> or <name> "
-                                                      "(default: the checkpoint's args)")
-    export.add_argument("--num-classes", type=int, default=None)
-    export.add_argument("--num-prompts", type=int, default=None)
+    export.add_argument("--model", default=None, type=_export_model_name,
+                        help="timm model name, vpt_<name> or <name> (default: the checkpoint's args)")
+    export.add_argument("--num-classes", type=_int_at_least(0), default=None)
+    export.add_argument("--num-prompts", type=_int_at_least(1), default=None)
     depth = export.add_mutually_exclusive_group()
     depth.add_argument("--deep", dest="deep", action="store_true", default=None)
     depth.add_argument("--shallow", dest="deep", action="store_false")
-    export.add_argument("--project", type=int, default=None, help="prompt projection dimension")
+    export.add_argument("--project", type=_int_at_least(1), default=None, help="prompt projection dimension")
+    return export
 
 
-def _export(args: argparse.Namespace) -> None:
-    import os
+def _export_model_name(text: str) -> str:
+    """`_model_name` of the name without its vpt_ prefix (the export adds it)."""
+    from vpt_fast.timm_models import PREFIX
+    return _model_name(text[len(PREFIX):] if text.startswith(PREFIX) else text)
 
+
+def _export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     from vpt_fast.io import export_train_checkpoint, prompt_state_dict
-    model = export_train_checkpoint(args.checkpoint, args.out, ema=args.ema, model_name=args.model,
-                                    num_classes=args.num_classes, num_prompts=args.num_prompts,
-                                    deep=args.deep, project=args.project)
+    try:
+        model = export_train_checkpoint(args.checkpoint, args.out, ema=args.ema, model_name=args.model,
+                                        num_classes=args.num_classes, num_prompts=args.num_prompts,
+                                        deep=args.deep, project=args.project)
+    except pickle.UnpicklingError as exc:
+        unsupported = re.search(r"Unsupported [^\n]*", str(exc))  # what torch's long message names
+        parser.error(f"checkpoint {args.checkpoint!r} holds objects torch.load(weights_only=True) refuses, as "
+                     f"timm does{f' ({unsupported.group(0).strip()})' if unsupported else ''}: not a train.py "
+                     f"checkpoint, or one saved with custom classes")
     for name, tensor in prompt_state_dict(model).items():
         print(f"  {name:<16} {str(tuple(tensor.shape)):<18} {tensor.dtype}")
     before, after = os.path.getsize(args.checkpoint), os.path.getsize(args.out)
