@@ -5,6 +5,7 @@ Each probe is a fresh process; the models are tiny so the file runs in about a m
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -118,11 +119,14 @@ def test_parse_bytes_and_model_aliases():
     assert resolve_model_name("deit_small_patch16_224") == "deit_small_patch16_224"
 
 
-def test_cli_rejects_unknown_methods_and_cpu_max_batch_without_budget():
-    base = ["memory", "--model", "vit_t"]
-    with pytest.raises(SystemExit, match="--methods: expected a comma list of full, .*'full,lora'"):
-        main(base + ["--total", "--methods", "full,lora"])
-    with pytest.raises(SystemExit, match="--max-batch on the CPU needs --budget"):
-        main(base + ["--max-batch"])
-    with pytest.raises(SystemExit, match="--budget"):
-        main(base + ["--max-batch", "--budget", "lots"])
+@pytest.mark.parametrize("argv,message", [
+    (["--total", "--methods", "full,lora"], "--methods: expected a comma list of full, .*'full,lora'"),
+    (["--max-batch"], "--max-batch on the CPU needs --budget"),
+    (["--max-batch", "--budget", "lots"], "--budget"),
+])
+def test_cli_rejects_unknown_methods_and_cpu_max_batch_without_budget(capsys, argv, message):
+    """Usage errors: argparse's exit status 2 and one line naming the option."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["memory", "--model", "vit_t"] + argv)
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)

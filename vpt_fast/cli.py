@@ -257,10 +257,10 @@ def _memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         _require_matplotlib(parser)
     _check_model(_config(args), parser)
     if args.total or args.max_batch:
-        _total_memory(args)
+        _total_memory(args, parser)
         return
     if args.budget or args.batch_limit or args.json or args.methods:
-        raise SystemExit("--budget, --batch-limit, --json and --methods go with --total or --max-batch")
+        parser.error("--budget, --batch-limit, --json and --methods go with --total or --max-batch")
     backend = args.backend or "torch"
     batches = args.batches or DEFAULT_BATCHES
     series = {"eager": ("reference", "none"), f"vpt_fast[{backend}]": (backend, "none"),
@@ -291,20 +291,20 @@ def _require_matplotlib(parser: argparse.ArgumentParser) -> None:
         parser.error("--plot needs matplotlib: pip install 'vpt_fast[plot]'")
 
 
-def _total_memory(args: argparse.Namespace) -> None:
+def _total_memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     catalogue = peak_memory.methods(args.backend or "auto")
     keys = list(catalogue) if args.methods is None else [k for k in args.methods.split(",") if k]
     unknown = [k for k in keys if k not in catalogue]
     if unknown or not keys:
-        raise SystemExit(f"--methods: expected a comma list of {', '.join(catalogue)}, got {args.methods!r}")
+        parser.error(f"--methods: expected a comma list of {', '.join(catalogue)}, got {args.methods!r}")
     chosen = {k: catalogue[k] for k in keys}
     cfg = _config(args)
     title = (f"{args.model}, {args.prompts} {'shallow' if args.shallow else 'deep'} prompts, {args.dtype}, "
              f"{args.device}, AdamW")
     if args.max_batch:
         if args.plot:
-            raise SystemExit("--plot draws --total results; --max-batch prints a table")
-        budget = _budget(args)
+            parser.error("--plot draws --total results; --max-batch prints a table")
+        budget = _budget(args, parser)
         print(f"largest batch within {budget / 2**30:.2f} GiB: {title}", flush=True)
         results = {}
         for key, method in chosen.items():
@@ -314,7 +314,7 @@ def _total_memory(args: argparse.Namespace) -> None:
         payload = {"budget_bytes": budget, "results": results}
     else:
         if args.budget or args.batch_limit:
-            raise SystemExit("--budget and --batch-limit go with --max-batch")
+            parser.error("--budget and --batch-limit go with --max-batch")
         batches = args.batches or DEFAULT_BATCHES
         _progress(f"vpt-fast memory --total: {title}; one fresh process per (method, batch)")
         results = peak_memory.total_memory(cfg, chosen, batches, _progress)
@@ -334,15 +334,15 @@ def _progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _budget(args: argparse.Namespace) -> int:
+def _budget(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.budget:
         try:
             return peak_memory.parse_bytes(args.budget)
         except ValueError as exc:
-            raise SystemExit(f"--budget: {exc}") from exc
+            parser.error(f"--budget: {exc}")
     if args.device.startswith("cuda"):
         return torch.cuda.get_device_properties(torch.device(args.device)).total_memory
-    raise SystemExit("--max-batch on the CPU needs --budget (e.g. --budget 16GiB)")
+    parser.error("--max-batch on the CPU needs --budget (e.g. --budget 16GiB)")
 
 
 def _plot(args, batches, results) -> None:
@@ -398,6 +398,8 @@ def _export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(f"checkpoint {args.checkpoint!r} holds objects torch.load(weights_only=True) refuses, as "
                      f"timm does{f' ({unsupported.group(0).strip()})' if unsupported else ''}: not a train.py "
                      f"checkpoint, or one saved with custom classes")
+    except ValueError as exc:  # the checkpoint does not fit the model it names (io says how)
+        parser.error(f"argument checkpoint: {exc}")
     for name, tensor in prompt_state_dict(model).items():
         print(f"  {name:<16} {str(tuple(tensor.shape)):<18} {tensor.dtype}")
     before, after = os.path.getsize(args.checkpoint), os.path.getsize(args.out)
