@@ -12,8 +12,8 @@ import timm
 import torch
 from conftest import run_timed
 
-from vpt_fast.bench import _infer, build_model, count_flops, make_batch
-from vpt_fast.serving_bench import _bank, _infer_bank, _task_ids
+from vpt_fast.bench import build_model, count_flops, infer, make_batch
+from vpt_fast.bench.serving import infer_bank, make_bank, task_ids
 
 TASKS = (1, 8, 64)
 METHODS = (["bare", "eager", "vpt_fast"] + [f"bank_{n}_mixed" for n in TASKS]
@@ -24,19 +24,19 @@ def _runner(method: str, cfg):
     if method == "bare":
         model = timm.create_model(cfg.model, pretrained=False, num_classes=cfg.num_classes).to(cfg.device).eval()
         x, _ = make_batch(cfg, model)
-        return lambda: _infer(model, x, cfg)
+        return lambda: infer(model, x, cfg)
     model = build_model(cfg, "reference" if method == "eager" else "auto").eval()
     x, _ = make_batch(cfg, model)
     if not method.startswith("bank_"):
-        return lambda: _infer(model, x, cfg)
+        return lambda: infer(model, x, cfg)
     num_tasks = int(method.split("_")[1])
     if num_tasks > cfg.batch:
         pytest.skip(f"{num_tasks} tasks need a batch of at least {num_tasks}")
-    bank, ids = _bank(model, num_tasks, cfg.seed + num_tasks), _task_ids(cfg.batch, num_tasks, cfg.device)
+    bank, ids = make_bank(model, num_tasks, cfg.seed + num_tasks), task_ids(cfg.batch, num_tasks, cfg.device)
     if method.endswith("_mixed"):
-        return lambda: _infer_bank(bank, x, ids, cfg)
+        return lambda: infer_bank(bank, x, ids, cfg)
     groups = [(ids == t).nonzero().squeeze(1) for t in range(num_tasks)]
-    return lambda: [_infer_bank(bank, x[g], torch.full_like(g, t), cfg) for t, g in enumerate(groups)]
+    return lambda: [infer_bank(bank, x[g], torch.full_like(g, t), cfg) for t, g in enumerate(groups)]
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import vpt_fast.bench
+import vpt_fast.bench.core
 from vpt_fast import backends
 from vpt_fast.cli import main
 
@@ -156,7 +157,8 @@ def tiny_bench(tmp_path_factory):
     stdout, stderr = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        patch.setattr(vpt_fast.bench, "activation_memory", lambda *args: {"activation_bytes": 0, "peak_bytes": None})
+        patch.setattr(vpt_fast.bench.core, "activation_memory",
+                      lambda *args: {"activation_bytes": 0, "peak_bytes": None})
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             main(["bench", *TINY, "--batch", "1", "--steps", "1", "--backends", "triton,torch", "--json", str(out)])
     return {"stdout": stdout.getvalue(), "stderr": stderr.getvalue(), "warnings": caught,
@@ -186,7 +188,7 @@ def test_commit_is_null_outside_a_checkout_of_vpt_fast(tmp_path, monkeypatch):
     """An installed package records no commit, also inside another project's repository."""
     package = tmp_path / "project" / "site-packages" / "vpt_fast"
     package.mkdir(parents=True)
-    monkeypatch.setattr(vpt_fast.bench, "__file__", str(package / "bench.py"))
+    monkeypatch.setattr(vpt_fast.bench.core, "__file__", str(package / "bench" / "core.py"))
     assert vpt_fast.bench.source_revision() is None
     project = str(tmp_path / "project")
     subprocess.run(["git", "init", "-q", project], check=True)

@@ -12,8 +12,8 @@ import sys
 import pytest
 
 from vpt_fast.bench import BenchConfig
+from vpt_fast.bench.memory import largest_batch, max_batch, methods, parse_bytes, resolve_model_name, step_memory
 from vpt_fast.cli import main
-from vpt_fast.memory import largest_batch, max_batch, methods, parse_bytes, resolve_model_name, step_memory
 
 TINY_VIT = "vit_tiny_patch16_224"
 

@@ -14,7 +14,7 @@ from dataclasses import asdict
 
 import torch
 
-import vpt_fast.memory as peak_memory
+import vpt_fast.bench.memory as peak_memory
 from vpt_fast.backends import BACKENDS, validate_backend
 from vpt_fast.bench import (
     BenchConfig,
@@ -193,7 +193,7 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     _check_model(cfg, parser)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     if args.inference:
-        from vpt_fast.serving_bench import format_inference_table, run_inference_bench
+        from vpt_fast.bench.serving import format_inference_table, run_inference_bench
         rows = run_inference_bench(cfg, args.tasks or DEFAULT_TASKS, log=log)
         print(format_inference_table(rows))
     else:

@@ -36,7 +36,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from vpt_fast.bench import BenchConfig, _autocast, build_model, in_fresh_process, make_batch
+from vpt_fast.bench.core import BenchConfig, autocast, build_model, in_fresh_process, make_batch
 
 MODEL_ALIASES = {
     "vit_t": "vit_tiny_patch16_224",
@@ -174,7 +174,7 @@ def probe_step_memory(cfg: BenchConfig, method: Method, limit_bytes: Optional[in
             p.grad = torch.zeros_like(p)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        with _autocast(cfg):
+        with autocast(cfg):
             loss = F.cross_entropy(model(x).float(), y)
         loss.backward()
         grad_bytes = sum(p.grad.nbytes for p in trainable if p.grad is not None)
@@ -196,8 +196,8 @@ def probe_step_memory(cfg: BenchConfig, method: Method, limit_bytes: Optional[in
 
 def step_memory(cfg: BenchConfig, method: Method, limit_bytes: Optional[int] = None) -> dict:
     """`probe_step_memory` in a fresh process."""
-    return in_fresh_process("vpt_fast.memory", {"cfg": asdict(cfg), "method": asdict(method),
-                                                "limit_bytes": limit_bytes})
+    return in_fresh_process("vpt_fast.bench.memory", {"cfg": asdict(cfg), "method": asdict(method),
+                                                      "limit_bytes": limit_bytes})
 
 
 def total_memory(cfg: BenchConfig, chosen: dict[str, Method], batches: list[int],

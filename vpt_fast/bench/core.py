@@ -113,13 +113,14 @@ def make_batch(cfg: BenchConfig, model: torch.nn.Module):
     return x, y
 
 
-def _autocast(cfg: BenchConfig):
+def autocast(cfg: BenchConfig):
+    """Autocast to `cfg.dtype` on `cfg.device` (disabled for float32)."""
     enabled = cfg.torch_dtype != torch.float32
     return torch.autocast(device_type=torch.device(cfg.device).type, dtype=cfg.torch_dtype, enabled=enabled)
 
 
 def training_step(model, x, y, cfg: BenchConfig, optimizer=None):
-    with _autocast(cfg):
+    with autocast(cfg):
         loss = F.cross_entropy(model(x).float(), y)
     loss.backward()
     if optimizer is not None:
@@ -148,7 +149,7 @@ def saved_activation_bytes(model, x, cfg: BenchConfig) -> int:
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with saved_tensors_hooks(pack, lambda t: t), _autocast(cfg):
+    with saved_tensors_hooks(pack, lambda t: t), autocast(cfg):
         out = model(x)
     del out
     return sum(saved.values())
@@ -168,7 +169,7 @@ def probe_activation_memory(cfg: BenchConfig, backend: str, recompute: str) -> d
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        with _autocast(cfg):
+        with autocast(cfg):
             loss = F.cross_entropy(model(x).float(), y)
         torch.cuda.synchronize()
         held = torch.cuda.memory_allocated() - before
@@ -176,7 +177,7 @@ def probe_activation_memory(cfg: BenchConfig, backend: str, recompute: str) -> d
         torch.cuda.synchronize()
         return {"activation_bytes": held, "peak_bytes": torch.cuda.max_memory_allocated() - before}
     before = _rss_bytes()
-    with _autocast(cfg):
+    with autocast(cfg):
         loss = F.cross_entropy(model(x).float(), y)
     held = _rss_bytes() - before
     return {"activation_bytes": held, "peak_bytes": None}
@@ -189,7 +190,7 @@ def in_fresh_process(module: str, request: dict) -> dict:
     follows the tensors alive.
 
     Args:
-        module: the module whose `__main__` block answers the request.
+        module: the module whose `__main__` block (a package: its `__main__.py`) answers the request.
         request: JSON-serialisable arguments for it.
     """
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
@@ -201,8 +202,8 @@ def in_fresh_process(module: str, request: dict) -> dict:
 
 
 def activation_memory(cfg: BenchConfig, backend: str, recompute: str = "none") -> dict:
-    """`probe_activation_memory` in a fresh process (`in_fresh_process`): RSS growth across the
-    forward is what the graph holds."""
+    """`probe_activation_memory` in a fresh process (`in_fresh_process`, `python -m vpt_fast.bench`):
+    RSS growth across the forward is what the graph holds."""
     return in_fresh_process("vpt_fast.bench", {"cfg": asdict(cfg), "backend": backend, "recompute": recompute})
 
 
@@ -235,7 +236,7 @@ def source_revision() -> Optional[dict]:
     """{"commit": `git rev-parse HEAD`, "dirty": tracked files differ from it} of the git checkout
     vpt_fast runs from; None when the package is not a git checkout of its own (an installed wheel,
     also one inside another project's repository)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # vpt_fast/bench/core.py
 
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, check=False)
@@ -315,19 +316,19 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
         runner = torch.compile(model) if compiled else model
         models[name] = (model, runner, x, y)
         steps_train[name] = (lambda r=runner, m=model, x=x, y=y: training_step(r, x, y, cfg))
-        steps_infer[name] = (lambda r=runner, x=x: _infer(r, x, cfg))
+        steps_infer[name] = (lambda r=runner, x=x: infer(r, x, cfg))
     log("[time] training steps (forward + backward), interleaved")
     t_train = interleaved_times(steps_train, cfg.steps, cfg.warmup, cfg.device, log)
     log("[time] inference, interleaved")
     t_infer = interleaved_times(steps_infer, cfg.steps, cfg.warmup, cfg.device, log)
-    ref_logits = _infer(models["eager"][1], models["eager"][2], cfg).float()
+    ref_logits = infer(models["eager"][1], models["eager"][2], cfg).float()
     for name, backend in methods:
         model, runner, x, y = models[name]
         log(f"[measure] {name}: FLOPs, memory, logits")
         compiled = name.endswith("+compile")  # FLOPs and memory: those of the same model uncompiled
         flops = None if compiled else count_flops(lambda m=model, x=x, y=y: training_step(m, x, y, cfg))
         mem = {} if compiled else activation_memory(cfg, backend)
-        logits = _infer(runner, x, cfg).float()
+        logits = infer(runner, x, cfg).float()
         rows.append({
             "method": name, "backend": backend,
             "train_img_s": cfg.batch / statistics.median(t_train[name]),
@@ -339,8 +340,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
     return rows
 
 
-def _infer(model, x, cfg: BenchConfig):
-    with torch.inference_mode(), _autocast(cfg):
+def infer(model, x, cfg: BenchConfig):
+    """`model(x)` without gradients, under `cfg`'s autocast."""
+    with torch.inference_mode(), autocast(cfg):
         return model(x)
 
 
@@ -360,8 +362,3 @@ def format_table(rows: list[dict]) -> str:
                      f"{r['infer_img_s']:12.2f}{mem_s}{mem_r}{fl_s}{r['max_logit_diff']:12.2e}")
     return "\n".join(lines)
 
-
-if __name__ == "__main__":  # memory probe subprocess (see activation_memory)
-    request = json.loads(sys.argv[1])
-    result = probe_activation_memory(BenchConfig(**request["cfg"]), request["backend"], request["recompute"])
-    print(json.dumps(result))

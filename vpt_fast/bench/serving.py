@@ -12,11 +12,11 @@ from typing import Callable, Sequence
 import torch
 
 from vpt_fast.bank import PromptBank
-from vpt_fast.bench import BenchConfig, _autocast, _infer, build_model, count_flops, interleaved_times, make_batch
+from vpt_fast.bench.core import BenchConfig, autocast, build_model, count_flops, infer, interleaved_times, make_batch
 from vpt_fast.io import metadata, prompt_state_dict
 
 
-def _bank(model: torch.nn.Module, num_tasks: int, seed: int) -> PromptBank:
+def make_bank(model: torch.nn.Module, num_tasks: int, seed: int) -> PromptBank:
     """A bank of `num_tasks` tasks with random prompts and heads on `model`'s backbone."""
     g = torch.Generator().manual_seed(seed)
     bank = PromptBank(model).eval()
@@ -27,7 +27,7 @@ def _bank(model: torch.nn.Module, num_tasks: int, seed: int) -> PromptBank:
     return bank
 
 
-def _task_ids(batch: int, num_tasks: int, device) -> torch.Tensor:
+def task_ids(batch: int, num_tasks: int, device) -> torch.Tensor:
     """Every task present, samples interleaved (the worst case for grouping)."""
     return (torch.arange(batch) % num_tasks).to(device)
 
@@ -44,18 +44,18 @@ def run_inference_bench(cfg: BenchConfig, task_counts: Sequence[int] = (1, 8, 64
     eager = build_model(cfg, "reference").eval()
     fast = build_model(cfg, "auto").eval()
     x, _ = make_batch(cfg, fast)
-    fns = {"bare backbone": lambda: _infer(bare, x, cfg), "eager VPT": lambda: _infer(eager, x, cfg),
-           "vpt_fast (cached prompt K/V)": lambda: _infer(fast, x, cfg)}
+    fns = {"bare backbone": lambda: infer(bare, x, cfg), "eager VPT": lambda: infer(eager, x, cfg),
+           "vpt_fast (cached prompt K/V)": lambda: infer(fast, x, cfg)}
     for n in task_counts:
         if n > cfg.batch:
             log(f"skipping {n} tasks: a batch of {cfg.batch} cannot hold one sample of each")
             continue
-        bank, ids = _bank(fast, n, cfg.seed + n), _task_ids(cfg.batch, n, cfg.device)
+        bank, ids = make_bank(fast, n, cfg.seed + n), task_ids(cfg.batch, n, cfg.device)
         groups = [(ids == t).nonzero().squeeze(1) for t in range(n)]
-        fns[f"bank: {n} tasks mixed, 1 pass"] = lambda b=bank, i=ids: _infer_bank(b, x, i, cfg)
+        fns[f"bank: {n} tasks mixed, 1 pass"] = lambda b=bank, i=ids: infer_bank(b, x, i, cfg)
         if n > 1:
             fns[f"bank: {n} tasks, 1 pass per task"] = (
-                lambda b=bank, gs=groups: [_infer_bank(b, x[g], torch.full_like(g, t), cfg) for t, g in enumerate(gs)])
+                lambda b=bank, gs=groups: [infer_bank(b, x[g], torch.full_like(g, t), cfg) for t, g in enumerate(gs)])
     log(f"[time] {len(fns)} methods, {cfg.steps} interleaved rounds")
     times = interleaved_times(fns, cfg.steps, cfg.warmup, cfg.device, log)
     bare_s = statistics.median(times["bare backbone"])
@@ -72,8 +72,9 @@ def run_inference_bench(cfg: BenchConfig, task_counts: Sequence[int] = (1, 8, 64
     return rows
 
 
-def _infer_bank(bank: PromptBank, x: torch.Tensor, ids: torch.Tensor, cfg: BenchConfig):
-    with torch.inference_mode(), _autocast(cfg):
+def infer_bank(bank: PromptBank, x: torch.Tensor, ids: torch.Tensor, cfg: BenchConfig):
+    """`bank`'s logits for images `x` of tasks `ids`, without gradients, under `cfg`'s autocast."""
+    with torch.inference_mode(), autocast(cfg):
         return bank(x, ids)
 
 
