@@ -44,8 +44,8 @@ class Backend:
     fallbacks: tuple[str, ...] = ()
     auto_priority: Optional[int] = None
 
-    def serves(self, device: torch.device) -> bool:
-        return self.devices is None or device.type in self.devices
+    def serves(self, device_type: str) -> bool:
+        return self.devices is None or device_type in self.devices
 
 
 REGISTRY: dict[str, Backend] = {backend.name: backend for backend in (
@@ -59,6 +59,9 @@ REGISTRY: dict[str, Backend] = {backend.name: backend for backend in (
 BACKENDS = ("auto", *REGISTRY)
 """Every backend name `prompt()`, `set_backend()` and the blocks accept."""
 _WITH_MODULES = tuple(name for name, backend in REGISTRY.items() if backend.module is not None)
+# sorted once: the blocks resolve "auto" on every forward, also inside torch.compile's trace
+_AUTO_ORDER = tuple(sorted((b for b in REGISTRY.values() if b.auto_priority is not None and b.module is not None),
+                           key=lambda b: b.auto_priority, reverse=True))
 
 
 def _load(backend: Backend) -> tuple[ModuleType | None, str | None]:
@@ -119,15 +122,29 @@ def resolve_auto(backend: str, device: torch.device) -> str:
     with the highest `auto_priority` that serves `device`; any other name is returned as is)."""
     if backend != "auto":
         return backend
-    candidates = [b for b in REGISTRY.values()
-                  if b.auto_priority is not None and b.serves(device) and _available(b.name)]
-    return max(candidates, key=lambda b: b.auto_priority).name
+    device_type = device.type
+    for candidate in _AUTO_ORDER:  # inlined checks: this runs on every block's forward
+        if (candidate.devices is None or device_type in candidate.devices) and _LOADED[candidate.name] is not None:
+            return candidate.name
+    raise RuntimeError(f"no backend that 'auto' may pick is available for {device.type} tensors")
+
+
+def _chain_on(backend: str, device_type: str) -> tuple[str, ...]:
+    """Backend modules tried in order for an op: the backend's own, then its fallbacks that serve
+    `device_type`; the first that has the op runs it."""
+    fallbacks = REGISTRY[backend].fallbacks
+    return (backend, *(name for name in fallbacks if REGISTRY[name].serves(device_type)))
+
+
+# built once for the usual devices: every op's forward resolves its module
+_CHAINS = {(name, device_type): _chain_on(name, device_type)
+           for name in _WITH_MODULES if REGISTRY[name].fallbacks for device_type in ("cpu", "cuda")}
 
 
 def _chain(backend: str, device: torch.device) -> tuple[str, ...]:
-    """Backend modules tried in order for an op: the backend's own, then its fallbacks that serve
-    `device`; the first that has the op runs it."""
-    return (backend, *(name for name in REGISTRY[backend].fallbacks if REGISTRY[name].serves(device)))
+    if not REGISTRY[backend].fallbacks:
+        return (backend,)
+    return _CHAINS.get((backend, device.type)) or _chain_on(backend, device.type)
 
 
 def resolve(backend: str, op: str, device: torch.device) -> ModuleType:
