@@ -122,8 +122,9 @@ def register_timm() -> list[str]:
     (deprecated aliases excluded) and that `vpt_fast.prompt` accepts. Models it refuses (distilled DeiT,
     attention pooling, RmsNorm or other block types, ...) get no name. Whether it accepts one is decided
     by building the model on the meta device and prompting it, once per model and process: the first
-    call takes a few seconds (timm 1.0.31: 157 of 267 candidates accepted, ~5 s of CPU time on a
-    loaded 2-core machine), later calls are instant.
+    call takes a few seconds (timm 1.0.31: 157 of 267 candidates accepted in 4-5 s of CPU time, ~2 s
+    of it for the 14 hybrid ViTs, whose ResNet stem runs a forward pass when built), later calls are
+    instant.
     Idempotent: names registered by an earlier call are kept; models timm gained since are added.
 
     Model keywords `num_prompts`, `deep`, `dropout`, `project`, `backend`, `recompute` go to
