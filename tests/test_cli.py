@@ -207,3 +207,25 @@ def test_inference_bench_says_which_task_counts_it_skips(capsys):
     captured = capsys.readouterr()
     assert "skipping 2 tasks: a batch of 1 cannot hold one sample of each\n" in captured.err
     assert "bank: 1 tasks mixed, 1 pass" in captured.out and "bank: 2 tasks" not in captured.out
+
+
+def test_inference_bench_without_banks_is_accepted(monkeypatch, capsys):
+    """`--tasks ''` times the bare backbone, eager VPT and vpt_fast without any bank (the README's
+    batch-8 command); it was refused as a bad task list."""
+    import vpt_fast.bench.serving as serving
+    asked = []
+    monkeypatch.setattr(serving, "run_inference_bench", lambda cfg, tasks, log: asked.append(tasks) or [])
+    monkeypatch.setattr(serving, "format_inference_table", lambda rows: "table")
+    main(["bench", *TINY, "--inference", "--tasks", ""])
+    assert asked == [[]]
+    _usage_error(capsys, ["bench", *TINY, "--tasks", ""])  # still needs --inference
+
+
+def test_bench_memory_column_follows_recompute(monkeypatch):
+    """The activation memory is measured with the recompute policy that is timed (it was 'none')."""
+    probed = []
+    monkeypatch.setattr(vpt_fast.bench.core, "activation_memory",
+                        lambda cfg, backend, recompute="none": probed.append(recompute) or {})
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        main(["bench", *TINY, "--batch", "1", "--steps", "1", "--backends", "torch", "--recompute", "block"])
+    assert probed and set(probed) == {"block"}

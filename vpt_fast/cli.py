@@ -64,6 +64,11 @@ def _positive_int_list(text: str) -> list[int]:
     return values
 
 
+def _task_counts(text: str) -> list[int]:
+    """`_positive_int_list`, or no task count at all for '' (the inference bench without banks)."""
+    return [] if not text.strip() else _positive_int_list(text)
+
+
 def _model_name(text: str) -> str:
     """A short alias (vit_b, swin_t, ...) resolved to its timm name, or a timm model name; an unknown
     name is refused with the close names timm and the aliases know."""
@@ -173,8 +178,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     bench.add_argument("--inference", action="store_true",
                        help="serving instead: bare backbone, eager VPT, vpt_fast with cached prompt K/V, and "
                             "PromptBanks with --tasks tasks mixed in one batch vs one pass per task")
-    bench.add_argument("--tasks", type=_positive_int_list, default=None,
-                       help=f"--inference: comma list of task counts (default {','.join(map(str, DEFAULT_TASKS))})")
+    bench.add_argument("--tasks", type=_task_counts, default=None,
+                       help=f"--inference: comma list of task counts (default {','.join(map(str, DEFAULT_TASKS))}; "
+                            f"'' times no bank)")
     return bench
 
 
@@ -182,7 +188,7 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if args.inference and (args.backends or args.compile or args.recompute != "none"):
         parser.error("--backends, --compile and --recompute time training; --inference times vpt_fast's "
                      "automatic backend without them")
-    if args.tasks and not args.inference:
+    if args.tasks is not None and not args.inference:
         parser.error(f"--tasks {','.join(map(str, args.tasks))} goes with --inference")
     cfg = _config(args, steps=args.steps, compile=args.compile, backends=args.backends)
     if not args.inference:
@@ -194,7 +200,7 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     if args.inference:
         from vpt_fast.bench.serving import format_inference_table, run_inference_bench
-        rows = run_inference_bench(cfg, args.tasks or DEFAULT_TASKS, log=log)
+        rows = run_inference_bench(cfg, DEFAULT_TASKS if args.tasks is None else args.tasks, log=log)
         print(format_inference_table(rows))
     else:
         rows = run_bench(cfg, log=log)

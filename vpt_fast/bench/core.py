@@ -327,7 +327,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
         log(f"[measure] {name}: FLOPs, memory, logits")
         compiled = name.endswith("+compile")  # FLOPs and memory: those of the same model uncompiled
         flops = None if compiled else count_flops(lambda m=model, x=x, y=y: training_step(m, x, y, cfg))
-        mem = {} if compiled else activation_memory(cfg, backend)
+        mem = {} if compiled else activation_memory(cfg, backend, cfg.recompute)
         logits = infer(runner, x, cfg).float()
         rows.append({
             "method": name, "backend": backend,
