@@ -342,8 +342,9 @@ def export_train_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLik
     name = name if name.startswith(PREFIX) else PREFIX + name
     register_timm()
     if not timm.is_model(name):
-        raise ValueError(f"model {name[len(PREFIX):]!r} is not a timm ViT or Swin model known to this timm "
-                         f"({timm.__version__})")
+        base = name[len(PREFIX):]
+        raise ValueError(f"model {base!r} is not supported by vpt_fast.prompt" if timm.is_model(base) else
+                         f"model {base!r} is not a timm model known to this timm ({timm.__version__})")
     in_chans = args.get("in_chans") or (args["input_size"][0] if args.get("input_size") else None)
     kwargs = dict(num_classes=args.get("num_classes"), global_pool=args.get("gp"), in_chans=in_chans)
     kwargs.update(args.get("model_kwargs") or {})
