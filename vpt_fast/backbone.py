@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import weakref
 from typing import Any, Optional
 
@@ -186,7 +187,7 @@ def weights_difference(theirs: dict, mine: dict, what: tuple[str, str]) -> Optio
         (shape_a, sum_a, samples_a), (shape_b, sum_b, samples_b) = theirs[name], mine[name]
         if list(shape_a) != list(shape_b):
             return f"{name} has shape {tuple(shape_a)} in {what[0]} backbone, {tuple(shape_b)} in {what[1]}"
-        count = max(1, _prod(shape_a))
+        count = max(1, math.prod(shape_a))
         scale = max(abs(sum_a), abs(sum_b)) / count
         same_sum = _close(sum_a, sum_b, _SUM_RTOL, _FP16_SPACING / 2 * count)
         same_samples = len(samples_a) == len(samples_b) and all(
@@ -213,13 +214,6 @@ def exact_weights_difference(theirs: nn.Module, mine: nn.Module) -> Optional[str
         if not torch.equal(x.detach().to(y.device, y.dtype), y.detach()):
             return f"{name} holds other values in the task's backbone than in the bank's"
     return None
-
-
-def _prod(shape) -> int:
-    out = 1
-    for s in shape:
-        out *= int(s)
-    return out
 
 
 def dumps(value: Any) -> str:

@@ -183,9 +183,8 @@ def check_metadata(meta: dict[str, str], model: nn.Module, source: str, check_ba
     a configuration field (prompts, head, pooling, tokens), or with `check_backbone` the backbone it
     was trained on (architecture, geometry, module structure, frozen weights). `source` names the
     file in the message; `skip` lists fields not to compare (e.g. the bank ignores num_classes)."""
-    expected = metadata(model)
-    fields = [k for k in expected if k not in _NOT_COMPARED + skip
-              and (check_backbone or k not in BACKBONE_FIELDS)]
+    expected = configuration_metadata(model)
+    fields = [k for k in expected if k not in skip and (check_backbone or k not in BACKBONE_FIELDS)]
     diffs = metadata_differences(meta, expected, fields)
     if diffs:
         detail = ", ".join(f"{k}: {a!r} in the file vs {b!r} in the model" for k, (a, b) in diffs.items())
@@ -194,14 +193,15 @@ def check_metadata(meta: dict[str, str], model: nn.Module, source: str, check_ba
         raise ValueError(f"{source} was made for another configuration ({detail}){opt_out}")
     if not check_backbone:
         return
+    # the model's side as objects (what `metadata` would write as JSON), computed only when compared
     what = ("the file's", "the model's")
     difference = None
     if "backbone_structure" in meta:
         difference = backbone.structure_difference(json.loads(meta["backbone_structure"]),
-                                                   json.loads(expected["backbone_structure"]), what)
-    if difference is None and "backbone_weights" in meta and "backbone_weights" in expected:
-        difference = backbone.weights_difference(json.loads(meta["backbone_weights"]),
-                                                 json.loads(expected["backbone_weights"]), what)
+                                                   backbone.structure(model), what)
+    weights = backbone.weights_signature(model) if difference is None and "backbone_weights" in meta else None
+    if weights is not None:
+        difference = backbone.weights_difference(json.loads(meta["backbone_weights"]), weights, what)
     if difference is not None:
         raise ValueError(f"{source} was trained on another backbone: {difference}. Its prompts and head give the "
                          f"logits they were trained for only on that backbone; pass check_backbone=False to load "
