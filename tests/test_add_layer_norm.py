@@ -12,7 +12,7 @@ import utils
 import vpt_fast
 from utils import assert_close, assert_flash_rule, random_batch, tiny_vit
 from vpt_fast.backends import backend_module, torch_impl
-from vpt_fast.blocks import vit as vit_blocks
+from vpt_fast.blocks import common as block_common
 from vpt_fast.ops.add_layer_norm import add_layer_norm
 from vpt_fast.ops.layer_norm import layer_norm
 from vpt_fast.ops.mlp import add_norm_mlp, norm_mlp
@@ -290,7 +290,7 @@ def test_vit_fused_equals_unfused_and_saves_no_more(backend, monkeypatch):
         fused = utils.training_results(model, backend, x, y)
         fused_bytes = saved_activation_bytes(model, x, cfg)
         with monkeypatch.context() as patch:
-            patch.setattr(vit_blocks, "_branch_scale", lambda ls, drop_path: (False, None))
+            patch.setattr(block_common, "branch_scale", lambda ls, drop_path: (False, None))
             unfused = utils.training_results(model, backend, x, y)
             unfused_bytes = saved_activation_bytes(model, x, cfg)
         assert 0 < fused_bytes <= unfused_bytes, f"recompute={recompute}: {fused_bytes} > {unfused_bytes}"
@@ -318,9 +318,9 @@ def test_block_keeps_unfoldable_branches_unfused():
     path runs it and gives its gradient."""
     model = _vit("layerscale_qknorm", deep=True)
     block = model.blocks[0]
-    assert vit_blocks._branch_scale(block.ls1, block.drop_path1) == (True, block.ls1.gamma)
+    assert block_common.branch_scale(block.ls1, block.drop_path1) == (True, block.ls1.gamma)
     block.ls1.gamma.requires_grad_(True)
-    assert vit_blocks._branch_scale(block.ls1, block.drop_path1) == (False, None)
+    assert block_common.branch_scale(block.ls1, block.drop_path1) == (False, None)
     x, y = random_batch(model, 2)
     F.cross_entropy(model(x), y).backward()
     assert block.ls1.gamma.grad is not None and block.ls1.gamma.grad.abs().sum() > 0

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from vpt_fast import backbone
+from vpt_fast.models.families import family_of
 from vpt_fast.prompting import prompts_of
 
 _FORMAT = "vpt_fast.prompts/1"
@@ -130,7 +131,7 @@ def configuration_metadata(model: nn.Module) -> dict[str, str]:
     (`vpt_fast.backbone.configuration`)."""
     prompts_of(model)
     config = model.vpt_config
-    depth = len(model.blocks) if hasattr(model, "blocks") else [len(s.blocks) for s in model.layers]
+    depth = family_of(model).depth(model)
     architecture = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or ""
     return {
         "model_family": type(model).__name__,

@@ -19,16 +19,17 @@ def prompt(model: nn.Module, num_prompts: int = 50, deep: bool = True, dropout: 
            project: Optional[int] = None, backend: str = "auto", recompute: str = "none") -> nn.Module:
     """Add Visual Prompt Tuning to a timm model, in place, and return it.
 
-    Swaps every block for its prompt-aware twin (`ViTBlock.from_timm`, `SwinBlock.from_timm`), adds the
-    prompt parameters (`model.vpt`), freezes the backbone (kept in eval mode even under
-    `model.train()`), leaves prompts, projection and classifier head trainable, and turns the model
-    into an importable prompted subclass (`PromptedVisionTransformer`, `PromptedSwinTransformer`) so it
+    Swaps every block for its prompt-aware twin (`ViTBlock`, `EvaBlock`, `SwinBlock`), adds the prompt
+    parameters (`model.vpt`), freezes the backbone (kept in eval mode even under `model.train()`),
+    leaves prompts, projection and classifier head trainable, and turns the model into an importable
+    prompted subclass (`PromptedVisionTransformer`, `PromptedEva`, `PromptedSwinTransformer`) so it
     pickles and `torch.save`s like any timm model. Every argument is checked and every new module built
     before the model changes: if anything fails, the model is exactly as it was.
 
     Args:
-        model: a timm `VisionTransformer` (class and/or register tokens, 'token', 'avg' or '' pooling) or
-            `SwinTransformer` (docs/design.md §1).
+        model: a timm model of a class in `vpt_fast.models.families.FAMILIES`: `VisionTransformer`
+            (class and/or register tokens; 'token', 'avg', 'map' or '' pooling), `Eva` (DINOv3, EVA-02,
+            PE, RoPE ViTs) or `SwinTransformer` (docs/design.md §1, §9).
         num_prompts: P, prompt tokens per prompted block (an int >= 1).
         deep: VPT-Deep (a prompt set per block) or VPT-Shallow (input only); a bool.
         dropout: prompt dropout, a float in [0, 1).
@@ -38,16 +39,8 @@ def prompt(model: nn.Module, num_prompts: int = 50, deep: bool = True, dropout: 
     """
     config = PromptConfig(num_prompts=num_prompts, deep=deep, dropout=dropout, project=project,
                           backend=backend, recompute=recompute)
-    from timm.models.swin_transformer import SwinTransformer
-    from timm.models.vision_transformer import VisionTransformer
-    if isinstance(model, SwinTransformer):
-        from vpt_fast.models.swin import prompt_swin
-        return prompt_swin(model, config)
-    if isinstance(model, VisionTransformer):
-        from vpt_fast.models.vit import prompt_vit
-        return prompt_vit(model, config)
-    raise TypeError(f"vpt_fast.prompt supports timm VisionTransformer and SwinTransformer models, "
-                    f"got {type(model).__module__}.{type(model).__name__}")
+    from vpt_fast.models.families import family_of
+    return family_of(model).prompt(model, config)
 
 
 def prompts_of(model: nn.Module) -> VisualPrompts:

@@ -21,10 +21,11 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from vpt_fast.models.families import registry_modules
+
 PREFIX = "vpt_"
-# timm modules whose models are candidates; only those prompt() accepts are registered, so a family
-# prompt() learns (eva) is registered without a change here
-BASE_MODULES = ("vision_transformer", "vision_transformer_hybrid", "deit", "swin_transformer", "eva")
+# timm modules whose models are candidates (the family table's); only those prompt() accepts are registered
+BASE_MODULES = registry_modules()
 # prompt() checks every block alike, so its verdict does not depend on depth: a candidate is built with
 # one block (per stage) when its entrypoint takes one of these arguments, else at full size
 _SHALLOW = ({"depth": 1}, {"depths": (1, 1, 1, 1)}, {})

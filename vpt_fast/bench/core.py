@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from vpt_fast.backends import available_backends, resolve_auto, validate_backend
-from vpt_fast.blocks.vit import ignore_measurement_hooks
+from vpt_fast.blocks.common import ignore_measurement_hooks
 from vpt_fast.prompting import prompt
 from vpt_fast.version import __version__
 

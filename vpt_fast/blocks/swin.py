@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from vpt_fast.backends import resolve_auto, validate_backend
-from vpt_fast.blocks.vit import PromptQKV, residual_mlp, warn_if_hooks_bypassed
+from vpt_fast.blocks.common import PromptQKV, residual_mlp, warn_if_hooks_bypassed
 from vpt_fast.config import RECOMPUTE
 from vpt_fast.ops.attention import attention
 from vpt_fast.ops.layer_norm import layer_norm

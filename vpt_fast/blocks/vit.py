@@ -15,24 +15,29 @@ before the next block (docs/design.md §1). With `prompts=None` it is timm's blo
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
-import warnings
-from typing import Iterator, NamedTuple, Optional, Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules import module as torch_module
 from torch.utils.checkpoint import checkpoint
 
 from vpt_fast.backends import resolve_auto, validate_backend
+from vpt_fast.blocks.common import (
+    PromptKV,
+    PromptQKV,
+    apply_norm,
+    check_mlp,
+    check_norm,
+    pad_rope_rows,
+    prompt_tensors,
+    residual_mlp,
+    rotate_patch_rows,
+    strip_rope_rows,
+    warn_if_hooks_bypassed,
+)
 from vpt_fast.config import RECOMPUTE
-from vpt_fast.ops.add_layer_norm import add_layer_norm
 from vpt_fast.ops.attention import attention, attention_qkv, gather_prompt_sets
-from vpt_fast.ops.layer_norm import layer_norm
 from vpt_fast.ops.linear import linear
-from vpt_fast.ops.mlp import add_norm_mlp, add_norm_mlp_residual, is_fusable, norm_mlp
 
 
 class ViTBlock(nn.Module):
@@ -51,12 +56,21 @@ class ViTBlock(nn.Module):
     def __init__(self, block: nn.Module, num_prefix_tokens: int = 1, backend: str = "auto",
                  recompute: str = "none") -> None:
         super().__init__()
+        self._take_over(block)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.backend = validate_backend(backend)
+        if recompute not in RECOMPUTE:
+            raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
+        self.recompute = recompute
+
+    def _take_over(self, block: nn.Module) -> None:
+        """Check `block` and take over its submodules under timm's names (state_dict keys unchanged)."""
+        from timm.layers import Attention
         from timm.models.vision_transformer import Block
         if type(block) is not Block:
             raise TypeError(f"ViTBlock.from_timm expects timm.models.vision_transformer.Block, "
                             f"got {type(block).__module__}.{type(block).__name__}")
         attn = block.attn
-        from timm.layers import Attention
         if type(attn) is not Attention:  # e.g. DiffAttention (attn_layer='diff'): other arithmetic
             raise TypeError(f"ViTBlock supports timm.layers.Attention, got {type(attn).__module__}."
                             f"{type(attn).__name__}")
@@ -65,22 +79,34 @@ class ViTBlock(nn.Module):
         if not isinstance(attn.qkv, nn.Linear):
             raise TypeError(f"expected attn.qkv to be nn.Linear, got {type(attn.qkv).__name__}")
         for name in ("norm1", "norm2"):
-            if not isinstance(getattr(block, name), nn.LayerNorm):
-                raise TypeError(f"expected block.{name} to be nn.LayerNorm, got {type(getattr(block, name)).__name__}")
+            check_norm(getattr(block, name), f"block.{name}")
+        for name in ("q_norm", "k_norm", "norm"):
+            check_norm(getattr(attn, name), f"block.attn.{name}", identity=True)
+        check_mlp(block.mlp)
         self.norm1, self.attn, self.ls1, self.drop_path1 = block.norm1, block.attn, block.ls1, block.drop_path1
         self.norm2, self.mlp, self.ls2, self.drop_path2 = block.norm2, block.mlp, block.ls2, block.drop_path2
-        self.num_prefix_tokens = num_prefix_tokens
-        self.backend = validate_backend(backend)
-        if recompute not in RECOMPUTE:
-            raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
-        self.recompute = recompute
 
     @classmethod
     def from_timm(cls, block: nn.Module, **kwargs) -> "ViTBlock":
         return cls(block, **kwargs)
 
+    # --- what differs between the timm blocks: projections, layer scales, timm's own forward ---
+    def _fused_qkv(self) -> Optional[tuple[Tensor, Optional[Tensor]]]:
+        """(weight (3A, D), bias) of the fused q/k/v projection, or None when q, k, v are separate."""
+        return self.attn.qkv.weight, self.attn.qkv.bias
+
+    def _kv_heads(self) -> int:
+        return self.attn.num_heads
+
+    def _layer_scales(self) -> tuple[Optional[Union[nn.Module, Tensor]], Optional[Union[nn.Module, Tensor]]]:
+        return self.ls1, self.ls2
+
+    def _timm_forward(self, x: Tensor, rope: Optional[Tensor] = None) -> Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
     def forward(self, x: Tensor, prompts: Union[Tensor, PromptKV, None] = None, query_rows: Optional[int] = None,
-                prompt_index: Optional[Tensor] = None) -> Tensor:
+                prompt_index: Optional[Tensor] = None, rope: Optional[Tensor] = None) -> Tensor:
         """x (B, N, D) token rows -> token rows (B, N, D).
 
         Args:
@@ -93,6 +119,8 @@ class ViTBlock(nn.Module):
                 computes every row and slices, as the released code does.
             prompt_index: (B,) integer tensor, sample b reads prompt set `prompt_index[b]` (values in
                 [0, S), not range-checked per block: `PromptBank` checks task ids once).
+            rope: the rotary embedding of x's rows after the prefix (timm's `rot_pos_embed`, rows on
+                dim -2; Eva blocks only). Separate prompts are never rotated.
         """
         backend = resolve_auto(self.backend, x.device)
         if backend != "reference":
@@ -110,92 +138,129 @@ class ViTBlock(nn.Module):
         if backend == "reference":
             if prompt_index is not None:
                 prompts = gather_prompt_sets(prompts, prompt_index)  # release-style: every sample its own rows
-            run, args = self._reference_rows, (x, prompts, query_rows)
+            run, args = self._reference_rows, (x, prompts, query_rows, rope)
         else:
-            run, args = self._forward, (x, prompts, backend, query_rows, prompt_index)
+            run, args = self._forward, (x, prompts, backend, query_rows, prompt_index, rope)
         # "block" (and timm's set_grad_checkpointing) applies to every backend, the reference included
         if self.recompute == "block" and torch.is_grad_enabled() and (x.requires_grad or any(
-                t.requires_grad for t in _tensors(prompts))):
+                t.requires_grad for t in prompt_tensors(prompts))):
             return checkpoint(run, *args, use_reentrant=False)
         return run(*args)
 
-    def _reference_rows(self, x: Tensor, prompts: Optional[Tensor], query_rows: Optional[int]) -> Tensor:
-        out = self.forward_reference(x, prompts)
+    def _reference_rows(self, x: Tensor, prompts: Optional[Tensor], query_rows: Optional[int],
+                        rope: Optional[Tensor] = None) -> Tensor:
+        out = self.forward_reference(x, prompts, rope)
         return out if query_rows is None else out[:, :query_rows]
 
-    def forward_reference(self, x: Tensor, prompts: Optional[Tensor] = None) -> Tensor:
-        """Release-style VPT: timm's block on [prefix, prompts, patches], prompt rows dropped."""
+    def forward_reference(self, x: Tensor, prompts: Optional[Tensor] = None, rope: Optional[Tensor] = None) -> Tensor:
+        """Release-style VPT: timm's block on [prefix, prompts, patches], prompt rows dropped. The
+        prompt rows get the identity rotation (their rows of the rotary embedding are sin 0, cos 1),
+        which is timm's own rotation with the prefix/patch split moved by P."""
         if prompts is None:
-            return self._timm_forward(x)
+            return self._timm_forward(x, rope)
         npfx, num_prompts = self.num_prefix_tokens, prompts.shape[1]
         full = torch.cat([x[:, :npfx], prompts.expand(x.shape[0], -1, -1), x[:, npfx:]], dim=1)
-        out = self._timm_forward(full)
+        out = self._timm_forward(full, None if rope is None else pad_rope_rows(rope, num_prompts))
         return torch.cat([out[:, :npfx], out[:, npfx + num_prompts:]], dim=1)
 
-    def _timm_forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-
     def _forward(self, x: Tensor, prompts, backend: str, query_rows: Optional[int] = None,
-                 prompt_index: Optional[Tensor] = None) -> Tensor:
+                 prompt_index: Optional[Tensor] = None, rope: Optional[Tensor] = None) -> Tensor:
         residual = x if query_rows is None else x[:, :query_rows]
-        branch = self._attention(x, prompts, backend, query_rows, prompt_index)
-        return residual_mlp(self, residual, branch, backend, self.ls1, self.ls2)
+        branch = self._attention(x, prompts, backend, query_rows, prompt_index, rope)
+        return residual_mlp(self, residual, branch, backend, *self._layer_scales())
+
+    def _project(self, xn: Tensor, parts: str) -> list[Tensor]:
+        """The projections `parts` ("qkv", "q" or "kv") of normalised rows (B, N, D), each (B, heads, N, d)
+        (k and v with the key/value heads). A fused projection runs as one GEMM over its rows."""
+        attn = self.attn
+        batch, rows, _ = xn.shape
+        heads = {"q": attn.num_heads, "k": self._kv_heads(), "v": self._kv_heads()}
+        width = {p: heads[p] * attn.head_dim for p in "qkv"}
+        fused = self._fused_qkv()
+        if fused is None:
+            layers = {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj}
+            outs = [linear(xn, layers[p].weight, layers[p].bias) for p in parts]
+        else:
+            weight, bias = fused
+            start = {"q": 0, "k": width["q"], "v": width["q"] + width["k"]}[parts[0]]
+            stop = start + sum(width[p] for p in parts)
+            out = linear(xn, weight[start:stop], None if bias is None else bias[start:stop])
+            outs = out.split([width[p] for p in parts], dim=-1)
+        return [o.view(batch, rows, heads[p], attn.head_dim).transpose(1, 2) for o, p in zip(outs, parts)]
+
+    def _kv_for_attention(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Grouped-query K/V heads repeated to the query heads, as timm does after norm and rope."""
+        groups = self.attn.num_heads // self._kv_heads()
+        if groups == 1:
+            return k, v
+        return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
 
     def prompt_kv(self, prompts: Tensor, backend: str) -> PromptKV:
-        """Prompt rows (S, P, D) -> their keys and values (S, H, P, d): norm1, the K/V rows of the qkv
-        projection, k-norm. Prompt rows need nothing else: their queries and outputs are discarded."""
+        """Prompt rows (S, P, D) -> their keys and values (S, H, P, d): norm1, the K/V rows of the
+        projection, k-norm (never rotated). Prompt rows need nothing else: their queries and outputs
+        are discarded."""
         attn, backend = self.attn, resolve_auto(backend, prompts.device)
-        kv = linear(layer_norm(prompts, self.norm1, backend, feeds_matmul=True),
-                    *_rows_of(attn.qkv, attn.attn_dim, 3 * attn.attn_dim))
-        pk, pv = kv.view(prompts.shape[0], prompts.shape[1], 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        return PromptKV(self._qk_norm(pk, attn.k_norm, backend), pv)
+        pk, pv = self._project(apply_norm(prompts, self.norm1, backend, feeds_matmul=True), "kv")
+        return PromptKV(*self._kv_for_attention(apply_norm(pk, attn.k_norm, backend, feeds_matmul=True), pv))
+
+    def _own_qkv(self, x: Tensor, backend: str, query_rows: Optional[int], rope: Optional[Tensor],
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries of the first `query_rows` rows (all rows: None), keys and values of every row of x,
+        each (B, H, rows, d): norm1, projection, qk-norm, rotation of the rows after the prefix."""
+        attn = self.attn
+        xn = apply_norm(x, self.norm1, backend, feeds_matmul=True)
+        if query_rows is None:
+            q, k, v = self._project(xn, "qkv")
+        else:  # every row gives keys and values, only the first `query_rows` rows ask queries
+            (q,) = self._project(xn[:, :query_rows], "q")
+            k, v = self._project(xn, "kv")
+        q = apply_norm(q, attn.q_norm, backend, feeds_matmul=True)
+        k = apply_norm(k, attn.k_norm, backend, feeds_matmul=True)
+        if rope is not None:
+            half = getattr(attn, "rotate_half", False)
+            q = rotate_patch_rows(q, rope, self.num_prefix_tokens, half).type_as(v)
+            k = rotate_patch_rows(k, rope, self.num_prefix_tokens, half).type_as(v)
+        return (q, *self._kv_for_attention(k, v))
 
     def _attention(self, x: Tensor, prompts, backend: str, query_rows: Optional[int] = None,
-                   prompt_index: Optional[Tensor] = None) -> Tensor:
+                   prompt_index: Optional[Tensor] = None, rope: Optional[Tensor] = None) -> Tensor:
         attn = self.attn
-        batch, num_tokens, dim = x.shape
-        heads, head_dim, attn_dim = attn.num_heads, attn.head_dim, attn.attn_dim
-        xn = layer_norm(x, self.norm1, backend, feeds_matmul=True)
+        batch, num_tokens, _ = x.shape
         pk, pv = (None, None) if prompts is None else (
             prompts if isinstance(prompts, PromptKV) else self.prompt_kv(prompts, backend))
         # the index comes checked from the model (PromptBank checks task ids once): no per-block sync
         options = dict(scale=attn.scale, backend=backend, prompt_index=prompt_index, check_index_range=False)
+        fused = self._fused_qkv()
         plain_qk = isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)
-        if query_rows is None and plain_qk:  # q, k, v as one tensor: its gradient is one buffer, no stacking
-            qkv = linear(xn, attn.qkv.weight, attn.qkv.bias).view(batch, num_tokens, 3, heads, head_dim)
+        one_qkv = fused is not None and self._kv_heads() == attn.num_heads
+        if query_rows is None and plain_qk and rope is None and one_qkv:
+            # q, k, v as one tensor: its gradient is one buffer, no stacking
+            xn = apply_norm(x, self.norm1, backend, feeds_matmul=True)
+            qkv = linear(xn, *fused).view(batch, num_tokens, 3, attn.num_heads, attn.head_dim)
             o = attention_qkv(qkv, pk, pv, **options)
         else:
-            if query_rows is None:
-                qkv = linear(xn, attn.qkv.weight, attn.qkv.bias)
-                q, k, v = qkv.view(batch, num_tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-            else:  # every row gives keys and values, only the first `query_rows` rows ask queries
-                q = linear(xn[:, :query_rows], *_rows_of(attn.qkv, 0, attn_dim))
-                q = q.view(batch, query_rows, heads, head_dim).transpose(1, 2)
-                kv = linear(xn, *_rows_of(attn.qkv, attn_dim, 3 * attn_dim))
-                k, v = kv.view(batch, num_tokens, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
-            q, k = self._qk_norm(q, attn.q_norm, backend), self._qk_norm(k, attn.k_norm, backend)
-            o = attention(q, k, v, pk, pv, **options)
-        o = o.transpose(1, 2).reshape(batch, o.shape[2], attn_dim)
-        if not isinstance(attn.norm, nn.Identity):
-            o = layer_norm(o, attn.norm, backend, feeds_matmul=True)
-        return linear(o, attn.proj.weight, attn.proj.bias)
+            o = attention(*self._own_qkv(x, backend, query_rows, rope), pk, pv, **options)
+        return self._project_out(o, backend)
 
-    @staticmethod
-    def _qk_norm(t: Tensor, norm: nn.Module, backend: str) -> Tensor:
-        return t if isinstance(norm, nn.Identity) else layer_norm(t, norm, backend, feeds_matmul=True)
+    def _project_out(self, o: Tensor, backend: str) -> Tensor:
+        """Attention output (B, H, rows, d) -> the branch (B, rows, D): inner norm, output projection."""
+        attn = self.attn
+        o = o.transpose(1, 2).reshape(o.shape[0], o.shape[2], attn.num_heads * attn.head_dim)
+        o = apply_norm(o, attn.norm, backend, feeds_matmul=True)
+        return linear(o, attn.proj.weight, attn.proj.bias)
 
     def prompt_qkv(self, prompts: Tensor, backend: str) -> PromptQKV:
         """Prompt rows (S, P, D) -> their queries, keys and values (S, H, P, d): norm1, the qkv
-        projection, qk-norm. Shallow VPT's block 0 needs all three: there the prompt rows are
-        ordinary tokens whose outputs continue through the later blocks."""
+        projection, qk-norm (never rotated). Shallow VPT's block 0 needs all three: there the prompt
+        rows are ordinary tokens whose outputs continue through the later blocks."""
         attn, backend = self.attn, resolve_auto(backend, prompts.device)
-        qkv = linear(layer_norm(prompts, self.norm1, backend, feeds_matmul=True), attn.qkv.weight, attn.qkv.bias)
-        q, k, v = qkv.view(prompts.shape[0], prompts.shape[1], 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        return PromptQKV(self._qk_norm(q, attn.q_norm, backend), self._qk_norm(k, attn.k_norm, backend), v)
+        q, k, v = self._project(apply_norm(prompts, self.norm1, backend, feeds_matmul=True), "qkv")
+        k, v = self._kv_for_attention(apply_norm(k, attn.k_norm, backend, feeds_matmul=True), v)
+        return PromptQKV(apply_norm(q, attn.q_norm, backend, feeds_matmul=True), k, v)
 
     def forward_prompt_rows(self, x: Tensor, prompt_qkv: PromptQKV, prompt_start: int,
-                            query_rows: Optional[int] = None, prompt_index: Optional[Tensor] = None) -> Tensor:
+                            query_rows: Optional[int] = None, prompt_index: Optional[Tensor] = None,
+                            rope: Optional[Tensor] = None) -> Tensor:
         """Timm's block on x (B, N, D) whose rows [prompt_start, prompt_start + P) are prompt rows
         with their queries, keys and values already computed by `prompt_qkv` (a cache: shallow VPT's
         block 0 without gradients). norm1 and the qkv projection run on the other rows only; the
@@ -205,12 +270,14 @@ class ViTBlock(nn.Module):
             prompt_qkv: (Bp, H, P, d) each with Bp in {1, B}, or (S, H, P, d) sets read by `prompt_index`.
             prompt_start: index of the first prompt row (the number of prefix tokens).
             query_rows, prompt_index: as in `forward`.
+            rope: the rotary embedding of x's rows after the prefix, prompt rows included (their rows
+                are the identity rotation, as the model builds it for shallow prompts).
         """
         backend = resolve_auto(self.backend, x.device)
         if backend == "reference":
             raise ValueError("precomputed prompt queries/keys/values need a prompt-aware backend, not 'reference'")
-        attn = self.attn
-        end = prompt_start + prompt_qkv.k.shape[2]
+        num_prompts = prompt_qkv.k.shape[2]
+        end = prompt_start + num_prompts
         sets = x.shape[0] if prompt_index is None else prompt_qkv.k.shape[0]
         if (prompt_qkv.k.dim() != 4 or prompt_qkv.k.shape[0] not in (1, sets) or end > x.shape[1]
                 or any(t.shape != prompt_qkv.k.shape for t in prompt_qkv)):
@@ -220,158 +287,13 @@ class ViTBlock(nn.Module):
         if query_rows is not None and not 1 <= query_rows <= x.shape[1]:
             raise ValueError(f"query_rows must be in [1, N={x.shape[1]}], got {query_rows}")
         own = torch.cat([x[:, :prompt_start], x[:, end:]], dim=1)  # every row but the prompts
-        batch, num_own, _ = own.shape
-        qkv = linear(layer_norm(own, self.norm1, backend, feeds_matmul=True), attn.qkv.weight, attn.qkv.bias)
-        q, k, v = qkv.view(batch, num_own, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self._qk_norm(q, attn.q_norm, backend), self._qk_norm(k, attn.k_norm, backend)
+        own_rope = None if rope is None else strip_rope_rows(rope, num_prompts)
+        q, k, v = self._own_qkv(own, backend, None, own_rope)
         pq = prompt_qkv.q
-        pq = pq.expand(batch, -1, -1, -1) if prompt_index is None else gather_prompt_sets(pq, prompt_index)
+        pq = pq.expand(own.shape[0], -1, -1, -1) if prompt_index is None else gather_prompt_sets(pq, prompt_index)
         # queries in row order; the prompt keys/values are the attention op's shared prompt segment
         q = torch.cat([q[:, :, :prompt_start], pq, q[:, :, prompt_start:]], dim=2)[:, :, :query_rows]
         # the index comes checked from the model (PromptBank checks task ids once): no per-block sync
-        o = attention(q, k, v, prompt_qkv.k, prompt_qkv.v, scale=attn.scale, backend=backend,
+        o = attention(q, k, v, prompt_qkv.k, prompt_qkv.v, scale=self.attn.scale, backend=backend,
                       prompt_index=prompt_index, check_index_range=False)
-        o = o.transpose(1, 2).reshape(batch, q.shape[2], attn.attn_dim)
-        if not isinstance(attn.norm, nn.Identity):
-            o = layer_norm(o, attn.norm, backend, feeds_matmul=True)
-        return residual_mlp(self, x[:, :query_rows], linear(o, attn.proj.weight, attn.proj.bias), backend,
-                            self.ls1, self.ls2)
-
-
-def residual_mlp(block: nn.Module, residual: Tensor, branch: Tensor, backend: str,
-                 ls1: Optional[nn.Module] = None, ls2: Optional[nn.Module] = None) -> Tensor:
-    """timm's pre-norm block after attention, for ViT and Swin blocks (`block.norm2`, `.mlp`,
-    `.drop_path1`, `.drop_path2`, `.recompute`): x = residual + drop_path1(ls1(branch)), then
-    x + drop_path2(ls2(mlp(norm2(x)))); `ls1`, `ls2` None: no LayerScale (Swin). When drop_path1 is
-    an identity and ls1 an identity or a frozen LayerScale, the add runs inside norm2's kernels
-    (`add_norm_mlp`, `add_layer_norm`), and the sum may be written into `branch`: callers hand over a
-    fresh tensor that nothing else reads (the attention's output). Without gradients and with no ls2,
-    the second add accumulates into that buffer too (`add_norm_mlp_residual`)."""
-    foldable, scale = _branch_scale(ls1, block.drop_path1)
-    recompute_fc1 = block.recompute == "mlp"
-    if not foldable:
-        x = residual + block.drop_path1(branch if ls1 is None else ls1(branch))
-        if is_fusable(block.norm2, block.mlp):
-            y = norm_mlp(x, block.norm2, block.mlp, recompute_fc1, backend)
-        else:
-            y = block.mlp(layer_norm(x, block.norm2, backend))
-    elif is_fusable(block.norm2, block.mlp):
-        if (not torch.is_grad_enabled() and not torch.compiler.is_compiling() and (ls2 is None or isinstance(
-                ls2, nn.Identity)) and is_identity_drop_path(block.drop_path2)):  # inference: both adds in place
-            return add_norm_mlp_residual(residual, branch, scale, block.norm2, block.mlp, backend)
-        x, y = add_norm_mlp(residual, branch, scale, block.norm2, block.mlp, recompute_fc1, backend, reuse_branch=True)
-    else:
-        x, xn = add_layer_norm(residual, branch, block.norm2, backend, scale)
-        y = block.mlp(xn)
-    return x + block.drop_path2(y if ls2 is None else ls2(y))
-
-
-_GLOBAL_HOOKS_BEFORE_MEASUREMENT: list[frozenset[int]] = []
-"""Ids of the global module hooks present when each open `ignore_measurement_hooks` context began."""
-
-
-def _global_hook_ids() -> set[int]:
-    return set(torch_module._global_forward_hooks) | set(torch_module._global_forward_pre_hooks)
-
-
-def _foreign_global_hooks() -> bool:
-    """Whether global forward (pre-)hooks other than an open measurement's are registered."""
-    if not (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks):
-        return False  # the common case, checked every forward: no sets built
-    if not _GLOBAL_HOOKS_BEFORE_MEASUREMENT:
-        return True
-    return bool(_global_hook_ids() & _GLOBAL_HOOKS_BEFORE_MEASUREMENT[0])  # those before the outermost one
-
-
-@contextlib.contextmanager
-def ignore_measurement_hooks() -> Iterator[None]:
-    """Global module hooks registered inside this context belong to a measurement that does not need
-    the fused blocks' submodules to be called (FlopCounterMode's module tracker only attributes
-    FLOPs to modules: its breakdown then stops at the block, the total is exact), so the hook warning
-    of `warn_if_hooks_bypassed` leaves them out. Global hooks registered before it still warn."""
-    _GLOBAL_HOOKS_BEFORE_MEASUREMENT.append(frozenset(_global_hook_ids()))
-    try:
-        yield
-    finally:
-        _GLOBAL_HOOKS_BEFORE_MEASUREMENT.pop()
-
-
-def warn_if_hooks_bypassed(block: nn.Module, backend: str) -> None:
-    """Prompt-aware blocks run their submodules' weights through fused ops instead of calling the
-    submodules, so forward/backward hooks on them (Grad-CAM, activation statistics) would silently
-    not fire: warn, naming them, at the line that called the model. Hooks on the block itself run
-    as usual. Runs every forward, so the common case (no hooks) is a walk of the hook dicts without
-    building names."""
-    def hooked(module: nn.Module) -> bool:
-        return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                    or module._backward_pre_hooks)
-    stack = list(block._modules.values())
-    while stack and not any(m is not None and hooked(m) for m in stack):
-        stack = [c for m in stack if m is not None for c in m._modules.values()]
-    names = [name for name, m in block.named_modules() if name and hooked(m)] if stack else []
-    if _foreign_global_hooks():
-        names.append("(global module hooks)")
-    if names:
-        warnings.warn(f"hooks on {', '.join(sorted(names))} of a {type(block).__name__} do not run with backend "
-                      f"{backend!r}: prompt-aware blocks apply those modules' weights in fused ops without "
-                      f"calling them. Hooks on the block itself run; set_backend(model, 'reference') runs "
-                      f"timm's modules and their hooks", stacklevel=_stacklevel_outside_libraries())
-
-
-def _stacklevel_outside_libraries() -> int:
-    """The `stacklevel` for a warning raised by our caller that points at the first frame outside
-    vpt_fast, timm and torch: the user's line that called the model (or block), whatever the depth
-    of the module calls in between."""
-    import timm
-    package_dirs = (os.path.dirname(torch.__file__), os.path.dirname(timm.__file__),
-                    os.path.dirname(os.path.dirname(__file__)))
-    library_dirs = tuple(os.path.join(os.path.abspath(path), "") for path in package_dirs)
-    level, frame = 1, sys._getframe(1)
-    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(library_dirs):
-        level, frame = level + 1, frame.f_back
-    return level
-
-
-def is_identity_drop_path(drop_path: nn.Module) -> bool:
-    """An `nn.Identity`, or timm's `DropPath` while it is inactive: in eval mode (which the frozen
-    backbone keeps) or with probability 0."""
-    from timm.layers import DropPath
-    return isinstance(drop_path, nn.Identity) or (
-        isinstance(drop_path, DropPath) and (not drop_path.training or drop_path.drop_prob == 0.0))
-
-
-def _branch_scale(ls: Optional[nn.Module], drop_path: nn.Module) -> tuple[bool, Optional[Tensor]]:
-    """Whether `drop_path(ls(branch))` is `branch * scale` with a frozen per-channel `scale`, and that
-    scale (None: no scaling). True for an identity drop path with no `ls` (None), an identity or a
-    frozen timm LayerScale."""
-    from timm.layers import LayerScale
-    if is_identity_drop_path(drop_path) and (ls is None or isinstance(ls, nn.Identity)):
-        return True, None
-    if is_identity_drop_path(drop_path) and type(ls) is LayerScale and not ls.gamma.requires_grad:
-        return True, ls.gamma
-    return False, None
-
-
-def _rows_of(layer: nn.Linear, start: int, stop: int) -> tuple[Tensor, Optional[Tensor]]:
-    """Output rows [start, stop) of a Linear: (weight, bias) views."""
-    return layer.weight[start:stop], None if layer.bias is None else layer.bias[start:stop]
-
-
-class PromptKV(NamedTuple):
-    """Prompt keys and values (S, H, P, d), as `ViTBlock.prompt_kv` computes them."""
-    k: Tensor
-    v: Tensor
-
-
-class PromptQKV(NamedTuple):
-    """Prompt queries, keys and values (S, H, P, d), as `ViTBlock.prompt_qkv` and
-    `SwinBlock.prompt_qkv` compute them; q is None where the prompt outputs are not needed."""
-    q: Optional[Tensor]
-    k: Tensor
-    v: Tensor
-
-
-def _tensors(prompts) -> tuple[Tensor, ...]:
-    if prompts is None:
-        return ()
-    return tuple(prompts) if isinstance(prompts, PromptKV) else (prompts,)
+        return residual_mlp(self, x[:, :query_rows], self._project_out(o, backend), backend, *self._layer_scales())

@@ -26,8 +26,8 @@ import torch
 from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock
 from torch import Tensor, nn
 
+from vpt_fast.blocks.common import PromptQKV
 from vpt_fast.blocks.swin import SwinBlock, SwinPatchMerging
-from vpt_fast.blocks.vit import PromptQKV
 from vpt_fast.config import PromptConfig
 from vpt_fast.models.common import (
     PromptedModel,

@@ -16,7 +16,8 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor
 
-from vpt_fast.blocks.vit import PromptQKV, ViTBlock
+from vpt_fast.blocks.common import PromptQKV, pad_rope_rows
+from vpt_fast.blocks.vit import ViTBlock
 from vpt_fast.config import PromptConfig
 from vpt_fast.models.common import (
     PromptedModel,
@@ -28,24 +29,30 @@ from vpt_fast.models.common import (
 from vpt_fast.ops.attention import gather_prompt_sets
 from vpt_fast.prompt_cache import cached_prompt_values
 
-SUPPORTED_POOLS = ("token", "avg", "")
+SUPPORTED_POOLS = ("token", "avg", "map", "")
 _HEAD = ("fc_norm", "head_drop", "head")
 
 
-class PromptedVisionTransformer(PromptedModel, VisionTransformer):
-    """A timm `VisionTransformer` after `vpt_fast.prompt()` (never constructed directly)."""
+class PromptedTokens:
+    """The prompted forward of the ViT-like timm models (`VisionTransformer`, `Eva`): one token
+    sequence, `blocks` of prompt-aware `ViTBlock`s, timm's `norm` and `forward_head`. Subclasses say
+    how images become tokens (`_embed`) and which rotary embedding block i reads (`_block_rope`)."""
 
-    _TRAINABLE_MODULES = _HEAD
+    SUPPORTED_POOLS: tuple[str, ...] = ()
+
+    def _embed(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """Images -> (token rows before the first block, rotary embedding of the rows after the prefix or None)."""
+        raise NotImplementedError
+
+    def _block_rope(self, rope: Optional[Tensor], i: int) -> Optional[Tensor]:
+        return rope
 
     def _prompted_tokens(self, x: Tensor, blocks, take: Optional[set[int]] = None,
                          last_query_rows: Optional[int] = None, source=None) -> tuple[Tensor, list[Tensor]]:
         """Images -> token rows after `blocks` (prompt rows dropped), and the token rows after every
         block index in `take`. `last_query_rows=r`: the last block computes its first r rows only.
         `source`: where prompts come from (default `self.vpt`; a `PromptBank` passes its tasks')."""
-        x = self.patch_embed(x)
-        x = self._pos_embed(x)
-        x = self.patch_drop(x)
-        x = self.norm_pre(x)
+        x, rope = self._embed(x)
         source = self.vpt if source is None else source
         batch, npfx = x.shape[0], self.num_prefix_tokens
         deep = self.vpt_config.deep
@@ -55,18 +62,20 @@ class PromptedVisionTransformer(PromptedModel, VisionTransformer):
             prompts = sets.expand(batch, -1, -1) if index is None else gather_prompt_sets(sets, index)
             num_prompts = prompts.shape[1]
             x = torch.cat([x[:, :npfx], prompts, x[:, npfx:]], dim=1)
+            rope = None if rope is None else pad_rope_rows(rope, num_prompts)  # prompts: the identity rotation
             first_qkv = shallow_prompt_qkv(blocks[0], sets, source, self.vpt_config.backend, x.device)
         taken = []
         last = len(blocks) - 1
         for i, block in enumerate(blocks):
             rows = last_query_rows if i == last else None
+            block_rope = self._block_rope(rope, i)
             if deep:
                 prompts, index = block_prompts(block, i, batch, source, self.vpt_config.backend, x.device)
-                x = block(x, prompts, query_rows=rows, prompt_index=index)
+                x = block(x, prompts, query_rows=rows, prompt_index=index, rope=block_rope)
             elif i == 0 and first_qkv is not None:
-                x = block.forward_prompt_rows(x, first_qkv, npfx, query_rows=rows, prompt_index=index)
+                x = block.forward_prompt_rows(x, first_qkv, npfx, query_rows=rows, prompt_index=index, rope=block_rope)
             else:
-                x = block(x, query_rows=rows)
+                x = block(x, query_rows=rows, rope=block_rope)
             if take is not None and i in take:
                 taken.append(torch.cat([x[:, :npfx], x[:, npfx + num_prompts:]], dim=1) if num_prompts else x)
         if num_prompts and last_query_rows is None:
@@ -131,8 +140,9 @@ class PromptedVisionTransformer(PromptedModel, VisionTransformer):
         return self.norm(x), intermediates
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool is not None and global_pool not in SUPPORTED_POOLS:
-            raise ValueError(f"a prompted ViT supports global_pool in {SUPPORTED_POOLS}, got {global_pool!r}")
+        if global_pool is not None and global_pool not in self.SUPPORTED_POOLS:
+            raise ValueError(f"a prompted {type(self).__name__} supports global_pool in {self.SUPPORTED_POOLS}, "
+                             f"got {global_pool!r}")
         super().reset_classifier(num_classes, global_pool)
         self.head.train(self.training)
 
@@ -143,14 +153,26 @@ class PromptedVisionTransformer(PromptedModel, VisionTransformer):
         return matcher
 
 
+class PromptedVisionTransformer(PromptedTokens, PromptedModel, VisionTransformer):
+    """A timm `VisionTransformer` after `vpt_fast.prompt()` (never constructed directly)."""
+
+    _TRAINABLE_MODULES = _HEAD
+    SUPPORTED_POOLS = SUPPORTED_POOLS
+
+    def _embed(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        return self.norm_pre(x), None
+
+
 def block_prompts(block: ViTBlock, i: int, batch: int, source, backend: str, device: torch.device):
     """(prompts, prompt_index) for deep block `i`. Without gradients, the prompt keys/values are
     computed once and cached on the source (`cached_prompt_values`: keyed by the prompt and
-    projection parameters, the block's norm1/qkv/k-norm parameters, backend, device and autocast
+    projection parameters, the block's norm1 and attention parameters, backend, device and autocast
     dtype, so the cache never returns a stale value)."""
     sets, index = source.prompt_sets(i, batch)
-    attn = block.attn
-    kv = cached_prompt_values(source, i, (block.norm1, attn.qkv, attn.k_norm), backend, device,
+    kv = cached_prompt_values(source, i, (block.norm1, block.attn), backend, device,
                               lambda: block.prompt_kv(sets, backend))
     return (sets if kv is None else kv), index
 
@@ -160,8 +182,7 @@ def shallow_prompt_qkv(block: ViTBlock, sets: Tensor, source, backend: str,
     """Shallow VPT: the prompt rows entering block 0 are the same for every image, so without
     gradients their norm1 and q/k/v projection (and qk-norm) are computed once and cached on the
     source, keyed as in `block_prompts`; None when they must be computed with the other rows."""
-    attn = block.attn
-    return cached_prompt_values(source, 0, (block.norm1, attn.qkv, attn.q_norm, attn.k_norm), backend, device,
+    return cached_prompt_values(source, 0, (block.norm1, block.attn), backend, device,
                                 lambda: block.prompt_qkv(sets, backend))
 
 
@@ -174,10 +195,8 @@ def check_vit(model: VisionTransformer) -> None:
     if type(model) is not VisionTransformer:
         raise TypeError(f"vpt_fast.prompt supports timm VisionTransformer itself, not the subclass "
                         f"{type(model).__module__}.{type(model).__name__}")
-    if getattr(model, "attn_pool", None) is not None:
-        raise TypeError("global_pool='map' (attention pooling) is not supported: use 'token', 'avg' or '' (no pooling)")
     if model.global_pool not in SUPPORTED_POOLS:
-        raise TypeError(f"global_pool={model.global_pool!r} is not supported: use 'token', 'avg' or '' (no pooling)")
+        raise TypeError(f"global_pool={model.global_pool!r} is not supported: use one of {SUPPORTED_POOLS}")
     for i, block in enumerate(model.blocks):
         if type(block) is not Block:
             raise TypeError(f"blocks[{i}] is {type(block).__module__}.{type(block).__name__}; prompted ViTs "
