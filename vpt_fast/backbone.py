@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from vpt_fast.models.families import family_of
 from vpt_fast.prompt_cache import optimizer_steps, parameter_key
 
 # Modules that are the identity in eval mode, where the frozen backbone always runs.
@@ -125,9 +126,9 @@ def structure_difference(theirs: list, mine: list, what: tuple[str, str]) -> Opt
 def configuration(model: nn.Module) -> dict[str, str]:
     """The configuration fields a prompt file records (as strings), see HEAD_FIELDS and GEOMETRY_FIELDS."""
     fields = {"global_pool": str(model.global_pool)}
-    if hasattr(model, "blocks"):  # ViT
+    if not family_of(model).staged:  # ViT, Eva
         fields.update(fc_norm=str(not isinstance(model.fc_norm, nn.Identity)),
-                      class_token=str(bool(model.has_class_token)),
+                      class_token=str(getattr(model, "cls_token", None) is not None),
                       reg_tokens=str(int(getattr(model, "num_reg_tokens", 0))),
                       norm_pre=str(not isinstance(model.norm_pre, nn.Identity)))
     else:  # Swin
