@@ -456,3 +456,56 @@ def test_rope_coordinate_augmentation_refused_or_inert(augment):
         sets = model.vpt.prompts
         expected = released_logits(ref_model, lambda i: sets[i], sets.shape[0], x)
     _close(logits, expected, "train-mode logits vs reference")
+
+
+# --- behaving like a timm model (docs/design.md §7) on the new families -------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["dinov3", "rope_mixed", "siglip"])
+def test_forward_intermediates_are_prompted_and_timm_shaped(family):
+    """timm's `forward_intermediates` on a prompted model: timm's shapes, prompt rows dropped, the
+    last intermediate (normed) equal to forward_features, and the same values on every backend."""
+    base = build(family)
+    x, _ = images(base)
+    expected_shapes = [tuple(t.shape) for t in base.forward_intermediates(x, intermediates_only=True)]
+    results = {}
+    for backend in ("reference", "torch"):
+        model = vpt_fast.prompt(copy.deepcopy(base), num_prompts=NUM_PROMPTS, backend=backend)
+        with torch.no_grad():
+            model.vpt.prompts.normal_(0, 1.0, generator=torch.Generator().manual_seed(3))
+            final, intermediates = model.forward_intermediates(x, norm=True, output_fmt="NLC")
+            assert [tuple(t.shape) for t in model.forward_intermediates(x, intermediates_only=True)] == expected_shapes
+            _close(final, model.forward_features(x), f"{family} {backend}: final features")
+            npfx = model.num_prefix_tokens
+            _close(intermediates[-1], final[:, npfx:], f"{family} {backend}: last intermediate")
+        results[backend] = intermediates
+    for got, want in zip(results["torch"], results["reference"]):
+        _close(got, want, f"{family}: torch vs reference intermediates")
+
+
+def test_grad_checkpointing_is_block_recompute_on_eva():
+    model = vpt_fast.prompt(build("dinov3"), num_prompts=NUM_PROMPTS, backend="torch")
+    x, y = images(model)
+    model.train()
+    plain = torch.autograd.grad(F.cross_entropy(model(x), y), model.vpt.prompts)[0]
+    model.set_grad_checkpointing(True)
+    assert model.vpt_config.recompute == "block" and model.grad_checkpointing
+    checkpointed = torch.autograd.grad(F.cross_entropy(model(x), y), model.vpt.prompts)[0]
+    _close(checkpointed, plain, "prompt gradient with grad checkpointing")
+
+
+def test_prompt_file_records_the_family(tmp_path):
+    """A DINOv3 prompt file names its family, loads back exactly, and is refused by a SigLIP."""
+    model = vpt_fast.prompt(build("dinov3"), num_prompts=NUM_PROMPTS)
+    with torch.no_grad():
+        model.vpt.prompts.normal_()
+    path = tmp_path / "dinov3.safetensors"
+    vpt_fast.save_prompts(model, path)
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["model_family"] == "PromptedEva"
+    again = vpt_fast.prompt(build("dinov3"), num_prompts=NUM_PROMPTS)
+    vpt_fast.load_prompts(again, path)
+    assert torch.equal(again.vpt.prompts, model.vpt.prompts)
+    with pytest.raises(ValueError, match="PromptedEva"):
+        vpt_fast.load_prompts(vpt_fast.prompt(build("siglip"), num_prompts=NUM_PROMPTS), path)
