@@ -1,7 +1,6 @@
 """Shared pieces of the triton backend: availability, argument checks and launch helpers.
 
-Every op module (`attention`, `layer_norm`, `add_layer_norm`, `bias_gelu`, `rms_norm`, `swiglu`)
-registers its primitives through `custom_op` and launches its kernels through `call` / `launch`, so
+Every op module registers its primitives through `custom_op` and launches its kernels through `call` / `launch`, so
 they run the same way eagerly, under torch.compile and under dispatch modes (fake tensors,
 FlopCounterMode). The row-wise (LayerNorm, RMSNorm) kernels share `row_config` and `as_rows`.
 """
