@@ -25,7 +25,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Iterable
 
-OP_MODULES = ("attention", "layer_norm", "add_layer_norm", "bias_gelu", "rms_norm", "swiglu")
+OP_MODULES = ("attention", "layer_norm", "add_layer_norm", "bias_gelu", "rms_norm", "swiglu", "rope")
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas")
 _DTYPE_NAMES = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.int64": "i64",
                 "torch.int32": "i32", "torch.bool": "i1", "torch.uint8": "u8"}

@@ -46,7 +46,8 @@ def _attention_cases(dtype: torch.dtype, d: int):
 def _row_op_cases(dtype: torch.dtype):
     """LayerNorm (rows in `dtype`, output in `dtype` and, from float32 rows, in bf16 as under
     autocast), the residual add + LayerNorm with and without a LayerScale, bias + GELU, RMSNorm (as
-    LayerNorm), the SwiGLU gate (on a packed buffer's halves; backward out of place and in place)."""
+    LayerNorm), the SwiGLU gate (on a packed buffer's halves; backward out of place and in place), the
+    rotary embedding in place on a strided 4D view (both layouts)."""
     from vpt_fast.backends import triton_impl as t
     rows, width = 394, 768
     x, dy = torch.randn(rows, width, dtype=dtype), torch.randn(rows, width, dtype=dtype)
@@ -70,6 +71,8 @@ def _row_op_cases(dtype: torch.dtype):
         lambda: t.swiglu_fwd(*h.chunk(2, dim=-1)),
         lambda: t.swiglu_bwd(dy, x, dy),
         lambda: t.swiglu_bwd(dy, x, dy.clone(), inplace=True),
+        lambda: t.rope_fwd(h[:, :256].reshape(rows, 4, 1, 64).transpose(1, 2), scale[:128].expand(4, 128), False),
+        lambda: t.rope_bwd(h[:, :256].reshape(rows, 4, 1, 64).transpose(1, 2), scale[:128].expand(4, 128), True),
     ]
 
 
@@ -84,7 +87,8 @@ def test_every_kernel_compiles_for_sm90(impl, tmp_path: Path):
     kernels = {spec["kernel"].split(":")[1] for spec in specs}
     launched = {"_attention_fwd", "_attention_bwd", "_attention_bwd_dq", "_attention_bwd_reduce",
                 "_layer_norm_fwd", "_layer_norm_bwd", "_add_layer_norm_fwd", "_add_layer_norm_bwd",
-                "_bias_gelu_fwd", "_bias_gelu_bwd", "_rms_norm_fwd", "_rms_norm_bwd", "_swiglu_fwd", "_swiglu_bwd"}
+                "_bias_gelu_fwd", "_bias_gelu_bwd", "_rms_norm_fwd", "_rms_norm_bwd", "_swiglu_fwd", "_swiglu_bwd",
+                "_rope_fwd", "_rope_bwd"}
     assert kernels == launched
     path = tmp_path / "specs.json"
     path.write_text(json.dumps(specs))

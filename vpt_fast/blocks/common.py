@@ -17,6 +17,7 @@ from vpt_fast.ops.add_layer_norm import add_layer_norm
 from vpt_fast.ops.layer_norm import layer_norm
 from vpt_fast.ops.mlp import add_norm_mlp, add_norm_mlp_residual, is_fusable, norm_mlp
 from vpt_fast.ops.rms_norm import is_rms_norm, rms_norm
+from vpt_fast.ops.rope import rope_
 from vpt_fast.ops.swiglu import is_swiglu_mlp, swiglu_mlp
 
 
@@ -96,16 +97,13 @@ def run_mlp(x: Tensor, mlp: nn.Module, backend: str, recompute: bool) -> Tensor:
     return mlp(x)
 
 
-def rotate_patch_rows(t: Tensor, rope: Tensor, num_prefix_tokens: int, half: bool) -> Tensor:
-    """timm's rotary embedding on the rows of t (B, H, N, d) after the prefix: `rope` holds the
-    rows after the prefix (dim -2), of which the first N - num_prefix_tokens are used (a query slice
-    of the first rows needs only theirs)."""
-    from timm.layers import apply_rot_embed_cat
-    rows = t.shape[2] - num_prefix_tokens
-    if rows <= 0:
-        return t
-    rotated = apply_rot_embed_cat(t[:, :, num_prefix_tokens:], rope.narrow(-2, 0, rows), half=half)
-    return torch.cat([t[:, :, :num_prefix_tokens], rotated], dim=2)
+def rotate_patch_rows(t: Tensor, rope: Tensor, num_prefix_tokens: int, half: bool, backend: str) -> Tensor:
+    """timm's rotary embedding on the rows of t (B, H, N, d) after the prefix, written in place by the
+    `rope` op with `backend`'s primitives (t's dtype kept): `rope` holds the rows after the prefix
+    (dim -2), of which the first N - num_prefix_tokens are used (a query slice of the first rows needs
+    only theirs). Returns t, or a rotated copy where autograd cannot follow an in-place write
+    (`vpt_fast.ops.rope.rope_`); use the returned tensor."""
+    return rope_(t, rope, num_prefix_tokens, half, backend)
 
 
 def pad_rope_rows(rope: Tensor, num_prompts: int) -> Tensor:

@@ -218,8 +218,8 @@ class ViTBlock(nn.Module):
         k = apply_norm(k, attn.k_norm, backend, feeds_matmul=True)
         if rope is not None:
             half = getattr(attn, "rotate_half", False)
-            q = rotate_patch_rows(q, rope, self.num_prefix_tokens, half).type_as(v)
-            k = rotate_patch_rows(k, rope, self.num_prefix_tokens, half).type_as(v)
+            q = rotate_patch_rows(q, rope, self.num_prefix_tokens, half, backend)
+            k = rotate_patch_rows(k, rope, self.num_prefix_tokens, half, backend)
         return (q, *self._kv_for_attention(k, v))
 
     def _attention(self, x: Tensor, prompts, backend: str, query_rows: Optional[int] = None,
