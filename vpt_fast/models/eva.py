@@ -19,11 +19,10 @@ from torch import Tensor
 
 from vpt_fast.blocks.eva import EvaBlock
 from vpt_fast.config import PromptConfig
-from vpt_fast.models.common import PromptedModel, check_unprompted, install, prompt_module, warn_ignored_dropout
-from vpt_fast.models.vit import PromptedTokens
+from vpt_fast.models.common import PromptedModel, check_unprompted
+from vpt_fast.models.vit import HEAD_MODULES, PromptedTokens, install_token_model
 
 SUPPORTED_POOLS = ("token", "avg", "avgmax", "max", "map", "")
-_HEAD = ("fc_norm", "head_drop", "head")
 # timm rotary embeddings with the `get_embed()` / `cat(sin, cos)` layout these blocks apply
 _ROPE_TYPES = ("RotaryEmbeddingCat", "RotaryEmbeddingDinoV3", "RotaryEmbeddingMixed")
 
@@ -31,7 +30,7 @@ _ROPE_TYPES = ("RotaryEmbeddingCat", "RotaryEmbeddingDinoV3", "RotaryEmbeddingMi
 class PromptedEva(PromptedTokens, PromptedModel, Eva):
     """A timm `Eva` after `vpt_fast.prompt()` (never constructed directly)."""
 
-    _TRAINABLE_MODULES = _HEAD
+    _TRAINABLE_MODULES = HEAD_MODULES
     SUPPORTED_POOLS = SUPPORTED_POOLS
 
     def _embed(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
@@ -75,13 +74,8 @@ def prompt_eva(model: Eva, config: PromptConfig) -> PromptedEva:
     """Add VPT to a timm `Eva` in place (see `vpt_fast.prompt`)."""
     check_unprompted(model)
     check_eva(model)
-    kwargs = dict(num_prefix_tokens=model.num_prefix_tokens, backend=config.backend, recompute=config.recompute)
-    swaps = [(model.blocks, str(i), EvaBlock.from_timm(block, **kwargs)) for i, block in enumerate(model.blocks)]
-    num_sets = len(model.blocks) if config.deep else 1
-    prompts = prompt_module(model, [num_sets], [model.embed_dim], config, per_stage=False)
-    warn_ignored_dropout(model, keep=_HEAD)
     warn_train_time_rope(model)
-    return install(model, PromptedEva, prompts, config, swaps, _HEAD)
+    return install_token_model(model, config, EvaBlock, PromptedEva)
 
 
 __all__ = ["PromptedEva", "prompt_eva"]

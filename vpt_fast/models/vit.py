@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 
 import torch
 from timm.models.vision_transformer import Block, VisionTransformer
-from torch import Tensor
+from torch import Tensor, nn
 
 from vpt_fast.blocks.common import PromptQKV, pad_rope_rows
 from vpt_fast.blocks.vit import ViTBlock
@@ -30,7 +30,7 @@ from vpt_fast.ops.attention import gather_prompt_sets
 from vpt_fast.prompt_cache import cached_prompt_values
 
 SUPPORTED_POOLS = ("token", "avg", "map", "")
-_HEAD = ("fc_norm", "head_drop", "head")
+HEAD_MODULES = ("fc_norm", "head_drop", "head")
 
 
 class PromptedTokens:
@@ -156,7 +156,7 @@ class PromptedTokens:
 class PromptedVisionTransformer(PromptedTokens, PromptedModel, VisionTransformer):
     """A timm `VisionTransformer` after `vpt_fast.prompt()` (never constructed directly)."""
 
-    _TRAINABLE_MODULES = _HEAD
+    _TRAINABLE_MODULES = HEAD_MODULES
     SUPPORTED_POOLS = SUPPORTED_POOLS
 
     def _embed(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
@@ -203,16 +203,22 @@ def check_vit(model: VisionTransformer) -> None:
                             f"support timm.models.vision_transformer.Block")
 
 
+def install_token_model(model: nn.Module, config: PromptConfig, block_cls: type, prompted_cls: type) -> nn.Module:
+    """Swap every block of a checked ViT-like model (`model.blocks`) for `block_cls`, add its prompts
+    and turn it into `prompted_cls`, atomically (`install`)."""
+    kwargs = dict(num_prefix_tokens=model.num_prefix_tokens, backend=config.backend, recompute=config.recompute)
+    swaps = [(model.blocks, str(i), block_cls.from_timm(block, **kwargs)) for i, block in enumerate(model.blocks)]
+    num_sets = len(model.blocks) if config.deep else 1
+    prompts = prompt_module(model, [num_sets], [model.embed_dim], config, per_stage=False)
+    warn_ignored_dropout(model, keep=HEAD_MODULES)
+    return install(model, prompted_cls, prompts, config, swaps, HEAD_MODULES)
+
+
 def prompt_vit(model: VisionTransformer, config: PromptConfig) -> PromptedVisionTransformer:
     """Add VPT to a timm `VisionTransformer` in place (see `vpt_fast.prompt`)."""
     check_unprompted(model)
     check_vit(model)
-    kwargs = dict(num_prefix_tokens=model.num_prefix_tokens, backend=config.backend, recompute=config.recompute)
-    swaps = [(model.blocks, str(i), ViTBlock.from_timm(block, **kwargs)) for i, block in enumerate(model.blocks)]
-    num_sets = len(model.blocks) if config.deep else 1
-    prompts = prompt_module(model, [num_sets], [model.embed_dim], config, per_stage=False)
-    warn_ignored_dropout(model, keep=_HEAD)
-    return install(model, PromptedVisionTransformer, prompts, config, swaps, _HEAD)
+    return install_token_model(model, config, ViTBlock, PromptedVisionTransformer)
 
 
-__all__ = ["PromptedVisionTransformer", "prompt_vit"]
+__all__ = ["PromptedTokens", "PromptedVisionTransformer", "install_token_model", "prompt_vit"]
