@@ -33,6 +33,12 @@ def tiny_swin() -> nn.Module:
                              embed_dim=16, depths=(2, 1), num_heads=(1, 2), num_classes=5)
 
 
+def tiny_dinov3() -> nn.Module:
+    """timm Eva with DINOv3's RoPE, 4 storage tokens and LayerScale."""
+    return timm.create_model("vit_small_patch16_dinov3", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                             depth=2, num_heads=2, num_classes=5)
+
+
 def prompted(factory, backend: str) -> nn.Module:
     torch.manual_seed(0)
     model = vpt_fast.prompt(factory(), num_prompts=3, deep=True, backend=backend)
@@ -84,3 +90,10 @@ def test_swin_inductor_equals_eager(backend):
     """Window maps, shift mask and relative-position bias are built inside the graph (inductor used
     to fail there on the window maps' modulo of negative numbers)."""
     assert_compiled_equals_eager(prompted(tiny_swin, backend))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", FAMILY_BACKENDS)
+def test_eva_inductor_equals_eager(backend):
+    """The rotary embedding of the patch rows and the LayerScale vectors trace into one graph."""
+    assert_compiled_equals_eager(prompted(tiny_dinov3, backend))

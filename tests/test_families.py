@@ -68,13 +68,13 @@ FAMILIES = {
     # Eva, AttentionRope (attn_type='rope'), norm_pre, 'map' attention pool
     "pe_core": _family("vit_pe_core_small_patch16_384", ("map", "token", "avg"), img_size=64),
     # Eva, no class token, 1 register token
-    "rope_reg1_gap": _family("vit_medium_patch16_rope_reg1_gap_256", ("avg",), img_size=64),
+    "rope_reg1_gap": _family("vit_medium_patch16_rope_reg1_gap_256", ("avg", "avgmax"), img_size=64),
     # Eva, rope 'mixed': per-block frequencies, rot_pos_embed[i] goes to block i
     "rope_mixed": _family("vit_base_patch16_rope_mixed_224", ("token", "avg"), img_size=64),
     # VisionTransformer, no class token, 'map' AttentionPoolLatent
     "siglip": _family("vit_base_patch16_siglip_224", ("map", "avg"), img_size=64),
     # VisionTransformer, RmsNorm, SwiGLU, avg pool
-    "aimv2": _family("aimv2_large_patch14_224", ("avg",), img_size=56),
+    "aimv2": _family("aimv2_large_patch14_224", ("avg", "max"), img_size=56),
 }
 FAMILY_POOLS = [(f, p) for f, fam in FAMILIES.items() for p in fam.pools]
 ROPE_FAMILIES = [f for f in FAMILIES if FAMILIES[f].model not in

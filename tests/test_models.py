@@ -151,8 +151,8 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
         vpt_fast.prompt(timm.create_model("resnet10t", pretrained=False), num_prompts=2)
     with pytest.raises(TypeError, match="ResPostBlock"):
         vpt_fast.prompt(tiny_vit(block_fn=ResPostBlock), num_prompts=2)
-    with pytest.raises(TypeError, match="map"):
-        vpt_fast.prompt(tiny_vit(global_pool="map"), num_prompts=2)
+    with pytest.raises(TypeError, match="DiffAttention"):
+        vpt_fast.prompt(tiny_vit(attn_layer="diff"), num_prompts=2)
     with pytest.raises(Exception, match="match model"):
         model(torch.randn(1, 3, 48, 48))
     with pytest.raises(ValueError, match="not prompted"):

@@ -185,7 +185,9 @@ class ViTBlock(nn.Module):
             start = {"q": 0, "k": width["q"], "v": width["q"] + width["k"]}[parts[0]]
             stop = start + sum(width[p] for p in parts)
             out = linear(xn, weight[start:stop], None if bias is None else bias[start:stop])
-            outs = out.split([width[p] for p in parts], dim=-1)
+            offsets = [sum(width[p] for p in parts[:i]) for i in range(len(parts))]
+            # narrow, not split: the rotary op writes q and k in place, which autograd forbids on split outputs
+            outs = [out.narrow(-1, offset, width[p]) for offset, p in zip(offsets, parts)]
         return [o.view(batch, rows, heads[p], attn.head_dim).transpose(1, 2) for o, p in zip(outs, parts)]
 
     def _kv_for_attention(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

@@ -20,9 +20,8 @@ from torch import Tensor
 from vpt_fast.blocks.eva import EvaBlock
 from vpt_fast.config import PromptConfig
 from vpt_fast.models.common import PromptedModel, check_unprompted
-from vpt_fast.models.vit import HEAD_MODULES, PromptedTokens, install_token_model
+from vpt_fast.models.vit import HEAD_MODULES, SUPPORTED_POOLS, PromptedTokens, install_token_model
 
-SUPPORTED_POOLS = ("token", "avg", "avgmax", "max", "map", "")
 # timm rotary embeddings with the `get_embed()` / `cat(sin, cos)` layout these blocks apply
 _ROPE_TYPES = ("RotaryEmbeddingCat", "RotaryEmbeddingDinoV3", "RotaryEmbeddingMixed")
 

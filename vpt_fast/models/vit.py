@@ -29,7 +29,7 @@ from vpt_fast.models.common import (
 from vpt_fast.ops.attention import gather_prompt_sets
 from vpt_fast.prompt_cache import cached_prompt_values
 
-SUPPORTED_POOLS = ("token", "avg", "map", "")
+SUPPORTED_POOLS = ("token", "avg", "avgmax", "max", "map", "")  # timm's pools, run after the prompt rows are dropped
 HEAD_MODULES = ("fc_norm", "head_drop", "head")
 
 

@@ -10,7 +10,8 @@ When autograd cannot follow a write into t, the rotation runs out of place with 
 timm's formula and the rotated copy is returned instead of t (`_needs_out_of_place`): emb requires a
 gradient; t is a leaf that requires one (or a view of such a leaf); t is a view autograd forbids
 writing through (an output of `split` / `chunk` / `unbind`, or created under no_grad or inference
-mode while its base requires grad). Always use the returned tensor.
+mode while its base requires grad); under torch.compile, which fuses the formula into its kernels.
+Always use the returned tensor.
 """
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ def _writable_view(t: Tensor) -> bool:
 
 
 def _needs_out_of_place(t: Tensor, emb: Tensor) -> bool:
+    if torch.compiler.is_compiling():  # inductor fuses the out-of-place formula; dynamo cannot trace view metadata
+        return True
     if not torch.is_grad_enabled():
         return False
     if emb.requires_grad:
