@@ -83,6 +83,7 @@ def apply_block_settings(model: nn.Module) -> None:
     """Push the model's backend and recompute policy to every prompt-aware module; timm's
     `grad_checkpointing` flag says whether block recompute is on."""
     from vpt_fast.ops.mlp import is_fusable
+    from vpt_fast.ops.swiglu import is_swiglu_mlp
     config = model.vpt_config
     recompute = config.recompute
     model.grad_checkpointing = recompute == "block"
@@ -91,15 +92,16 @@ def apply_block_settings(model: nn.Module) -> None:
         if getattr(module, "is_vpt_block", False):
             module.backend = config.backend
             module.recompute = recompute
-            if hasattr(module, "mlp") and not is_fusable(module.norm2, module.mlp):
+            if hasattr(module, "mlp") and not (is_fusable(module.norm2, module.mlp) or is_swiglu_mlp(module.mlp)):
                 unfused += 1
     if recompute == "mlp" and config.backend == "reference":
         warnings.warn('recompute="mlp" has no effect with backend="reference" (timm\'s own modules run and '
                       'autograd saves what they need); use a prompt-aware backend or recompute="block"',
                       stacklevel=3)
     elif recompute == "mlp" and unfused:
-        warnings.warn(f'recompute="mlp" applies to timm\'s standard Mlp only: {unfused} block(s) with another MLP '
-                      f"save their activations as with recompute=\"none\" (results are the same)", stacklevel=3)
+        warnings.warn(f'recompute="mlp" applies to timm\'s standard Mlp, SwiGLU and GluMlp only: {unfused} '
+                      f"block(s) with another MLP save their activations as with recompute=\"none\" (results are "
+                      f"the same)", stacklevel=3)
 
 
 def warn_ignored_dropout(model: nn.Module, keep: tuple[str, ...]) -> None:
