@@ -41,6 +41,8 @@ def run_inference_bench(cfg: BenchConfig, task_counts: Sequence[int] = (1, 8, 64
     torch.manual_seed(cfg.seed)
     kwargs = {} if cfg.img_size is None else {"img_size": cfg.img_size}
     bare = timm.create_model(cfg.model, pretrained=False, num_classes=cfg.num_classes, **kwargs).to(cfg.device).eval()
+    bare.requires_grad_(False)  # served frozen, as the prompted models' backbone (a trainable SigLIP attention-pool
+    # latent also broke FlopCounterMode's module tracker under inference_mode)
     eager = build_model(cfg, "reference").eval()
     fast = build_model(cfg, "auto").eval()
     x, _ = make_batch(cfg, fast)
