@@ -21,7 +21,7 @@ LAYERS = [
     ("vpt_fast.blocks",),
     ("vpt_fast.models",),
     ("vpt_fast.prompting",),
-    ("vpt_fast.backbone", "vpt_fast.io", "vpt_fast.bank", "vpt_fast.timm_models"),
+    ("vpt_fast.backbone", "vpt_fast.io", "vpt_fast.bank", "vpt_fast.timm_models", "vpt_fast.precision"),
     ("vpt_fast.bench",),
     ("vpt_fast.cli", "vpt_fast.__main__"),
 ]

@@ -10,6 +10,7 @@ from vpt_fast.bank import PromptBank
 from vpt_fast.blocks import SwinBlock, SwinPatchMerging, ViTBlock
 from vpt_fast.config import PromptConfig
 from vpt_fast.io import load_prompt_state_dict, load_prompts, prompt_state_dict, save_prompts
+from vpt_fast.precision import cast_frozen
 from vpt_fast.prompting import clear_caches, prompt, set_backend, trainable_parameters
 from vpt_fast.timm_models import register_timm
 from vpt_fast.version import __version__  # noqa: F401  (re-exported)
@@ -25,8 +26,8 @@ def ext_info() -> dict:
 
 
 __all__ = [
-    "PromptBank", "PromptConfig", "SwinBlock", "SwinPatchMerging", "ViTBlock", "available_backends", "clear_caches",
-    "ext_info",
+    "PromptBank", "PromptConfig", "SwinBlock", "SwinPatchMerging", "ViTBlock", "available_backends", "cast_frozen",
+    "clear_caches", "ext_info",
     "load_prompt_state_dict",
     "load_prompts", "prompt", "prompt_state_dict", "register_timm", "save_prompts", "set_backend",
     "trainable_parameters",

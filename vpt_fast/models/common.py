@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Callable
+from typing import Callable, Optional
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
+from vpt_fast.backends.dtypes import autocast_dtype
 from vpt_fast.config import PromptConfig
 from vpt_fast.prompts import VisualPrompts
 
@@ -28,6 +30,8 @@ class PromptedModel:
 
     # Modules that follow train()/eval(): the head (and its dropout); the rest stays in eval mode.
     _TRAINABLE_MODULES: tuple[str, ...] = ()
+    # (module, tensor name) of one tensor `vpt_fast.cast_frozen` stored in a low dtype, or None
+    _cast_frozen_probe: Optional[tuple[nn.Module, str]] = None
 
     def train(self, mode: bool = True):
         """Released-code semantics: the frozen backbone stays in eval mode (no dropout or
@@ -102,6 +106,40 @@ def apply_block_settings(model: nn.Module) -> None:
         warnings.warn(f'recompute="mlp" applies to timm\'s standard Mlp, SwiGLU and GluMlp only: {unfused} '
                       f"block(s) with another MLP save their activations as with recompute=\"none\" (results are "
                       f"the same)", stacklevel=3)
+
+
+def mark_cast_frozen(model: nn.Module, module: nn.Module, name: str) -> None:
+    """Record that `vpt_fast.cast_frozen` stored `module.<name>` (and the other frozen GEMM weights) in
+    a low dtype: from now on `check_cast_frozen` guards every forward. A plain attribute holding the
+    module, so not a submodule, not in `state_dict`, and copied along with the model."""
+    model._cast_frozen_probe = (module, name)
+
+
+def cast_frozen_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The dtype `cast_frozen` stored the model's frozen GEMM weights in, or None when they are in the
+    prompts' dtype (never cast, or stored in one dtype again by `model.float()` / `model.to(dtype)`)."""
+    probe = getattr(model, "_cast_frozen_probe", None)
+    if probe is None:
+        return None
+    dtype = getattr(*probe).dtype
+    return None if dtype == model.vpt.stage_prompts(0).dtype else dtype
+
+
+def check_cast_frozen(model: nn.Module, x: Tensor) -> None:
+    """Refuse a forward of a model whose frozen GEMM weights `cast_frozen` stored in a low dtype
+    outside autocast to that dtype: float32 activations would meet them in F.linear (a dtype error at
+    best), or a fused op would read them in another precision than the one they were cast for."""
+    if getattr(model, "_cast_frozen_probe", None) is None:
+        return  # the common case: one attribute lookup
+    dtype = cast_frozen_dtype(model)
+    if dtype is None:
+        return
+    running = autocast_dtype(x.device)
+    if running != dtype:
+        now = "without autocast" if running is None else f"under autocast to {running}"
+        raise RuntimeError(f"vpt_fast.cast_frozen stored this model's frozen weights in {dtype}: run it under "
+                           f"torch.autocast({x.device.type!r}, dtype={dtype}) (called {now}), or store them in "
+                           f"float32 again with model.float()")
 
 
 def warn_ignored_dropout(model: nn.Module, keep: tuple[str, ...]) -> None:

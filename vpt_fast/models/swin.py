@@ -31,6 +31,7 @@ from vpt_fast.blocks.swin import SwinBlock, SwinPatchMerging
 from vpt_fast.config import PromptConfig
 from vpt_fast.models.common import (
     PromptedModel,
+    check_cast_frozen,
     check_unprompted,
     install,
     prompt_module,
@@ -59,6 +60,7 @@ class PromptedSwinTransformer(PromptedModel, SwinTransformer):
         if getattr(self.patch_embed, "strict_img_size", False) and tuple(x.shape[-2:]) != tuple(img_size):
             raise ValueError(f"image size {tuple(x.shape[-2:])} does not match the model's {tuple(img_size)} "
                              f"(create the model with that img_size, or strict_img_size=False)")
+        check_cast_frozen(self, x)
         x = self.patch_embed(x)
         source = self.vpt if source is None else source
         deep, batch = self.vpt_config.deep, x.shape[0]

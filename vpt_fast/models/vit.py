@@ -21,6 +21,7 @@ from vpt_fast.blocks.vit import ViTBlock
 from vpt_fast.config import PromptConfig
 from vpt_fast.models.common import (
     PromptedModel,
+    check_cast_frozen,
     check_unprompted,
     install,
     prompt_module,
@@ -52,6 +53,7 @@ class PromptedTokens:
         """Images -> token rows after `blocks` (prompt rows dropped), and the token rows after every
         block index in `take`. `last_query_rows=r`: the last block computes its first r rows only.
         `source`: where prompts come from (default `self.vpt`; a `PromptBank` passes its tasks')."""
+        check_cast_frozen(self, x)
         x, rope = self._embed(x)
         source = self.vpt if source is None else source
         batch, npfx = x.shape[0], self.num_prefix_tokens
