@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from vpt_fast.fsdp import full_tensor, unwrapped_class
 from vpt_fast.models.families import family_of
 from vpt_fast.prompt_cache import optimizer_steps, parameter_key
 
@@ -88,7 +89,7 @@ def structure(model: nn.Module) -> list[list]:
     for name, module in model.named_modules():
         if name and not _is_backbone(name, heads):
             continue
-        kind = type(module).__name__
+        kind = unwrapped_class(module).__name__  # a module under fully_shard is its own class
         if kind in _EVAL_IDENTITY:
             described.append([name, "Identity", {}])
             continue
@@ -144,7 +145,8 @@ _signatures: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDict
 def weights_signature(model: nn.Module) -> Optional[dict[str, list]]:
     """{tensor name: [shape, L1 norm, sampled values]} for every frozen tensor (`frozen_tensors`),
     or None for a model on the meta device. Computed once per model and weights (cached, keyed by
-    the tensors' storage and version), with one device-to-host copy."""
+    the tensors' storage and version), with one device-to-host copy. Sharded (FSDP2) tensors are
+    gathered one at a time: then it is a collective, every rank must call it."""
     tensors = frozen_tensors(model)
     if any(t.is_meta for t in tensors.values()):
         return None
@@ -155,7 +157,7 @@ def weights_signature(model: nn.Module) -> Optional[dict[str, list]]:
     pieces, layout = [], []
     with torch.no_grad():
         for name, t in tensors.items():
-            flat = t.detach().reshape(-1)
+            flat = full_tensor(t.detach()).reshape(-1)
             # the norm is returned in the input's dtype: bf16/fp16/integers are summed as fp32
             flat = flat if flat.dtype in (torch.float32, torch.float64) else flat.to(torch.float32)
             index = torch.linspace(0, max(flat.numel() - 1, 0), min(_SAMPLES, flat.numel()),

@@ -22,7 +22,7 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from vpt_fast import backbone
+from vpt_fast import backbone, fsdp
 from vpt_fast.io import (
     BACKBONE_FIELDS,
     check_entry,
@@ -134,6 +134,10 @@ class PromptBank(KVCacheOwner):
                 `read_prompt_file` returns it), checked like a file's. A state dict without it carries
                 no record of its backbone: a warning says so.
         """
+        if fsdp.is_sharded(self.model) or fsdp.is_sharded(self):
+            raise RuntimeError("PromptBank.add after fully_shard: add every task first, then shard the model "
+                               "and the bank (docs/design.md §7); a task copies the model's prompt module, "
+                               "which sharding has turned into slices")
         if isinstance(name, str) and name in self.tasks:
             raise ValueError(f"task {name!r} is already in the bank")
         if not isinstance(name, str) or not name or "." in name or hasattr(self.tasks, name):
@@ -262,6 +266,7 @@ class PromptBank(KVCacheOwner):
             source = TaskPrompts(self, [self.tasks[names[t]] for t in present], remap[index])
         else:
             source = TaskPrompts(self, list(self.tasks.values()), index)
+        fsdp.register_forward_method(self.model, "forward_pre_logits")  # FSDP2: gather the root first
         pooled = self.model.forward_pre_logits(images, source=source)
         out = {}
         for t in present:
@@ -277,6 +282,7 @@ class PromptBank(KVCacheOwner):
             raise ValueError("the bank has no tasks: add some with bank.add(name, source)")
         if not torch.compiler.is_compiling():
             task_ids = self.task_index(task_ids, images.shape[0], images.device)
+            fsdp.register_forward_method(self.model, "forward_pre_logits")  # FSDP2: gather the root first
         tasks = list(self.tasks.values())
         pooled = self.model.forward_pre_logits(images, source=TaskPrompts(self, tasks, task_ids))
         width = max(task.head.out_features for task in tasks)

@@ -9,7 +9,7 @@ from typing import Iterable, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from vpt_fast import backbone
+from vpt_fast import backbone, fsdp
 from vpt_fast.models.families import family_of
 from vpt_fast.prompting import prompts_of
 
@@ -26,8 +26,9 @@ def trainable_tensors(model: nn.Module) -> dict[str, Tensor]:
 
 def prompt_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The trainable state: {"prompts": (Lp, P, dim)}, "proj.weight"/"proj.bias" if projected,
-    and "head.weight"/"head.bias" (detached copies)."""
-    return {name: t.detach().clone() for name, t in trainable_tensors(model).items()}
+    and "head.weight"/"head.bias" (detached copies). Of a sharded (FSDP2) model: whole tensors,
+    gathered from every rank (a collective: call it on every rank)."""
+    return {name: fsdp.full_tensor(t.detach()).clone() for name, t in trainable_tensors(model).items()}
 
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel / DataParallel, torch.compile
@@ -108,7 +109,10 @@ def load_prompt_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> Non
     state_dict (e.g. `state_dict` or `state_dict_ema` of a timm train.py checkpoint; `module.`
     prefixes of DDP are removed). Strict: missing, unexpected or mis-shaped entries, non-floating
     dtypes and NaN/inf values raise ValueError naming the entry, and leave the model unchanged.
-    Floating-point entries are cast to the model's dtype."""
+    Floating-point entries are cast to the model's dtype. A sharded (FSDP2) model is loaded on every
+    rank from the whole tensors: each rank keeps its slice."""
+    if fsdp.is_fsdp_module(model):
+        model.reshard()  # after a forward without backward the root holds whole copies, which reshard() drops
     named = trainable_tensors(model)
     entries = _prompt_entries(model, state)
     missing = sorted(set(named) - set(entries))
@@ -123,7 +127,15 @@ def load_prompt_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> Non
         check_entry(name, state[name], target)
     with torch.no_grad():
         for name, target in named.items():
-            target.copy_(state[name])
+            value = state[name]
+            if fsdp.is_dtensor(target):  # this rank's slice of the whole tensor, no communication
+                from torch.distributed.tensor import distribute_tensor
+                value = distribute_tensor(value.detach().to(target.device, target.dtype), target.device_mesh,
+                                          target.placements, src_data_rank=None)
+            target.copy_(value)
+    if fsdp.is_sharded(model):  # the gathered copies the prompt K/V cache may key on keep their versions
+        from vpt_fast.prompt_cache import clear_caches
+        clear_caches(model)
 
 
 def configuration_metadata(model: nn.Module) -> dict[str, str]:
@@ -134,7 +146,7 @@ def configuration_metadata(model: nn.Module) -> dict[str, str]:
     depth = family_of(model).depth(model)
     architecture = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or ""
     return {
-        "model_family": type(model).__name__,
+        "model_family": fsdp.unwrapped_class(model).__name__,
         "architecture": architecture.removeprefix("vpt_"),  # register_timm's names build the base model
         "patch_size": str(tuple(model.patch_embed.patch_size)),
         "num_prefix_tokens": str(getattr(model, "num_prefix_tokens", 0)),
@@ -210,14 +222,18 @@ def check_metadata(meta: dict[str, str], model: nn.Module, source: str, check_ba
 
 
 def save_prompts(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the trainable state and its metadata (`metadata`) to a .safetensors file."""
+    """Write the trainable state and its metadata (`metadata`) to a .safetensors file.
+
+    A sharded (FSDP2) model: a collective, call it on every rank. The whole tensors and the backbone's
+    weight signature are gathered on every rank, and rank 0 writes the file (docs/design.md §7)."""
     _write_prompt_file(model, path, metadata(model))
 
 
 def _write_prompt_file(model: nn.Module, path: str | os.PathLike, meta: dict[str, str]) -> None:
     from safetensors.torch import save_file
     tensors = {name: t.contiguous() for name, t in prompt_state_dict(model).items()}
-    save_file(tensors, os.fspath(path), metadata=meta)
+    if not fsdp.is_sharded(model) or fsdp.writes_files():
+        save_file(tensors, os.fspath(path), metadata=meta)
 
 
 def _load_backbone(model: nn.Module, state: Mapping[str, Tensor]) -> bool:

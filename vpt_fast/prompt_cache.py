@@ -16,6 +16,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from vpt_fast.backends import resolve_auto
 from vpt_fast.backends.dtypes import autocast_dtype
+from vpt_fast.fsdp import any_dtensor, local_tensor
 from vpt_fast.ops import parameters_of
 
 
@@ -69,7 +70,9 @@ def optimizer_steps() -> int:
 
 def parameter_key(tensors) -> tuple:
     """(storage, offset, version, dtype, device) of every tensor: changes whenever a value may have
-    changed (optimizer steps and `copy_` bump the version, `.data =` and `.to()` change the storage)."""
+    changed (optimizer steps and `copy_` bump the version, `.data =` and `.to()` change the storage).
+    A DTensor (an FSDP2-sharded parameter) is identified by this rank's slice."""
+    tensors = [local_tensor(t) for t in tensors]
     return tuple((StorageId(t), t.storage_offset(), t._version, t.dtype, t.device) for t in tensors)
 
 
@@ -96,7 +99,8 @@ def cached_prompt_values(source: PromptSource, slot: Hashable, modules: Iterable
     """What `compute()` derives from the prompts entering one block (their keys/values after norm1
     and the qkv projection), computed once and cached on the prompt source while no gradient is
     needed; None when it must be computed in the forward pass instead (gradients enabled, the
-    reference backend, torch.compile tracing, or prompt dropout drawing new rows).
+    reference backend, torch.compile tracing, prompt dropout drawing new rows, or block weights that
+    are sharded DTensors: FSDP2 gathers them only inside the block's own forward, docs/design.md §7).
 
     The cache entry of `slot` is keyed by everything the values depend on: the source's
     `cache_key()` (prompt and projection parameters: storage, version, dtype, device), the
@@ -125,10 +129,13 @@ def cached_prompt_values(source: PromptSource, slot: Hashable, modules: Iterable
         return None
     if backend == "reference":
         return None
+    params = list(parameters_of(*modules))
+    if any_dtensor(params):
+        return None
     key = source.cache_key()
     if key is None:
         return None
-    key = (key, parameter_key(parameters_of(*modules)), backend, device,
+    key = (key, parameter_key(params), backend, device,
            autocast_dtype(device), optimizer_steps(), variant)
     hit = source.kv_cache.get(slot)
     if hit is None or hit[0] != key:
