@@ -100,6 +100,25 @@ def _device(text: str) -> str:
     return text
 
 
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _dtype_name(text: str) -> str:
+    """float32, bfloat16, float16 or their short names fp32, bf16, fp16 (argparse's choices check the result)."""
+    return _DTYPE_ALIASES.get(text, text)
+
+
+def _memory_sizes(text: str) -> list[int]:
+    """A comma list of memory sizes such as 80GiB,141GiB or 512MiB, in bytes."""
+    try:
+        sizes = [peak_memory.parse_bytes(item) for item in text.split(",") if item.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"expected a comma list of sizes such as 80GiB,141GiB, got {text!r}")
+    return sizes
+
+
 def _backend_list(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in BACKENDS]
@@ -146,8 +165,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", type=_int_at_least(1), default=50,
                    help="prompt tokens per prompted block (default %(default)s)")
     p.add_argument("--shallow", action="store_true", help="VPT-Shallow instead of VPT-Deep")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="autocast dtype (float32: no autocast)")
+    p.add_argument("--dtype", default="float32", type=_dtype_name, choices=["float32", "bfloat16", "float16"],
+                   help="autocast dtype (float32: no autocast; also fp32, bf16, fp16)")
     p.add_argument("--device", default="cpu", type=_device, help="cpu, cuda or cuda:<index>")
     p.add_argument("--img-size", type=_int_at_least(1), default=None, help="image size (default: the model's)")
 
@@ -245,9 +264,24 @@ def _add_memory(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     memory.add_argument("--batch-limit", type=_int_at_least(1), default=None,
                         help="--max-batch stops there if the step still fits (CPU: bounds the run time)")
     memory.add_argument("--methods", default=None,
-                        help=f"comma list for --total/--max-batch (default: all) of {', '.join(peak_memory.methods())}")
+                        help=f"comma list for --total/--max-batch/--plan (default: all) of "
+                             f"{', '.join(peak_memory.methods())}; --plan --dtype bf16 also takes vpt_fast_bf16w, "
+                             f"vpt_fast_mlp_bf16w, vpt_fast_block_bf16w (vpt_fast.cast_frozen)")
     memory.add_argument("--json", default=None, type=_output_file,
-                        help="--total/--max-batch: write the results to this file")
+                        help="--total/--max-batch/--plan: write the results to this file")
+    plan = memory.add_argument_group("planner (--plan): predicted, nothing allocated")
+    plan.add_argument("--plan", action="store_true",
+                      help="predict the peak of a training step per method and the largest batch within "
+                           "--device-memory, simulating the step on fake tensors (no model allocated); with "
+                           "--total, printed beside the measurement")
+    plan.add_argument("--device-memory", type=_memory_sizes, default=None,
+                      help="--plan: memory per device, a comma list such as 80GiB,141GiB: the largest batch "
+                           "is solved against each (default on CUDA: the device's memory)")
+    plan.add_argument("--gpus", type=_int_at_least(1), default=None,
+                      help="--plan: GPUs (DDP: each holds everything; with --fsdp: sharded). Plans for CUDA "
+                           "(AdamW's foreach step); batches are per GPU")
+    plan.add_argument("--fsdp", action="store_true",
+                      help="--plan: FSDP2 over --gpus: parameters, gradients and AdamW state sharded per block")
     return memory
 
 
@@ -261,6 +295,9 @@ def _memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error("--batches goes with --total or the default activation table; --max-batch searches the batch")
     if args.plot:
         _require_matplotlib(parser)
+    if args.plan or args.device_memory is not None or args.gpus is not None or args.fsdp:
+        _plan_memory(args, parser)
+        return
     _check_model(_config(args), parser)
     if args.total or args.max_batch:
         _total_memory(args, parser)
@@ -330,6 +367,69 @@ def _total_memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             peak_memory.plot_total(results, chosen, f"peak memory of a training step: {title}", args.plot)
             print(f"wrote {args.plot}")
         payload = {"results": {str(b): r for b, r in results.items()}}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": asdict(cfg), "environment": environment(),
+                       "methods": {k: asdict(m) for k, m in chosen.items()}, **payload}, f, indent=2)
+
+
+def _plan_memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """--plan: predicted peaks and largest batches (vpt_fast.bench.plan), with --total beside the measurement."""
+    from vpt_fast.bench import plan as planner
+    if not args.plan:
+        parser.error("--device-memory, --gpus and --fsdp go with --plan")
+    if args.max_batch or args.budget or args.batch_limit:
+        parser.error("--plan predicts the largest batch within --device-memory; --max-batch, --budget and "
+                     "--batch-limit measure it")
+    if args.fsdp and (args.gpus or 1) < 2:
+        parser.error("--fsdp shards over --gpus N with N >= 2")
+    if args.plot and not args.total:
+        parser.error("--plot draws --total results")
+    if args.total and (args.gpus is not None or args.device_memory is not None):
+        parser.error("--plan --total compares with a measurement on this device: --gpus and --device-memory "
+                     "describe another one")
+    catalogue = planner.plan_methods(args.backend or "auto")
+    measurable = peak_memory.methods(args.backend or "auto")
+    if args.methods is None:
+        keys = [k for k in (measurable if args.total else catalogue)
+                if not planner.is_frozen_bf16(k) or args.dtype == "bfloat16"]
+    else:
+        keys = [k for k in args.methods.split(",") if k]
+        allowed = measurable if args.total else catalogue
+        if not keys or any(k not in allowed for k in keys):
+            parser.error(f"--methods: expected a comma list of {', '.join(allowed)}, got {args.methods!r}")
+        if args.dtype != "bfloat16" and any(planner.is_frozen_bf16(k) for k in keys):
+            parser.error("the *_bf16w methods (bf16 frozen weights) need --dtype bf16")
+    chosen = {k: catalogue[k] for k in keys}
+    cfg = _config(args)
+    batches = args.batches or DEFAULT_BATCHES
+    gpus = args.gpus or 1
+    target = "cuda" if args.gpus is not None or args.device.startswith("cuda") else "cpu"
+    budgets = args.device_memory or []
+    if not budgets and args.device.startswith("cuda"):
+        budgets = [torch.cuda.get_device_properties(torch.device(args.device)).total_memory]
+    title = (f"{args.model}, {args.prompts} {'shallow' if args.shallow else 'deep'} prompts, {args.dtype}, AdamW, "
+             + (f"{gpus} GPU{'s' if gpus > 1 else ''}{', FSDP' if args.fsdp else ''} (per GPU)" if target == "cuda"
+                else args.device))
+    _progress(f"vpt-fast memory --plan: {title}; simulating each method's step on fake tensors")
+    try:
+        predicted = planner.plan(cfg, chosen, batches, budgets, gpus, args.fsdp, target, log=_progress)
+    except (ValueError, TypeError, RuntimeError, AssertionError, NotImplementedError) as exc:
+        size = "its default image size" if cfg.img_size is None else f"--img-size {cfg.img_size}"
+        parser.error(f"--model {cfg.model} at {size} with --prompts {cfg.num_prompts}: {_first_line(exc)}")
+    print(f"predicted peak of a training step, MiB: {title}")
+    print(planner.format_plan_table(predicted, chosen, batches, budgets))
+    payload = {"plan": {"batches": batches, "device_memory_bytes": budgets, "gpus": gpus, "fsdp": args.fsdp,
+                        "target": target, "results": predicted}}
+    if args.total:
+        _progress("vpt-fast memory --total: one fresh process per (method, batch)")
+        measured = peak_memory.total_memory(cfg, chosen, batches, _progress)
+        print(f"predicted vs measured peak of a training step, MiB: {title}")
+        print(planner.format_accuracy_table(predicted, measured, chosen))
+        payload["results"] = {str(b): r for b, r in measured.items()}
+        if args.plot:
+            peak_memory.plot_total(measured, chosen, f"peak memory of a training step: {title}", args.plot)
+            print(f"wrote {args.plot}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": asdict(cfg), "environment": environment(),
