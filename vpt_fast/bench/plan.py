@@ -19,8 +19,9 @@ estimated from a formula:
 Every tensor's size is affine in the batch, and the op sequence does not depend on it, so the step is
 simulated at two batches (2 and 4) and each recorded point is a line `a + b * batch`: the peak at any
 batch is the largest of the lines there, and the largest batch within a budget is where the first line
-crosses it (exact under that model; checked: the two traces have the same length, else the batch is
-simulated directly).
+crosses it (exact under that model; checked: the two traces must have the same length, else `step_model`
+raises). Python's cyclic garbage collector is paused while a step is simulated, so the two traces free
+in the same order.
 
 What the simulation cannot see: memory a kernel allocates inside one op (BLAS/oneDNN packing, the CPU
 flash-attention kernel's per-thread buffers) and the allocator's slack; on CUDA also the CUDA context,
