@@ -109,7 +109,9 @@ def files(tmp_path):
     ("bench --model vit_tiny_patch16_224 --img-size 8 --prompts 4",
      "--model vit_tiny_patch16_224 at --img-size 8 with --prompts 4: Calculated padded input size"),
     ("bench --model resnet18", "--model resnet18 at its default image size with --prompts 50: vpt_fast.prompt "
-                               "supports timm VisionTransformer and SwinTransformer models"),
+                               "supports the timm model classes timm.models.vision_transformer.VisionTransformer, "
+                               "timm.models.eva.Eva, timm.models.swin_transformer.SwinTransformer; got "
+                               "timm.models.resnet.ResNet"),
     ("memory --batches 0,-1", "argument --batches: expected a comma list of integers >= 1 such as 1,2,4, got '0,-1'"),
     ("memory --batches x", "argument --batches: expected a comma list of integers >= 1 such as 1,2,4, got 'x'"),
     ("memory --backend foo", "argument --backend: invalid choice: 'foo'"),
