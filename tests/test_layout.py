@@ -17,7 +17,7 @@ LAYERS = [
     ("vpt_fast.version", "vpt_fast._C", "vpt_fast.kernels"),
     ("vpt_fast.backends",),
     ("vpt_fast.ops",),
-    ("vpt_fast.config", "vpt_fast.prompt_cache", "vpt_fast.prompts"),
+    ("vpt_fast.config", "vpt_fast.fsdp", "vpt_fast.prompt_cache", "vpt_fast.prompts"),
     ("vpt_fast.blocks",),
     ("vpt_fast.models",),
     ("vpt_fast.prompting",),
