@@ -39,12 +39,12 @@ def test_every_vit_and_swin_that_prompt_accepts_is_registered_once():
         f"vpt_{name}" for name in timm.list_models(module=list(BASE_MODULES), pretrained=True)
         if name.split(".")[0] in accepted}
     for name in ("vit_base_patch16_224", "deit_small_patch16_224", "vit_small_r26_s32_224",
-                 "vit_base_patch16_siglip_gap_224", "swin_tiny_patch4_window7_224"):
+                 "vit_base_patch16_siglip_gap_224", "swin_tiny_patch4_window7_224", "vit_base_patch16_siglip_224",
+                 "aimv2_large_patch14_224", "vit_small_patch16_dinov3", "eva02_small_patch14_224"):
         assert timm.is_model(f"vpt_{name}"), name
-    # what prompt() refuses has no name: distillation token, attention pool, other blocks and norms
-    for name in ("deit_tiny_distilled_patch16_224", "vit_base_patch16_siglip_224", "vit_base_patch16_rpn_224",
-                 "vit_base_patch16_xp_224", "vit_small_patch16_18x2_224", "aimv2_large_patch14_224",
-                 "vit_dwee_patch16_reg1_gap_256"):
+    # what prompt() refuses has no name: distillation token, other blocks, differential attention
+    for name in ("deit_tiny_distilled_patch16_224", "vit_base_patch16_rpn_224", "vit_base_patch16_xp_224",
+                 "vit_small_patch16_18x2_224", "vit_dwee_patch16_reg1_gap_256", "eva02_enormous_patch14_clip_224"):
         assert name in bases and not timm.is_model(f"vpt_{name}"), name
 
 
