@@ -93,7 +93,7 @@ def test_swin_inductor_equals_eager(backend):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", FAMILY_BACKENDS)
-def test_eva_inductor_equals_eager(backend):
-    """The rotary embedding of the patch rows and the LayerScale vectors trace into one graph."""
-    assert_compiled_equals_eager(prompted(tiny_dinov3, backend))
+def test_eva_inductor_equals_eager():
+    """The rotary embedding of the patch rows and the LayerScale vectors trace into one graph (torch
+    backend: the other backends' ops are the ViT test's)."""
+    assert_compiled_equals_eager(prompted(tiny_dinov3, "torch"))
