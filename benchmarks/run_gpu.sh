@@ -1,53 +1,70 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine: a fresh machine every call (torch, triton, nvcc, ninja, timm
-# preinstalled; no package registry), 10 minutes per call, at most 8 files come back from $OUT and
-# none more than 2 folders down. Every call installs this checkout without dependencies, building
-# vpt_fast._C for this device's architecture only (TORCH_CUDA_ARCH_LIST from the device's compute
-# capability, e.g. "9.0a" on an H100; MAX_JOBS = nproc), prints the versions, then runs the named
-# steps in order. The calls of a GPU session, in priority order (benchmarks/NOTES.md):
+# GPU acceptance in one call on a lent GPU machine (benchmarks/NOTES.md): a fresh machine every call
+# (torch, triton, nvcc, ninja, timm preinstalled; no package registry), at most 8 files come back
+# from $OUT and none more than 2 folders down.
 #
-#   bash benchmarks/run_gpu.sh headline  # 1: ViT-B/16 training step, one JSON per method as measured
-#   bash benchmarks/run_gpu.sh tests     # 2: the extension's GPU tests (own process), then all GPU tests
-#   bash benchmarks/run_gpu.sh swin      # 3: Swin-B training step, attention and window-op
-#                                        #    microbenchmarks, ViT-B inference (pytest-benchmark JSONs)
-#   bash benchmarks/run_gpu.sh profile   # 4: per-kernel time of a ViT-B and a Swin-B training step
-#   bash benchmarks/run_gpu.sh ops       # 5: serving (PromptBank, cached prompt K/V), LayerNorm,
-#                                        #    residual add + LayerNorm and bias+GELU microbenchmarks
-#                                        #    (pytest-benchmark JSONs)
+#   bash benchmarks/run_gpu.sh acceptance   # the call: kernel checks, ViT-B/16 headline, Swin-B, <= 8 min
+#   VPT_GPU_DRY_RUN=1 OUT=/tmp/dry bash benchmarks/run_gpu.sh acceptance   # its CPU dry run (CI runs it)
 #
-# Files, written as each piece ends, under $RESULTS_DIR ($OUT when set, else
-# benchmarks/results/<device>): call.log (this whole output), headline/<method>.json,
-# tests_ext.log, tests.log, bench_{swin,attention,windows,inference}.json, profile_{vit,swin}.txt,
-# bench_{serving,layer_norm,add_layer_norm,bias_gelu}.json.
-# `python benchmarks/gpu_headline.py --summarize DIR` and `python benchmarks/summarize.py FILE.json`
-# turn them into tables.
+# `acceptance`, in this order, each piece writing its JSON the moment it is measured:
+#   0. install this checkout without dependencies and without the extension (seconds), then build
+#      vpt_fast._C for this device's architecture only (TORCH_CUDA_ARCH_LIST from its compute
+#      capability, e.g. "9.0a" on an H100; MAX_JOBS = nproc) in the background, moved into the
+#      package in one rename when linked. Beside the build, where it costs no wall time:
+#      smoke_triton.json (the triton backend's kernel checks, benchmarks/gpu_smoke.py) and
+#      warm.json (torch.compile of eager and triton at the headline's shapes, filling the on-disk
+#      compile caches the timed compiled methods then load; their cold compile times).
+#   1. smoke_cuda.json: the C++/CUDA kernels' first run: FlashAttention's 2x rule, bitwise-equal
+#      prompt gradients over reruns, a ViT-S/16 model against `reference`;
+#      smoke_time.json: attention forward + backward time, triton, cuda and SDPA (GPU quiet from here on).
+#   2. headline.json: ViT-B/16 training step: eager, triton, cuda, fastest with recompute="block",
+#      eager under torch.compile, fastest under torch.compile (benchmarks/gpu_headline.py).
+#   3. swin.json: Swin-B training step, eager and the headline's fastest backend, if time is left.
+# Then call.log (this whole output) ends with the results README
+# (`python benchmarks/gpu_headline.py --summarize DIR` makes it again from the files).
 #
+# Other steps (a rerun's tools; each installs with the extension first, as the README says):
+#   tests    the extension's GPU tests (own process), then all GPU tests
+#   swin     Swin-B training step, attention and window-op microbenchmarks, ViT-B inference
+#   profile  per-kernel time of a ViT-B and a Swin-B training step
+#   ops      serving (PromptBank, cached prompt K/V), LayerNorm, add + LayerNorm, bias + GELU benchmarks
+#   headline the ViT-B/16 headline alone (HEADLINE_ARGS: more gpu_headline.py arguments)
+#
+# Files under $RESULTS_DIR ($OUT when set, else benchmarks/results/<device>).
 # Env: DEADLINE_S (nothing starts after this many seconds of the call and running pieces are cut
-# there; default 560), SKIP_INSTALL=1 (use the installed checkout: dry runs), VPT_FAST_NO_EXT=1 (no
-# extension), TEST_K / BENCH_K (pytest -k; BENCH_K unset: "not torch", as the pure-PyTorch backend is
-# the portable reference, not a fast path), BENCH_FILES (the swin step's pieces to run, default all:
-# "bench_swin bench_attention bench_windows bench_inference"), HEADLINE_ARGS (extra gpu_headline.py
-# arguments, e.g. --methods eager_compile,triton_compile),
-# TORCH_CUDA_ARCH_LIST, MAX_JOBS, PYTHON, RESULTS_DIR.
-# If the extension's GPU tests fail (a kernel fault poisons the whole process's CUDA context), the
-# cuda backend is left out of the remaining tests of that call (-k "not cuda").
-# Exit status: the first failure among install and the steps (every step runs anyway).
+# there; default 450 for acceptance, 560 otherwise), VPT_GPU_DRY_RUN=1 (acceptance's dry run: tiny
+# shapes on the CPU, TRITON_INTERPRET=1, the installed checkout, no build), PIECES (acceptance's
+# pieces to run, default "smoke warm time headline swin"), VPT_REVISION (the commit,
+# recorded: the device's copy of the checkout has no .git), SKIP_INSTALL=1 (use the installed
+# checkout and, in acceptance, its extension: a rerun on a still-warm machine), VPT_FAST_NO_EXT=1 (no extension), TEST_K / BENCH_K (pytest -k; BENCH_K unset: "not
+# torch"), BENCH_FILES (the swin step's pieces, default all: "bench_swin bench_attention
+# bench_windows bench_inference"), HEADLINE_ARGS, TORCH_CUDA_ARCH_LIST, MAX_JOBS, PYTHON, RESULTS_DIR.
+# Exit status: the first failure among install and the pieces (every piece runs anyway; a piece
+# skipped for lack of time counts as 75).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-DEADLINE_S=${DEADLINE_S:-560}
+DRY_RUN=${VPT_GPU_DRY_RUN:-0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export PYTHONUNBUFFERED=1
 script_start=$(date +%s)
 steps=("$@")
-(( ${#steps[@]} )) || steps=(headline)
+(( ${#steps[@]} )) || steps=(acceptance)
 for step in "${steps[@]}"; do
   case $step in
+    acceptance) (( ${#steps[@]} == 1 )) || { echo "run_gpu.sh: acceptance is a call of its own" >&2; exit 2; } ;;
     headline | tests | swin | ops | profile) ;;
-    *) echo "run_gpu.sh: unknown step '$step' (expected headline, tests, swin, ops or profile)" >&2; exit 2 ;;
+    *) echo "run_gpu.sh: unknown step '$step' (expected acceptance, headline, tests, swin, ops or profile)" >&2
+       exit 2 ;;
   esac
 done
+if [[ "${steps[0]}" == acceptance ]]; then DEADLINE_S=${DEADLINE_S:-450}; else DEADLINE_S=${DEADLINE_S:-560}; fi
+if [[ "$DRY_RUN" == 1 ]]; then
+  [[ "${steps[0]}" == acceptance && -n "${OUT:-}" ]] || {
+    echo "run_gpu.sh: VPT_GPU_DRY_RUN=1 runs 'acceptance' only, into \$OUT" >&2; exit 2; }
+  export VPT_GPU_DRY_RUN=1 TRITON_INTERPRET=1 SKIP_INSTALL=1
+fi
 
 device=$($PYTHON -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" \
          | tr -c 'A-Za-z0-9._\n-' '_' | sed 's/__*/_/g; s/_$//')
@@ -61,13 +78,14 @@ both() { if [[ -n "$1" && -n "$2" ]]; then echo "($1) and ($2)"; else echo "$1$2
 status=0
 keep() { if (( status == 0 )); then status=$1; fi; }
 
-# run_until NAME LOGFILE CMD...: runs CMD unless the deadline has passed, cut at the deadline, its
-# output also into LOGFILE unless that is "-"; returns CMD's exit status (75 when skipped for lack of time).
+# run_until NAME LOGFILE CMD...: runs CMD unless fewer than MIN_LEFT (default 20) seconds are left
+# before the deadline, cut at the deadline, its output also into LOGFILE unless that is "-"; returns
+# CMD's exit status (75 when skipped for lack of time).
 run_until() {
   local name=$1 logfile=$2 budget rc=0
   shift 2
   budget=$(left)
-  if (( budget < 20 )); then
+  if (( budget < ${MIN_LEFT:-20} )); then
     echo "skipping $name: ${budget}s left before DEADLINE_S=$DEADLINE_S (exit status 75: not run)"
     keep 75  # a piece that did not run must not read as a pass
     return 75
@@ -92,7 +110,14 @@ if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
   arch=$($PYTHON -c "import torch; M, m = torch.cuda.get_device_capability(); print(f'{M}.{m}' + ('a' if M == 9 else ''))" \
          2>/dev/null) && export TORCH_CUDA_ARCH_LIST=$arch
 fi
-if [[ "${SKIP_INSTALL:-0}" != "1" ]]; then
+if [[ "${SKIP_INSTALL:-0}" != "1" && "${steps[0]}" == acceptance ]]; then
+  log "install without the extension: VPT_FAST_NO_EXT=1 pip install --no-deps --no-build-isolation -e . (it is built next, in the background)"
+  start=$(date +%s)
+  VPT_FAST_NO_EXT=1 $PYTHON -m pip install --no-deps --no-build-isolation -e . 2>&1 | tail -n 5
+  rc=${PIPESTATUS[0]}
+  echo "install: exit status $rc, $(( $(date +%s) - start ))s"
+  keep "$rc"
+elif [[ "${SKIP_INSTALL:-0}" != "1" ]]; then
   log "install: pip install --no-deps --no-build-isolation -e . (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-the setup.py default}, MAX_JOBS=$MAX_JOBS)"
   start=$(date +%s)
   $PYTHON -m pip install --no-deps --no-build-isolation -e . 2>&1 | tail -n 25
@@ -110,6 +135,34 @@ from gpu_headline import full_environment
 print(json.dumps(full_environment(), indent=1))
 PY
 keep $?
+
+# build_extension DIR: vpt_fast._C built under DIR (TORCH_CUDA_ARCH_LIST, MAX_JOBS), then renamed into
+# vpt_fast/ in one step: a process importing the package meanwhile sees no extension or all of it.
+build_extension() {
+  local dir=$1 so rc start
+  start=$(date +%s)
+  timeout -k 10 "$(left)" $PYTHON setup.py build_ext --build-lib "$dir/lib" --build-temp "$dir/tmp" \
+    > "$dir/build.log" 2>&1
+  rc=$?
+  if (( rc == 0 )); then
+    so=$(ls "$dir"/lib/vpt_fast/_C*.so) && cp "$so" "vpt_fast/.$(basename "$so").part" \
+      && mv -f "vpt_fast/.$(basename "$so").part" "vpt_fast/$(basename "$so")" || rc=1
+  fi
+  tail -n 25 "$dir/build.log"
+  echo "build: exit status $rc, $(( $(date +%s) - start ))s"
+  return "$rc"
+}
+
+# want PIECE: acceptance runs PIECE (PIECES, default all: "smoke warm time headline swin"; a rerun names fewer)
+want() { [[ " ${PIECES:-smoke warm time headline swin} " == *" $1 "* ]]; }
+
+# wait_for NAME PID: the background piece's exit status joins the call's
+wait_for() {
+  local rc=0
+  wait "$2" || rc=$?
+  echo "$1 (background): exit status $rc"
+  keep "$rc"
+}
 
 # run_benches NAME:FILE[:K]...: each benchmarks/FILE.py into NAME.json (skipped when BENCH_FILES omits NAME)
 run_benches() {
@@ -130,9 +183,44 @@ run_benches() {
 
 for step in "${steps[@]}"; do
   case $step in
+    acceptance)
+      build_pid="" smoke_pid="" warm_pid=""
+      if [[ "${SKIP_INSTALL:-0}" == 1 ]]; then
+        log "no build: the installed checkout and its extension$([[ $DRY_RUN == 1 ]] && echo " (dry run: tiny shapes on the CPU)")"
+      else
+        log "build: vpt_fast._C (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-the setup.py default}, MAX_JOBS=$MAX_JOBS) in the background"
+        build_extension "$(mktemp -d)" &
+        build_pid=$!
+      fi
+      if want smoke; then
+        run_until "smoke_triton.json: triton kernel checks (beside the build)" - \
+          $PYTHON benchmarks/gpu_smoke.py --backends triton --out "$RESULTS_DIR/smoke_triton.json" --deadline-s 90 &
+        smoke_pid=$!
+      fi
+      if want warm; then
+        run_until "warm.json: compile caches for the compiled methods (beside the build)" - \
+          $PYTHON benchmarks/gpu_headline.py --warm --methods eager_compile,triton_compile \
+          --out "$RESULTS_DIR/warm.json" --deadline-s 180 --min-method-s 20 &
+        warm_pid=$!
+      fi
+      [[ -z "$build_pid" ]] || wait_for build "$build_pid"
+      ! want smoke || run_until "smoke_cuda.json: the C++/CUDA kernels' checks" - \
+        $PYTHON benchmarks/gpu_smoke.py --backends cuda --out "$RESULTS_DIR/smoke_cuda.json" --deadline-s 60
+      [[ -z "$smoke_pid" ]] || wait_for smoke_triton "$smoke_pid"
+      [[ -z "$warm_pid" ]] || wait_for warm "$warm_pid"
+      ! want time || run_until "smoke_time.json: attention time (the GPU is quiet from here on)" - \
+        $PYTHON benchmarks/gpu_smoke.py --backends triton,cuda --no-checks --time --out "$RESULTS_DIR/smoke_time.json"
+      ! want headline || run_until "headline.json: ViT-B/16 training step" - \
+        $PYTHON benchmarks/gpu_headline.py --out "$RESULTS_DIR/headline.json" --deadline-s "$(( $(left) - 10 ))"
+      ! want swin || MIN_LEFT=60 run_until "swin.json: Swin-B training step, if time is left" - \
+        $PYTHON benchmarks/gpu_headline.py --setting swin_b --methods eager,fastest \
+        --fastest-from "$RESULTS_DIR/headline.json" --out "$RESULTS_DIR/swin.json" --deadline-s "$(( $(left) - 10 ))"
+      log "results README (python benchmarks/gpu_headline.py --summarize DIR)"
+      $PYTHON benchmarks/gpu_headline.py --summarize "$RESULTS_DIR"
+      ;;
     headline)
       run_until "headline: ViT-B/16 training step" - \
-        $PYTHON benchmarks/gpu_headline.py --out "$RESULTS_DIR/headline" --deadline-s "$(( $(left) - 15 ))" \
+        $PYTHON benchmarks/gpu_headline.py --out "$RESULTS_DIR/headline.json" --deadline-s "$(( $(left) - 15 ))" \
         ${HEADLINE_ARGS:-}
       ;;
     tests)
@@ -164,5 +252,5 @@ for step in "${steps[@]}"; do
 done
 
 log "done: exit status $status; files in $RESULTS_DIR"
-ls -la "$RESULTS_DIR" "$RESULTS_DIR/headline" 2>/dev/null
+ls -la "$RESULTS_DIR"
 exit "$status"

@@ -49,6 +49,7 @@ class BenchConfig:
     backends: list[str] = field(default_factory=list)  # empty: every available backend
     recompute: str = "none"
     compile: bool = False
+    model_kwargs: dict = field(default_factory=dict)  # more timm.create_model arguments (e.g. depth)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -75,7 +76,7 @@ def build_model(cfg: BenchConfig, backend: str = "reference", recompute: Optiona
     """The prompted model of `cfg` with random weights (identical for every backend: seeded)."""
     import timm
     torch.manual_seed(cfg.seed)
-    kwargs = {} if cfg.img_size is None else {"img_size": cfg.img_size}
+    kwargs = dict(cfg.model_kwargs, **({} if cfg.img_size is None else {"img_size": cfg.img_size}))
     model = timm.create_model(cfg.model, pretrained=False, num_classes=cfg.num_classes, **kwargs)
     prompt(model, num_prompts=cfg.num_prompts, deep=cfg.deep, backend=backend,
                     recompute=recompute or cfg.recompute)
@@ -92,7 +93,7 @@ def check_model(cfg: BenchConfig) -> None:
     size the patch embedding or windows refuse, bad prompt settings) in about a second, before any
     measurement starts."""
     import timm
-    kwargs = {} if cfg.img_size is None else {"img_size": cfg.img_size}
+    kwargs = dict(cfg.model_kwargs, **({} if cfg.img_size is None else {"img_size": cfg.img_size}))
     # warnings about the model come once, from the real build; this throwaway copy keeps quiet
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
