@@ -105,6 +105,38 @@ def test_acceptance_call_refuses_what_it_cannot_do(tmp_path):
     assert run.returncode == 2 and "into $OUT" in run.stderr
 
 
+FAKE_PYTHON = """#!/usr/bin/env bash
+# the kernel checks and the timed pieces answer at once; everything else is the real interpreter
+case " $* " in
+  *"gpu_smoke.py --backends triton --out"*) echo "fake triton checks"; exit "$FAKE_TRITON_RC" ;;
+  *"gpu_smoke.py --backends cuda --out"*) echo "fake cuda checks"; exit "$FAKE_CUDA_RC" ;;
+  *"gpu_headline.py --summarize"*) ;;
+  *gpu_smoke.py* | *gpu_headline.py*) echo "fake: $*"; exit 0 ;;
+esac
+exec "$REAL_PYTHON" "$@"
+"""
+
+
+@pytest.mark.parametrize("triton_rc,cuda_rc,timed", [
+    ("0", "3", "triton"),        # the cuda checks raised: cuda is not timed
+    ("1", "0", "triton,cuda"),   # a missed bound is timed (and reported), not dropped
+    ("124", "137", "torch"),     # both hung: the portable backend is timed instead
+])
+def test_a_backend_whose_checks_raise_or_hang_is_not_timed(tmp_path, triton_rc, cuda_rc, timed):
+    python = tmp_path / "python"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    out = tmp_path / "out"
+    run = _script("bash", "benchmarks/run_gpu.sh", "acceptance",
+                  env=_env(tmp_path, OUT=str(out), PYTHON=str(python), REAL_PYTHON=sys.executable,
+                           FAKE_TRITON_RC=triton_rc, FAKE_CUDA_RC=cuda_rc))
+    log = (out / "call.log").read_text()
+    assert run.returncode == int(cuda_rc if cuda_rc != "0" else triton_rc), log  # the first failure's
+    assert f"fake: benchmarks/gpu_smoke.py --backends {timed} --no-checks --time" in log
+    methods = f"eager,{timed},fastest_block,eager_compile,fastest_compile"
+    assert f"fake: benchmarks/gpu_headline.py --methods {methods} " in log
+
+
 def test_headline_deadline_and_timeout_become_records(tmp_path):
     out = tmp_path / "headline.json"
     run = _script(sys.executable, "benchmarks/gpu_headline.py", "--methods", "eager,fastest_compile",
@@ -128,7 +160,7 @@ def test_smoke_records_an_unavailable_backend_and_its_deadline(tmp_path):
     out = tmp_path / "smoke.json"
     run = _script(sys.executable, "benchmarks/gpu_smoke.py", "--backends", "cuda,nope", "--deadline-s", "0",
                   "--time", "--out", str(out), env=_env(tmp_path))
-    assert run.returncode == 1
+    assert run.returncode == 3  # a backend that cannot run: run_gpu.sh leaves it out of the timed pieces
     records = _load(out)["records"]
     assert records[0]["check"] == "available" and records[0]["backend"] == "nope" and records[0]["status"] == "error"
     assert {r["status"] for r in records[1:]} == {"skipped"} and len(records) == 1 + 7 + 2
