@@ -82,9 +82,33 @@ def test_dry_run_of_the_acceptance_call(tmp_path):
     assert readme.strip() in log  # the call prints its README last
 
 
+FAKE_PYTHON = """#!/usr/bin/env bash
+# the device query, the versions, the kernel checks and the timed pieces answer at once; the
+# README is the real interpreter's
+case " $* " in
+  " -c "*) echo cpu; exit 0 ;;
+  " - ") cat > /dev/null; echo '{"versions": "fake"}'; exit 0 ;;
+  *"gpu_smoke.py --backends triton --out"*) echo "fake triton checks"; exit "$FAKE_TRITON_RC" ;;
+  *"gpu_smoke.py --backends cuda --out"*) echo "fake cuda checks"; exit "$FAKE_CUDA_RC" ;;
+  *"gpu_headline.py --summarize"*) ;;
+  *gpu_smoke.py* | *gpu_headline.py*) echo "fake: $*"; exit 0 ;;
+esac
+exec "$REAL_PYTHON" "$@"
+"""
+
+
+def _fake_python(tmp_path) -> str:
+    python = tmp_path / "python"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    return str(python)
+
+
 def test_acceptance_call_past_its_deadline_runs_nothing_and_says_so(tmp_path):
     out = tmp_path / "out"
-    run = _script("bash", "benchmarks/run_gpu.sh", "acceptance", env=_env(tmp_path, OUT=str(out), DEADLINE_S="1"))
+    run = _script("bash", "benchmarks/run_gpu.sh", "acceptance",
+                  env=_env(tmp_path, OUT=str(out), DEADLINE_S="1", PYTHON=_fake_python(tmp_path),
+                           REAL_PYTHON=sys.executable))
     log = (out / "call.log").read_text()
     assert run.returncode == 75, log  # a piece that did not run must not read as a pass
     for piece in ("smoke_triton.json", "warm.json", "smoke_cuda.json", "smoke_time.json", "headline.json",
@@ -105,30 +129,15 @@ def test_acceptance_call_refuses_what_it_cannot_do(tmp_path):
     assert run.returncode == 2 and "into $OUT" in run.stderr
 
 
-FAKE_PYTHON = """#!/usr/bin/env bash
-# the kernel checks and the timed pieces answer at once; everything else is the real interpreter
-case " $* " in
-  *"gpu_smoke.py --backends triton --out"*) echo "fake triton checks"; exit "$FAKE_TRITON_RC" ;;
-  *"gpu_smoke.py --backends cuda --out"*) echo "fake cuda checks"; exit "$FAKE_CUDA_RC" ;;
-  *"gpu_headline.py --summarize"*) ;;
-  *gpu_smoke.py* | *gpu_headline.py*) echo "fake: $*"; exit 0 ;;
-esac
-exec "$REAL_PYTHON" "$@"
-"""
-
-
 @pytest.mark.parametrize("triton_rc,cuda_rc,timed", [
     ("0", "3", "triton"),        # the cuda checks raised: cuda is not timed
     ("1", "0", "triton,cuda"),   # a missed bound is timed (and reported), not dropped
     ("124", "137", "torch"),     # both hung: the portable backend is timed instead
 ])
 def test_a_backend_whose_checks_raise_or_hang_is_not_timed(tmp_path, triton_rc, cuda_rc, timed):
-    python = tmp_path / "python"
-    python.write_text(FAKE_PYTHON)
-    python.chmod(0o755)
     out = tmp_path / "out"
     run = _script("bash", "benchmarks/run_gpu.sh", "acceptance",
-                  env=_env(tmp_path, OUT=str(out), PYTHON=str(python), REAL_PYTHON=sys.executable,
+                  env=_env(tmp_path, OUT=str(out), PYTHON=_fake_python(tmp_path), REAL_PYTHON=sys.executable,
                            FAKE_TRITON_RC=triton_rc, FAKE_CUDA_RC=cuda_rc))
     log = (out / "call.log").read_text()
     assert run.returncode == int(cuda_rc if cuda_rc != "0" else triton_rc), log  # the first failure's
