@@ -278,8 +278,9 @@ def test_train_mode_round_trip(family):
 
 
 def test_backbone_dropout_warns_once():
-    with pytest.warns(UserWarning, match="drop_path"):
+    with pytest.warns(UserWarning, match="drop_path") as record:
         vpt_fast.prompt(tiny_vit(drop_path_rate=0.1), num_prompts=3)
+    assert record[0].filename == __file__  # the user's prompt() line, not a line inside vpt_fast
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model = vpt_fast.prompt(tiny_vit(), num_prompts=3)

@@ -171,10 +171,10 @@ def warn_if_hooks_bypassed(block: nn.Module, backend: str) -> None:
         warnings.warn(f"hooks on {', '.join(sorted(names))} of a {type(block).__name__} do not run with backend "
                       f"{backend!r}: prompt-aware blocks apply those modules' weights in fused ops without "
                       f"calling them. Hooks on the block itself run; set_backend(model, 'reference') runs "
-                      f"timm's modules and their hooks", stacklevel=_stacklevel_outside_libraries())
+                      f"timm's modules and their hooks", stacklevel=stacklevel_outside_libraries())
 
 
-def _stacklevel_outside_libraries() -> int:
+def stacklevel_outside_libraries() -> int:
     """The `stacklevel` for a warning raised by our caller that points at the first frame outside
     vpt_fast, timm and torch: the user's line that called the model (or block), whatever the depth
     of the module calls in between."""

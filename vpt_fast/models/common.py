@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from vpt_fast.backends.dtypes import autocast_dtype
+from vpt_fast.blocks.common import stacklevel_outside_libraries
 from vpt_fast.config import PromptConfig
 from vpt_fast.prompts import VisualPrompts
 
@@ -77,7 +78,8 @@ class PromptedModel:
         layer group of the first block they enter; `stage_suffix(s)` is that block's suffix."""
         if self.vpt_config.deep:
             warnings.warn("a stage's deep prompts are one parameter, so layer-wise groups (layer decay) "
-                          "give all of them the layer id of the stage's first block", stacklevel=3)
+                          "give all of them the layer id of the stage's first block",
+                          stacklevel=stacklevel_outside_libraries())
         if not self.vpt.per_stage:
             return [(r"^vpt\.", stage_suffix(0))]
         return [(rf"^vpt\.(?:prompts|proj)\.{s}(?:\.|$)", stage_suffix(s)) for s in range(len(self.vpt.prompts))]
@@ -101,11 +103,11 @@ def apply_block_settings(model: nn.Module) -> None:
     if recompute == "mlp" and config.backend == "reference":
         warnings.warn('recompute="mlp" has no effect with backend="reference" (timm\'s own modules run and '
                       'autograd saves what they need); use a prompt-aware backend or recompute="block"',
-                      stacklevel=3)
+                      stacklevel=stacklevel_outside_libraries())
     elif recompute == "mlp" and unfused:
         warnings.warn(f'recompute="mlp" applies to timm\'s standard Mlp, SwiGLU and GluMlp only: {unfused} '
                       f"block(s) with another MLP save their activations as with recompute=\"none\" (results are "
-                      f"the same)", stacklevel=3)
+                      f"the same)", stacklevel=stacklevel_outside_libraries())
 
 
 def mark_cast_frozen(model: nn.Module, module: nn.Module, name: str) -> None:
@@ -157,7 +159,7 @@ def warn_ignored_dropout(model: nn.Module, keep: tuple[str, ...]) -> None:
     if ignored:
         shown = ", ".join(ignored[:4]) + (f" and {len(ignored) - 4} more" if len(ignored) > 4 else "")
         warnings.warn(f"the prompted backbone stays in eval mode (as in the released VPT code), so its "
-                      f"dropout/drop-path is ignored: {shown}", stacklevel=3)
+                      f"dropout/drop-path is ignored: {shown}", stacklevel=stacklevel_outside_libraries())
 
 
 def install(model: nn.Module, cls: type, prompts: VisualPrompts, config: PromptConfig,

@@ -17,6 +17,7 @@ from timm.models.eva import Eva
 from timm.models.eva import EvaBlock as TimmEvaBlock
 from torch import Tensor
 
+from vpt_fast.blocks.common import stacklevel_outside_libraries
 from vpt_fast.blocks.eva import EvaBlock
 from vpt_fast.config import PromptConfig
 from vpt_fast.models.common import PromptedModel, check_unprompted
@@ -66,7 +67,7 @@ def warn_train_time_rope(model: Eva) -> None:
     active = {name: value for name, value in augment.items() if value}
     if active:
         warnings.warn(f"the prompted backbone stays in eval mode (as in the released VPT code), so timm's train-time "
-                      f"RoPE augmentation is ignored: {active}", stacklevel=3)
+                      f"RoPE augmentation is ignored: {active}", stacklevel=stacklevel_outside_libraries())
 
 
 def prompt_eva(model: Eva, config: PromptConfig) -> PromptedEva:
