@@ -8,11 +8,10 @@ benchmarks/summarize.py <json>` (same run only). `vpt-fast bench --inference` pr
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 from conftest import run_timed
 
-from vpt_fast.bench import build_model, count_flops, infer, make_batch
+from vpt_fast.bench import build_model, count_flops, create_timm_model, infer, make_batch
 from vpt_fast.bench.serving import infer_bank, make_bank, task_ids
 
 TASKS = (1, 8, 64)
@@ -22,7 +21,7 @@ METHODS = (["bare", "eager", "vpt_fast"] + [f"bank_{n}_mixed" for n in TASKS]
 
 def _runner(method: str, cfg):
     if method == "bare":
-        model = timm.create_model(cfg.model, pretrained=False, num_classes=cfg.num_classes).to(cfg.device).eval()
+        model = create_timm_model(cfg).to(cfg.device).eval()
         x, _ = make_batch(cfg, model)
         return lambda: infer(model, x, cfg)
     model = build_model(cfg, "reference" if method == "eager" else "auto").eval()

@@ -15,13 +15,12 @@ import gc
 import os
 
 import pytest
-import timm
 import torch
 from conftest import default_config, run_timed
 
 import vpt_fast
 from vpt_fast.backends import resolve_auto
-from vpt_fast.bench import count_flops, make_batch, saved_activation_bytes, training_step
+from vpt_fast.bench import count_flops, create_timm_model, make_batch, saved_activation_bytes, training_step
 from vpt_fast.config import PromptConfig
 from vpt_fast.models.swin import prompt_swin
 
@@ -46,7 +45,7 @@ METHODS = (["eager"] + _BACKENDS
 
 def build_swin(cfg, backend: str) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
-    model = timm.create_model(cfg.model, pretrained=False, num_classes=cfg.num_classes)
+    model = create_timm_model(cfg)
     model = prompt_swin(model, PromptConfig(num_prompts=cfg.num_prompts, deep=cfg.deep, backend=backend))
     with torch.no_grad():  # random, not initial, prompts
         for p in model.vpt.prompts:

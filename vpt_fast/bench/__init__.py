@@ -17,6 +17,7 @@ from vpt_fast.bench.core import (
     build_model,
     check_model,
     count_flops,
+    create_timm_model,
     environment,
     flop_mapping,
     format_table,
@@ -33,6 +34,7 @@ from vpt_fast.bench.core import (
 
 __all__ = [
     "BenchConfig", "activation_memory", "autocast", "bench_backends", "build_model", "check_model", "count_flops",
-    "environment", "flop_mapping", "format_table", "in_fresh_process", "infer", "interleaved_times", "make_batch",
-    "probe_activation_memory", "run_bench", "saved_activation_bytes", "source_revision", "training_step",
+    "create_timm_model", "environment", "flop_mapping", "format_table", "in_fresh_process", "infer",
+    "interleaved_times", "make_batch", "probe_activation_memory", "run_bench", "saved_activation_bytes",
+    "source_revision", "training_step",
 ]

@@ -72,12 +72,18 @@ def flop_mapping() -> dict:
     }
 
 
+def create_timm_model(cfg: BenchConfig, **model_kwargs) -> torch.nn.Module:
+    """`cfg`'s unprompted timm model with random weights (not seeded here): `cfg.model_kwargs`,
+    `cfg.img_size` and `model_kwargs` become `timm.create_model` arguments."""
+    import timm
+    kwargs = dict(cfg.model_kwargs, **model_kwargs, **({} if cfg.img_size is None else {"img_size": cfg.img_size}))
+    return timm.create_model(cfg.model, pretrained=False, num_classes=cfg.num_classes, **kwargs)
+
+
 def build_model(cfg: BenchConfig, backend: str = "reference", recompute: Optional[str] = None) -> torch.nn.Module:
     """The prompted model of `cfg` with random weights (identical for every backend: seeded)."""
-    import timm
     torch.manual_seed(cfg.seed)
-    kwargs = dict(cfg.model_kwargs, **({} if cfg.img_size is None else {"img_size": cfg.img_size}))
-    model = timm.create_model(cfg.model, pretrained=False, num_classes=cfg.num_classes, **kwargs)
+    model = create_timm_model(cfg)
     prompt(model, num_prompts=cfg.num_prompts, deep=cfg.deep, backend=backend,
                     recompute=recompute or cfg.recompute)
     with torch.no_grad():  # random, not initial, prompts
@@ -92,12 +98,10 @@ def check_model(cfg: BenchConfig) -> None:
     one image: raises what building or running it would raise (unknown or unsupported model, image
     size the patch embedding or windows refuse, bad prompt settings) in about a second, before any
     measurement starts."""
-    import timm
-    kwargs = dict(cfg.model_kwargs, **({} if cfg.img_size is None else {"img_size": cfg.img_size}))
     # warnings about the model come once, from the real build; this throwaway copy keeps quiet
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = timm.create_model(cfg.model, pretrained=False, num_classes=cfg.num_classes, **kwargs)
+        model = create_timm_model(cfg)
         prompt(model, num_prompts=cfg.num_prompts, deep=cfg.deep, backend="reference")
         with torch.no_grad():
             model(torch.empty(1, 3, *_image_size(model)))

@@ -32,11 +32,10 @@ import warnings
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Optional
 
-import timm
 import torch
 import torch.nn.functional as F
 
-from vpt_fast.bench.core import BenchConfig, autocast, build_model, in_fresh_process, make_batch
+from vpt_fast.bench.core import BenchConfig, autocast, build_model, create_timm_model, in_fresh_process, make_batch
 
 MODEL_ALIASES = {
     "vit_t": "vit_tiny_patch16_224",
@@ -91,8 +90,7 @@ def build_method_model(cfg: BenchConfig, method: Method) -> torch.nn.Module:
     if method.kind not in ("full", "linear"):
         raise ValueError(f"method.kind must be 'full', 'linear' or 'vpt', got {method.kind!r}")
     torch.manual_seed(cfg.seed)
-    kwargs = {} if cfg.img_size is None else {"img_size": cfg.img_size}
-    model = timm.create_model(cfg.model, pretrained=False, num_classes=cfg.num_classes, **kwargs)
+    model = create_timm_model(cfg)
     if method.kind == "linear":
         model.requires_grad_(False)
         model.get_classifier().requires_grad_(True)

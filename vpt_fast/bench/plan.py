@@ -58,7 +58,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from vpt_fast.bench.core import BenchConfig, autocast
+from vpt_fast.bench.core import BenchConfig, autocast, create_timm_model
 from vpt_fast.bench.memory import Method, methods
 
 TRACE_BATCHES = (2, 4)
@@ -100,13 +100,10 @@ def build_meta_model(cfg: BenchConfig, method: Method, frozen_bf16: bool = False
                      model_kwargs: Optional[dict] = None) -> torch.nn.Module:
     """`method`'s model of `cfg` on the meta device: what `build_method_model` builds, without memory
     (`model_kwargs`: more keywords for `timm.create_model`, e.g. a smaller depth in tests)."""
-    import timm
-
     from vpt_fast.prompting import prompt
-    kwargs = dict(model_kwargs or {}, **({} if cfg.img_size is None else {"img_size": cfg.img_size}))
     with torch.device("meta"), _SkipInit(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the real build warns once; the planner's copies stay quiet
-        model = timm.create_model(cfg.model, pretrained=False, num_classes=cfg.num_classes, **kwargs)
+        model = create_timm_model(cfg, **(model_kwargs or {}))
         if method.kind == "vpt":
             prompt(model, num_prompts=cfg.num_prompts, deep=cfg.deep, backend=method.backend,
                    recompute=method.recompute)

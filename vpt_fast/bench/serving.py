@@ -12,7 +12,16 @@ from typing import Callable, Sequence
 import torch
 
 from vpt_fast.bank import PromptBank
-from vpt_fast.bench.core import BenchConfig, autocast, build_model, count_flops, infer, interleaved_times, make_batch
+from vpt_fast.bench.core import (
+    BenchConfig,
+    autocast,
+    build_model,
+    count_flops,
+    create_timm_model,
+    infer,
+    interleaved_times,
+    make_batch,
+)
 from vpt_fast.io import metadata, prompt_state_dict
 
 
@@ -35,12 +44,10 @@ def task_ids(batch: int, num_tasks: int, device) -> torch.Tensor:
 def run_inference_bench(cfg: BenchConfig, task_counts: Sequence[int] = (1, 8, 64),
                         log: Callable[[str], None] = print) -> list[dict]:
     """One row per method: img/s (median of interleaved rounds), GFLOP per batch, ratio to the bare backbone."""
-    import timm
     log(f"vpt-fast bench --inference: {cfg.model}, batch {cfg.batch}, {cfg.num_prompts} "
         f"{'deep' if cfg.deep else 'shallow'} prompts, {cfg.dtype}, {cfg.device}")
     torch.manual_seed(cfg.seed)
-    kwargs = {} if cfg.img_size is None else {"img_size": cfg.img_size}
-    bare = timm.create_model(cfg.model, pretrained=False, num_classes=cfg.num_classes, **kwargs).to(cfg.device).eval()
+    bare = create_timm_model(cfg).to(cfg.device).eval()
     bare.requires_grad_(False)  # served frozen, as the prompted models' backbone (a trainable SigLIP attention-pool
     # latent also broke FlopCounterMode's module tracker under inference_mode)
     eager = build_model(cfg, "reference").eval()
