@@ -13,6 +13,7 @@ within one run only (docs/design.md §6).
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import per_second
 
 from vpt_fast.backends import backend_module
 from vpt_fast.backends.flops import attention_flops
@@ -97,10 +98,7 @@ def _bench(benchmark, name, mode, prompts, fn):
     torch.cuda.reset_peak_memory_stats()
     benchmark.pedantic(timed, warmup_rounds=5, rounds=30, iterations=1)
     benchmark.extra_info["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
-    try:
-        benchmark.extra_info["tflops"] = FLOP[mode] / benchmark.stats.stats.median / 1e12
-    except AttributeError:
-        pass
+    benchmark.extra_info["tflops"] = per_second(benchmark, FLOP[mode] / 1e12)
 
 
 MODES = ["fwd", "fwd_bwd"]

@@ -28,7 +28,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import default_config, run_timed
+from conftest import default_config, per_second, run_timed
 from torch import Tensor, nn
 
 from vpt_fast.backends import backend_module
@@ -107,7 +107,7 @@ def time_checked(benchmark, cfg: BenchConfig, env_info: dict, method: str, mode:
     run_timed(benchmark, steps[method], cfg, rounds=ROUNDS)
     benchmark.extra_info.update(env_info)
     benchmark.extra_info.update(extra, method=method, mode=mode, max_abs_diff_vs_eager=diff,
-                                gb_per_s=extra["bytes"] / benchmark.stats.stats.median / 1e9)
+                                gb_per_s=per_second(benchmark, extra["bytes"] / 1e9))
 
 
 def _frozen_norm(dim: int, eps: float, device: str) -> nn.LayerNorm:

@@ -26,6 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from bench_layer_norm import METHODS, autocast_step, low_dtype, time_checked, vit_dims
+from conftest import per_second
 from timm.layers import Mlp
 from torch import Tensor, nn
 
@@ -72,7 +73,7 @@ def _bench(benchmark, cfg: BenchConfig, env_info: dict, method: str, mode: str) 
     time_checked(benchmark, cfg, env_info, method, mode, steps,
                  {"shape": "x".join(map(str, shape)), "hidden": hidden, "dtype": str(out_dtype).removeprefix("torch."),
                   "bytes": fwd_bytes + (bwd_bytes if mode == "fwd_bwd" else 0), "flops": flops})
-    benchmark.extra_info["tflop_per_s"] = flops / benchmark.stats.stats.median / 1e12
+    benchmark.extra_info["tflop_per_s"] = per_second(benchmark, flops / 1e12)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from conftest import default_config, run_timed
+from conftest import default_config, per_second, run_timed
 
 import vpt_fast
 from vpt_fast.backends import resolve_auto
@@ -55,7 +55,7 @@ def bench_training_step(benchmark, cfg, env_info, method):
     run_timed(benchmark, lambda: training_step(runner, x, y, cfg, optimizer), cfg)
     if cfg.device == "cuda":
         benchmark.extra_info["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
-    benchmark.extra_info["img_per_s"] = cfg.batch / benchmark.stats.stats.median
+    benchmark.extra_info["img_per_s"] = per_second(benchmark, cfg.batch)
     _extra(benchmark, cfg, env_info, method, model, x, y, optimizer)
 
 
@@ -69,6 +69,6 @@ def bench_inference(benchmark, cfg, env_info, method):
             return runner(x)
 
     run_timed(benchmark, infer, cfg)
-    benchmark.extra_info["img_per_s"] = cfg.batch / benchmark.stats.stats.median
+    benchmark.extra_info["img_per_s"] = per_second(benchmark, cfg.batch)
     benchmark.extra_info.update(env_info)
     benchmark.extra_info.update({"method": method, "model": cfg.model, "batch": cfg.batch})

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_timed
+from conftest import per_second, run_timed
 
 from vpt_fast.bench import build_model, count_flops, create_timm_model, infer, make_batch
 from vpt_fast.bench.serving import infer_bank, make_bank, task_ids
@@ -46,5 +46,5 @@ def bench_inference(benchmark, cfg, env_info, method):
     with torch.inference_mode():
         flops = count_flops(run)
     benchmark.extra_info.update({"method": method, "model": cfg.model, "batch": cfg.batch, "dtype": cfg.dtype,
-                                 "num_prompts": cfg.num_prompts, "img_per_s": cfg.batch / benchmark.stats.stats.median,
+                                 "num_prompts": cfg.num_prompts, "img_per_s": per_second(benchmark, cfg.batch),
                                  "flops": flops})

@@ -16,7 +16,7 @@ import os
 
 import pytest
 import torch
-from conftest import default_config, run_timed
+from conftest import default_config, per_second, run_timed
 
 import vpt_fast
 from vpt_fast.backends import resolve_auto
@@ -72,7 +72,7 @@ def bench_swin_training_step(benchmark, env_info, method):
     benchmark.extra_info.update({
         "method": method, "model": cfg.model, "batch": cfg.batch, "dtype": cfg.dtype,
         "num_prompts": cfg.num_prompts, "deep": cfg.deep,
-        "img_per_s": cfg.batch / benchmark.stats.stats.median,
+        "img_per_s": per_second(benchmark, cfg.batch),
         "train_flops": count_flops(lambda: training_step(model, x, y, cfg)),
         "saved_activation_bytes": saved_activation_bytes(model, x, cfg),
     })

@@ -40,6 +40,11 @@ def env_info() -> dict:
     return environment()
 
 
+def per_second(benchmark, amount: float) -> float | None:
+    """`amount` over the median time of one timed call; None under --benchmark-disable (nothing is timed)."""
+    return None if benchmark.stats is None else amount / benchmark.stats.stats.median
+
+
 def run_timed(benchmark, fn, cfg: BenchConfig, rounds: int | None = None):
     """pytest-benchmark with device synchronisation inside the timed call."""
     cuda = cfg.device.startswith("cuda")
