@@ -128,7 +128,8 @@ def write_json(path: str, record: dict) -> None:
     os.replace(tmp, path)
 
 
-def measure(method: str, cfg: BenchConfig, rounds: int, steps_per_round: int, warmup: int) -> dict:
+def measure(method: str, cfg: BenchConfig, rounds: int, steps_per_round: int, warmup: int,
+            flops: bool = True) -> dict:
     """Build, warm up and time one method in this process; returns its record (status "ok")."""
     backend, recompute, compiled = parse_method(method)
     cuda = cfg.device.startswith("cuda")
@@ -175,7 +176,7 @@ def measure(method: str, cfg: BenchConfig, rounds: int, steps_per_round: int, wa
     }
     print(f"[{method}] {record['img_per_s']:.1f} img/s, {median * 1e3:.2f} ms/step"
           + ("" if peak is None else f", peak {peak / 2**30:.2f} GiB"), flush=True)
-    if not compiled:  # FLOPs of the same model uncompiled; last, so a failure here keeps the timing
+    if flops and not compiled:  # FLOPs of the same model uncompiled; last, so a failure here keeps the timing
         try:
             record["train_gflops"] = count_flops(lambda: training_step(model, x, y, cfg)) / 1e9
         except Exception as exc:  # noqa: BLE001  (recorded, not fatal: the timing stands)
@@ -194,7 +195,7 @@ def run_one(args: argparse.Namespace, cfg: BenchConfig) -> int:
     try:
         record["env"] = full_environment()
         record.update(measure(args.one, cfg, 0 if args.warm else args.rounds, args.steps_per_round,
-                              min(args.warmup, 1) if args.warm else args.warmup))
+                              min(args.warmup, 1) if args.warm else args.warmup, flops=args.flops))
     except Exception as exc:  # noqa: BLE001  (every failure becomes a record)
         record.update(status="error", error=f"{type(exc).__name__}: {exc}",
                       traceback=traceback.format_exc()[-4000:])
@@ -210,7 +211,24 @@ def _child_command(args: argparse.Namespace, cfg: BenchConfig, method: str, scra
             "--dtype", cfg.dtype, "--device", cfg.device, "--model-kwargs", json.dumps(cfg.model_kwargs),
             "--rounds", str(args.rounds), "--steps-per-round", str(args.steps_per_round),
             "--warmup", str(args.warmup)] + (["--img-size", str(cfg.img_size)] if cfg.img_size else []) + (
-        ["--warm"] if args.warm else [])
+        ["--warm"] if args.warm else []) + ([] if args.flops else ["--no-flops"])
+
+
+_RUNNING: set = set()  # the children's process groups, killed with the parent (see _kill_children_on_term)
+
+
+def _kill_children_on_term() -> None:
+    """SIGTERM (run_gpu.sh's deadline) kills every child's process group too: each runs in its own
+    group, which the caller's `timeout` does not reach, and must not keep the GPU busy after the cut."""
+    def handler(signum, frame):
+        for pid in list(_RUNNING):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _run_child(cmd: list[str], timeout: float, tag: str = "") -> tuple[Optional[int], list[str]]:
@@ -218,6 +236,7 @@ def _run_child(cmd: list[str], timeout: float, tag: str = "") -> tuple[Optional[
     None on timeout, the output's tail)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             process_group=0)
+    _RUNNING.add(proc.pid)
     tail: collections.deque = collections.deque(maxlen=40)
 
     def pump():
@@ -233,6 +252,7 @@ def _run_child(cmd: list[str], timeout: float, tag: str = "") -> tuple[Optional[
         os.killpg(proc.pid, signal.SIGKILL)  # the child and the compile workers it started
         proc.wait()
         code = None
+    _RUNNING.discard(proc.pid)
     reader.join(timeout=5)
     return code, list(tail)
 
@@ -251,15 +271,28 @@ def run_all(args: argparse.Namespace, cfg: BenchConfig) -> int:
     """Parent: each method in its own process, in order, until the deadline; the records go to
     `args.out` (rewritten after each), the table to stdout."""
     start = time.perf_counter()
+    if args.deadline_at is not None:  # an absolute deadline (epoch seconds) does not lose our start-up time
+        args.deadline_s = args.deadline_at - time.time()
+    _kill_children_on_term()
     scratch = tempfile.mkdtemp(prefix="vpt_headline_")  # the children's records: never more files in $OUT
     prior = []
-    if args.fastest_from:
+    if args.fastest_from and os.path.exists(args.fastest_from):
         with open(args.fastest_from) as f:
             prior = json.load(f).get("records", [])
+    elif args.fastest_from:
+        print(f"--fastest-from {args.fastest_from}: no such file; 'fastest' is chosen from this run", flush=True)
+    command = " ".join([os.path.relpath(__file__)] + sys.argv[1:])
     report = {"kind": "warm" if args.warm else "headline", "setting": args.setting, "dry_run": DRY_RUN,
-              "config": asdict(cfg), "command": " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
-              "records": []}
+              "config": asdict(cfg), "command": command, "records": []}
     results: dict[str, dict] = {}
+    if args.append and os.path.exists(args.out):  # a later run of the same setting adds its methods
+        with open(args.out) as f:
+            report = json.load(f)
+        if report.get("config") != asdict(cfg):
+            raise SystemExit(f"--append: {args.out} holds another setting ({report.get('config')})")
+        report["command"] += f"; then {command}"
+        results = {r["method"]: r for r in report["records"]}
+        prior += report["records"]
     requests = [m for m in args.methods.split(",") if m]
     for requested in requests:  # a typo fails here, before any time is spent
         parse_method(requested.replace("fastest", "triton", 1) if requested.startswith("fastest") else requested)
@@ -398,8 +431,29 @@ def _ratio(report: Optional[dict], select: Callable[[dict], bool], base_method: 
     return best[key] / base[key], best["method"]
 
 
+EXPECTED_CHECKS = {"attention": 4, "determinism": 2, "model": 1}  # per backend, gpu_smoke.py's checks
+CHECK_GOALS = {"attention": "FlashAttention's 2x rule, bf16/fp16, ViT-B and Swin-B stage 0",
+               "determinism": "bitwise-equal gradients over reruns",
+               "model": "ViT-S/16 logits and gradients vs reference"}
+
+
+def check_verdict(smokes: list[dict], backend: str, check: str) -> tuple[int, str]:
+    """(records found, verdict) of one backend's kernel check: met only when every expected check ran ok."""
+    runs = [r for s in smokes for r in s.get("records", []) if r.get("backend") == backend and r.get("check") == check]
+    ok = sum(r.get("status") == "ok" for r in runs)
+    statuses = sorted({r.get("status") for r in runs} - {"ok"})
+    if ok == EXPECTED_CHECKS[check] and not statuses:
+        return len(runs), "met"
+    if "fail" in statuses or "error" in statuses:
+        return len(runs), "missed (" + ", ".join(statuses) + ")"
+    if not ok:
+        return len(runs), "not measured"
+    return len(runs), f"incomplete: {ok} of {EXPECTED_CHECKS[check]} ran ok"
+
+
 def format_targets(headline: Optional[dict], swin: Optional[dict], smokes: list[dict]) -> str:
-    """The acceptance targets with the ratio each run measured, met or missed (or not measured)."""
+    """The acceptance targets with the ratio each run measured, met or missed (or not measured); a
+    speed or memory row whose backend did not pass all its kernel checks says so."""
     def fast(r):
         return r.get("backend") in ("triton", "cuda") and r.get("recompute") == "none" and not r.get("compile")
 
@@ -412,21 +466,22 @@ def format_targets(headline: Optional[dict], swin: Optional[dict], smokes: list[
          _ratio(headline, fast, "eager", "peak_memory_bytes"), lambda v: v <= 0.6),
         ("ViT-B/16 peak memory, recompute=\"block\" / eager", "<= 0.15",
          _ratio(headline, lambda r: r.get("recompute") == "block", "eager", "peak_memory_bytes"), lambda v: v <= 0.15),
-        ("Swin-B step, fastest backend / eager", ">= 1.5", _ratio(swin, fast, "eager"), lambda v: v >= 1.5),
+        ("Swin-B step, the ViT-B run's fastest backend / eager", ">= 1.5", _ratio(swin, fast, "eager"),
+         lambda v: v >= 1.5),
     ]
     lines = ["| target | goal | measured | method | verdict |", "|---|---|---:|---|---|"]
     for name, goal, (value, method), met in rows:
         verdict = "not measured" if value is None else ("met" if met(value) else "missed")
+        backend = (method or "").split("_")[0]
+        if value is not None and smokes and backend in ("triton", "cuda") and any(
+                check_verdict(smokes, backend, check)[1] != "met" for check in EXPECTED_CHECKS):
+            verdict += f" ({backend} did not pass all its kernel checks)"
         lines.append(f"| {name} | {goal} | {_num(value, '.3f')} | {method or '-'} | {verdict} |")
-    cuda = [r for s in smokes for r in s.get("records", []) if r.get("backend") == "cuda"]
-    for check, goal in (("attention", "FlashAttention's 2x rule, bf16/fp16, ViT-B and Swin-B stage 0"),
-                        ("determinism", "bitwise-equal gradients over reruns"),
-                        ("model", "ViT-S/16 logits and gradients vs reference")):
-        runs = [r for r in cuda if r.get("check") == check]
-        statuses = sorted({r.get("status") for r in runs})
-        verdict = "not measured" if not runs or statuses == ["skipped"] else (
-            "met" if statuses == ["ok"] else "missed (" + ", ".join(statuses) + ")")
-        lines.append(f"| CUDA kernels: {check} | {goal} | {len(runs)} checks | cuda | {verdict} |")
+    for backend in ("cuda", "triton"):
+        for check, goal in CHECK_GOALS.items():
+            found, verdict = check_verdict(smokes, backend, check)
+            lines.append(f"| {'CUDA' if backend == 'cuda' else 'Triton'} kernels: {check} | {goal} "
+                         f"| {found} checks | {backend} | {verdict} |")
     return "\n".join(lines)
 
 
@@ -438,13 +493,20 @@ def _load(path: str) -> Optional[dict]:
 
 
 def summarize(directory: str) -> str:
-    """The README of one acceptance call's files in `directory` (smoke_*.json, warm.json,
+    """The README of one acceptance call's files in `directory` (smoke_*.json, warm*.json,
     headline.json, swin.json): environment, commands, targets, tables."""
-    smokes = [s for s in (_load(os.path.join(directory, f"smoke_{n}.json")) for n in ("triton", "cuda", "time")) if s]
-    headline, swin, warm = (_load(os.path.join(directory, f"{n}.json")) for n in ("headline", "swin", "warm"))
-    runs = [r for r in (headline, swin, warm) if r]
-    env = next((r["env"] for run in runs for r in run.get("records", []) if r.get("env")), None) or next(
-        (s["env"] for s in smokes if s.get("env")), {})
+    smoke_triton, smoke_cuda, smoke_time = (_load(os.path.join(directory, f"smoke_{n}.json"))
+                                            for n in ("triton", "cuda", "time"))
+    smokes = [s for s in (smoke_triton, smoke_cuda, smoke_time) if s]
+    headline, swin, warm, warm_cuda = (_load(os.path.join(directory, f"{n}.json"))
+                                       for n in ("headline", "swin", "warm", "warm_cuda"))
+    runs = [r for r in (headline, swin, warm, warm_cuda) if r]
+    # the environment as measured after the extension's build (warm and the triton checks run beside it)
+    envs = [r.get("env") for run in (headline, swin) if run for r in run.get("records", [])] + [
+        s.get("env") for s in (smoke_cuda, smoke_time)
+        if s] + [r.get("env") for run in (warm_cuda, warm) if run for r in run.get("records", [])] + [
+        (smoke_triton or {}).get("env")]
+    env = next((e for e in envs if e), {})
     out = [f"# GPU acceptance call: {env.get('device', 'unknown device')}", "",
            f"Environment: {_env_line(env)}.", ""]
     git = env.get("git") or {}
@@ -457,16 +519,18 @@ def summarize(directory: str) -> str:
     out += ["Commands (`bash benchmarks/run_gpu.sh acceptance` ran them in this order; all ratios below are "
             "from this one call):", ""]
     out += [f"- `{s['command']}`" for s in smokes if s.get("command")]
-    out += [f"- `{r['command']}`" for r in (warm, headline, swin) if r and r.get("command")]
+    out += [f"- `{r['command']}`" for r in (warm, warm_cuda, headline, swin) if r and r.get("command")]
     out += ["", "## Targets", "", format_targets(headline, swin, smokes)]
     if smokes:
         out += ["", "## Kernel checks (benchmarks/gpu_smoke.py)"]
     for smoke in smokes:
         out += ["", f"Backends {smoke.get('backends')}, {smoke.get('seconds', '-')} s:", "", format_smoke(smoke)]
+    warm_title = ("## Compile caches filled before the timed methods (setup s: compiled beside the build, the "
+                  "kernel checks and each other, so longer than one compile alone)")
     for title, run in (("## ViT-B/16 training step", headline), ("## Swin-B training step", swin),
-                       ("## Compile caches filled before the timed methods", warm)):
+                       (warm_title, warm), ("", warm_cuda)):
         if run:
-            out += ["", title, "", format_table(run)]
+            out += ["", title or warm_title, "", format_table(run)]
     return "\n".join(out) + "\n"
 
 
@@ -492,6 +556,11 @@ def main() -> int:
     parser.add_argument("--steps-per-round", type=int, default=1 if DRY_RUN else 5)
     parser.add_argument("--warmup", type=int, default=1 if DRY_RUN else 3, help="steps after the first, untimed")
     parser.add_argument("--deadline-s", type=float, default=540.0, help="no method starts past this many seconds")
+    parser.add_argument("--deadline-at", type=float, help="instead: no method starts past this time (epoch seconds)")
+    parser.add_argument("--append", action="store_true",
+                        help="add this run's methods to --out's records (same setting; ratios within one call)")
+    parser.add_argument("--no-flops", dest="flops", action="store_false",
+                        help="skip the FLOP count per uncompiled method (exact and device-independent; ~5 s each)")
     parser.add_argument("--method-timeout-s", type=float, default=180.0)
     parser.add_argument("--compile-timeout-s", type=float, default=300.0)
     parser.add_argument("--min-method-s", type=float, default=30.0, help="skip a method with less time left")

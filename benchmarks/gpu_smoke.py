@@ -19,9 +19,12 @@ short keeps what was measured):
   relative, bf16 autocast by the rule above (plus one bf16 ulp at the tensor's scale).
 - `--time`: forward + backward of the attention at both shapes in bf16, per backend and for
   PyTorch's SDPA (its default choice, and cuDNN alone) on the concatenated keys, median ms.
-A check that would start after `--deadline-s` is recorded as skipped; a backend that cannot run
-here is recorded as an error. Exit status 3 when a check raised (or a backend cannot run), else 1
-when a check failed, else 0: run_gpu.sh leaves a backend out of the timed pieces on 3, not on 1.
+Every planned check is in the file from the start as "pending"; a check that would start after
+`--deadline-s` is recorded as skipped; a backend that cannot run here is recorded as an error, and
+after a sticky CUDA error the remaining checks as "not run". Exit status 3 when a check raised (or
+anything else did), else 1 when a check failed, was skipped or stayed pending, else 0.
+`--verdict FILE BACKEND` says whether run_gpu.sh times BACKEND: its attention ran right at least
+once and nothing raised (a backend that missed a bound is timed, and reported failing).
 
 VPT_GPU_DRY_RUN=1: tiny shapes and a 2-block ViT-Tiny on the CPU (the triton backend under
 TRITON_INTERPRET=1, the cuda backend's C++ CPU twin): every code path of a GPU call, in seconds.
@@ -29,6 +32,7 @@ TRITON_INTERPRET=1, the cuda backend's C++ CPU twin): every code path of a GPU c
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -166,8 +170,11 @@ def time_attention(backends: list[str], shape, device: str, iters: int) -> dict:
     timings = {}
     for backend in backends:
         impl = backend_module(backend)
-        timings[backend] = median_ms(lambda impl=impl: run_backend(impl, q, k, v, pk, pv, bias, dout, scale),
-                                     device, iters)
+        try:
+            timings[backend] = median_ms(lambda impl=impl: run_backend(impl, q, k, v, pk, pv, bias, dout, scale),
+                                         device, iters)
+        except Exception as exc:  # noqa: BLE001  (the other backends' times still count)
+            timings[backend] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     B, H, N, P = shape[:4]
     joint_k = torch.cat([pk.expand(B, -1, -1, -1), k], 2).detach().requires_grad_()
     joint_v = torch.cat([pv.expand(B, -1, -1, -1), v], 2).detach().requires_grad_()
@@ -193,13 +200,21 @@ def time_attention(backends: list[str], shape, device: str, iters: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="JSON file (rewritten after every check)")
+    parser.add_argument("--out", help="JSON file (rewritten after every check)")
+    parser.add_argument("--verdict", nargs=2, metavar=("FILE", "BACKEND"),
+                        help="exit 0 when BACKEND may be timed after the checks in FILE, else 1 (says why)")
     parser.add_argument("--backends", default="triton,cuda")
     parser.add_argument("--time", action="store_true", help="time the attention (the GPU must be quiet)")
     parser.add_argument("--no-checks", dest="checks", action="store_false", help="no correctness checks")
     parser.add_argument("--iters", type=int, default=20 if not DRY_RUN else 2)
     parser.add_argument("--deadline-s", type=float, default=90.0, help="no check starts after this many seconds")
     args = parser.parse_args()
+    if args.verdict:
+        usable, why = verdict(*args.verdict)
+        print(f"{args.verdict[1]}: {'timed' if usable else 'not timed'} ({why})", flush=True)
+        return 0 if usable else 1
+    if not args.out:
+        parser.error("--out is required")
     device = "cpu" if DRY_RUN else "cuda"
     if not DRY_RUN and not torch.cuda.is_available():
         parser.error("no CUDA device (VPT_GPU_DRY_RUN=1 runs the CPU dry run)")
@@ -232,30 +247,61 @@ def main() -> int:
         for name, shape in shapes.items():
             checks.append((dict(check="time", shape=name, dtype="bfloat16"),
                            lambda shape=shape: time_attention(backends, shape, device, args.iters)))
-    for record in report["records"]:
+    # every planned check is in the file from the start: a piece cut short leaves "pending", not nothing
+    report["records"] += [dict(label, status="pending") for label, _ in checks]
+    write_json(args.out, report)
+    for record in report["records"][:len(unavailable)]:
         print(f"[smoke] {summary_line(record)}", flush=True)
-    for label, run in checks:
+    poisoned = None  # the check after which the CUDA context is unusable (a sticky kernel error)
+    for record, (_, run) in zip(report["records"][len(unavailable):], checks):
         elapsed = time.perf_counter() - start
-        record = dict(label)
-        if elapsed > args.deadline_s:
+        if poisoned:
+            record.update(status="error", error=f"not run: the CUDA context is unusable after {poisoned}")
+        elif elapsed > args.deadline_s:
             record.update(status="skipped", error=f"{elapsed:.0f} s into the piece, past --deadline-s")
         else:
             t0 = time.perf_counter()
             try:
                 record.update(run())
+                if device == "cuda":
+                    torch.cuda.empty_cache()
             except Exception as exc:  # noqa: BLE001  (every failure becomes a record)
                 record.update(status="error", error=f"{type(exc).__name__}: {exc}"[:2000],
                               traceback=traceback.format_exc()[-3000:])
+                if device == "cuda" and not cuda_usable():
+                    poisoned = summary_line(record).split(":")[0]
             record["seconds"] = round(time.perf_counter() - t0, 2)
-            if device == "cuda":
-                torch.cuda.empty_cache()
-        report["records"].append(record)
         write_json(args.out, report)
         print(f"[smoke] {summary_line(record)}", flush=True)
     report["seconds"] = round(time.perf_counter() - start, 1)
     write_json(args.out, report)
     statuses = {r["status"] for r in report["records"]}
-    return 3 if "error" in statuses else 1 if "fail" in statuses else 0
+    return 3 if "error" in statuses else 1 if statuses - {"ok"} else 0
+
+
+def cuda_usable() -> bool:
+    """False after a sticky CUDA error (illegal address, device assert): every later call fails."""
+    try:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        return True
+    except Exception:  # noqa: BLE001  (any failure means unusable)
+        return False
+
+
+def verdict(path: str, backend: str) -> tuple[bool, str]:
+    """Whether `backend` may be timed after the checks in `path`: its attention ran right at least
+    once and nothing raised. A backend that ran but missed a bound is timed (and reported failing)."""
+    if not os.path.exists(path):
+        return False, f"{path} was not written (the checks died before their first record)"
+    with open(path) as f:
+        records = [r for r in json.load(f)["records"] if r.get("backend") == backend]
+    errors = [summary_line(r) for r in records if r["status"] == "error"]
+    if errors:
+        return False, f"{len(errors)} check(s) raised, first: {errors[0]}"
+    if not any(r["check"] == "attention" and r["status"] == "ok" for r in records):
+        return False, "no attention check passed"
+    return True, f"{sum(r['status'] == 'ok' for r in records)} of {len(records)} checks ok"
 
 
 def summary_line(record: dict) -> str:
@@ -277,4 +323,8 @@ def summary_line(record: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except Exception:  # noqa: BLE001  (an unexpected failure must not read as "a bound was missed")
+        traceback.print_exc()
+        sys.exit(3)

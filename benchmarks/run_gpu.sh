@@ -13,22 +13,25 @@
 #      package in one rename when linked. Beside the build, where it costs no wall time:
 #      smoke_triton.json (the triton backend's kernel checks, benchmarks/gpu_smoke.py) and
 #      warm.json (torch.compile of eager and triton at the headline's shapes, filling the on-disk
-#      compile caches the timed compiled methods then load; their cold compile times).
+#      compile caches the timed compiled methods then load; their cold compile times); once the
+#      extension is built, warm_cuda.json (the same for cuda).
 #   1. smoke_cuda.json: the C++/CUDA kernels' first run: FlashAttention's 2x rule, bitwise-equal
-#      prompt gradients over reruns, a ViT-S/16 model against `reference`;
-#      smoke_time.json: attention forward + backward time, triton, cuda and SDPA (GPU quiet from here on).
-#   2. headline.json: ViT-B/16 training step: eager, triton, cuda, fastest with recompute="block",
-#      eager under torch.compile, fastest under torch.compile (benchmarks/gpu_headline.py).
-#   3. swin.json: Swin-B training step, eager and the headline's fastest backend, if time is left.
+#      prompt gradients over reruns, a ViT-S/16 model against `reference`. A backend whose checks
+#      raised or never passed an attention check is not timed (gpu_smoke.py --verdict).
+#      smoke_time.json: attention time, the timed backends and SDPA (the GPU is quiet from here on).
+#   2. headline.json: ViT-B/16 training step: eager, the timed backends, fastest with
+#      recompute="block" (benchmarks/gpu_headline.py);
+#   3. swin.json: Swin-B training step, eager and the headline's fastest backend, if >= 60 s are left;
+#   4. headline.json again: eager and the fastest under torch.compile, appended (ratios within one call).
 # Then call.log (this whole output) ends with the results README
-# (`python benchmarks/gpu_headline.py --summarize DIR` makes it again from the files).
+# (`python benchmarks/gpu_headline.py --summarize DIR` makes it again from the files). 8 files.
 #
 # Other steps (a rerun's tools; each installs with the extension first, as the README says):
 #   tests    the extension's GPU tests (own process), then all GPU tests
 #   swin     Swin-B training step, attention and window-op microbenchmarks, ViT-B inference
 #   profile  per-kernel time of a ViT-B and a Swin-B training step
 #   ops      serving (PromptBank, cached prompt K/V), LayerNorm, add + LayerNorm, bias + GELU benchmarks
-#   headline the ViT-B/16 headline alone (HEADLINE_ARGS: more gpu_headline.py arguments)
+#   headline the ViT-B/16 headline alone, every method in one run (HEADLINE_ARGS: more arguments)
 #
 # Files under $RESULTS_DIR ($OUT when set, else benchmarks/results/<device>).
 # Env: DEADLINE_S (nothing starts after this many seconds of the call and running pieces are cut
@@ -60,6 +63,9 @@ for step in "${steps[@]}"; do
   esac
 done
 if [[ "${steps[0]}" == acceptance ]]; then DEADLINE_S=${DEADLINE_S:-450}; else DEADLINE_S=${DEADLINE_S:-560}; fi
+# torch.compile's AOTAutograd cache skips graphs with custom autograd.Functions (vpt_fast's ops) unless
+# told their code cannot change between runs, which holds within one call: the warm-up then serves it
+[[ "${steps[0]}" != acceptance ]] || export TORCHINDUCTOR_AUTOGRAD_CACHE_ALLOW_CUSTOM_AUTOGRAD=1
 if [[ "$DRY_RUN" == 1 ]]; then
   [[ "${steps[0]}" == acceptance && -n "${OUT:-}" ]] || {
     echo "run_gpu.sh: VPT_GPU_DRY_RUN=1 runs 'acceptance' only, into \$OUT" >&2; exit 2; }
@@ -71,6 +77,7 @@ device=$($PYTHON -c "import torch; print(torch.cuda.get_device_name() if torch.c
 RESULTS_DIR=${RESULTS_DIR:-${OUT:-benchmarks/results/$device}}
 mkdir -p "$RESULTS_DIR"
 exec > >(tee -a "$RESULTS_DIR/call.log") 2>&1
+tee_pid=$!
 
 log() { printf '\n=== %s (%ds into the call) ===\n' "$*" $(( $(date +%s) - script_start )); }
 left() { echo $(( DEADLINE_S - ($(date +%s) - script_start) )); }
@@ -114,10 +121,15 @@ fi
 if [[ "${SKIP_INSTALL:-0}" != "1" && "${steps[0]}" == acceptance ]]; then
   log "install without the extension: VPT_FAST_NO_EXT=1 pip install --no-deps --no-build-isolation -e . (it is built next, in the background)"
   start=$(date +%s)
-  VPT_FAST_NO_EXT=1 $PYTHON -m pip install --no-deps --no-build-isolation -e . 2>&1 | tail -n 5
+  VPT_FAST_NO_EXT=1 PIP_BREAK_SYSTEM_PACKAGES=1 $PYTHON -m pip install --no-deps --no-build-isolation -e . 2>&1 \
+    | tail -n 5
   rc=${PIPESTATUS[0]}
   echo "install: exit status $rc, $(( $(date +%s) - start ))s"
   keep "$rc"
+  if ! (cd /tmp && $PYTHON -c "import vpt_fast.kernels, vpt_fast.backends"); then
+    echo "run_gpu.sh: vpt_fast does not import after the install: nothing else can run; stopping" >&2
+    exit 1
+  fi
 elif [[ "${SKIP_INSTALL:-0}" != "1" ]]; then
   log "install: pip install --no-deps --no-build-isolation -e . (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-the setup.py default}, MAX_JOBS=$MAX_JOBS)"
   start=$(date +%s)
@@ -128,6 +140,7 @@ elif [[ "${SKIP_INSTALL:-0}" != "1" ]]; then
 fi
 
 log "versions"
+echo "nvcc: $(nvcc --version 2>/dev/null | tail -n 1 || echo none); ninja: $(ninja --version 2>/dev/null || echo none); nproc: $(nproc)"
 $PYTHON - <<'PY'
 import json
 import sys
@@ -151,6 +164,9 @@ build_extension() {
     so=$(ls "$dir"/lib/vpt_fast/_C*.so) && cp "$so" "vpt_fast/.$(basename "$so").part" \
       && mv -f "vpt_fast/.$(basename "$so").part" "vpt_fast/$(basename "$so")" || rc=1
   fi
+  if (( rc != 0 )); then  # the first compiler errors, which the tail's setuptools traceback scrolls away
+    grep -n -m 20 -B 2 -A 8 -E "error|Error" "$dir/build.log" | head -n 150
+  fi
   tail -n 25 "$dir/build.log"
   echo "build: exit status $rc, $(( $(date +%s) - start ))s"
   return "$rc"
@@ -168,8 +184,8 @@ wait_for() {
   last_rc=$rc
 }
 
-# broken RC: a kernel-check exit status that means the backend raised or hung
-broken() { (( $1 == 3 || $1 == 124 || $1 == 137 )); }
+# timed_ok BACKEND FILE: whether BACKEND's kernel checks in FILE allow timing it (gpu_smoke.py --verdict)
+timed_ok() { $PYTHON benchmarks/gpu_smoke.py --verdict "$2" "$1"; }
 
 # run_benches NAME:FILE[:K]...: each benchmarks/FILE.py into NAME.json (skipped when BENCH_FILES omits NAME)
 run_benches() {
@@ -191,7 +207,7 @@ run_benches() {
 for step in "${steps[@]}"; do
   case $step in
     acceptance)
-      build_pid="" smoke_pid="" warm_pid=""
+      build_pid="" smoke_pid="" warm_pid="" warm_cuda_pid=""
       if [[ "${SKIP_INSTALL:-0}" == 1 ]]; then
         log "no build: the installed checkout and its extension$([[ $DRY_RUN == 1 ]] && echo " (dry run: tiny shapes on the CPU)")"
       else
@@ -205,35 +221,52 @@ for step in "${steps[@]}"; do
         smoke_pid=$!
       fi
       if want warm; then
-        MAX_S=240 run_until "warm.json: compile caches for the compiled methods (beside the build)" - \
+        MAX_S=240 TORCHINDUCTOR_COMPILE_THREADS=8 run_until \
+          "warm.json: compile caches for the compiled methods (beside the build)" - \
           $PYTHON benchmarks/gpu_headline.py --warm --methods eager_compile,triton_compile \
           --out "$RESULTS_DIR/warm.json" --deadline-s 180 --min-method-s 20 &
         warm_pid=$!
       fi
-      [[ -z "$build_pid" ]] || wait_for build "$build_pid"
-      # a backend whose checks raised or hung (exit status 3, 124, 137) is left out of the timed pieces;
-      # one that ran but missed a bound is timed, and the README says it failed
-      timed=(triton cuda)
+      built=1
+      [[ -z "$build_pid" ]] || { wait_for build "$build_pid"; (( last_rc == 0 )) || built=0; }
+      if want warm && (( built )); then  # cuda's compiled graph differs only in its attention op
+        MAX_S=200 TORCHINDUCTOR_COMPILE_THREADS=8 run_until "warm_cuda.json: compile cache for cuda_compile" - \
+          $PYTHON benchmarks/gpu_headline.py --warm --methods cuda_compile --out "$RESULTS_DIR/warm_cuda.json" \
+          --deadline-s 150 --min-method-s 20 &
+        warm_cuda_pid=$!
+      fi
+      # a backend is timed when its attention ran right at least once and no check raised (one that
+      # missed a bound is timed, and the README says it failed); none: the torch backend is timed
+      timed=()
       if want smoke; then
         MAX_S=120 run_until "smoke_cuda.json: the C++/CUDA kernels' checks" - \
           $PYTHON benchmarks/gpu_smoke.py --backends cuda --out "$RESULTS_DIR/smoke_cuda.json" --deadline-s 60
-        broken "$?" && timed=("${timed[@]/cuda/}")
         wait_for smoke_triton "$smoke_pid"
-        broken "$last_rc" && timed=("${timed[@]/triton/}")
+        ! timed_ok triton "$RESULTS_DIR/smoke_triton.json" || timed+=(triton)
+        ! timed_ok cuda "$RESULTS_DIR/smoke_cuda.json" || timed+=(cuda)
+      else
+        timed=(triton cuda)
       fi
       [[ -z "$warm_pid" ]] || wait_for warm "$warm_pid"
-      timed=($(echo "${timed[@]}"))
+      [[ -z "${warm_cuda_pid:-}" ]] || wait_for warm_cuda "$warm_cuda_pid"
       (( ${#timed[@]} )) || { timed=(torch); echo "no GPU backend passed its checks: timing the torch backend"; }
-      methods="eager,$(IFS=,; echo "${timed[*]}"),fastest_block,eager_compile,fastest_compile"
+      backends=$(IFS=,; echo "${timed[*]}")
+      deadline_at=$(( script_start + DEADLINE_S - 10 ))
       ! want time || MAX_S=90 run_until "smoke_time.json: attention time (the GPU is quiet from here on)" - \
-        $PYTHON benchmarks/gpu_smoke.py --backends "$(IFS=,; echo "${timed[*]}")" --no-checks --time \
+        $PYTHON benchmarks/gpu_smoke.py --backends "$backends" --no-checks --time \
         --out "$RESULTS_DIR/smoke_time.json"
-      ! want headline || run_until "headline.json: ViT-B/16 training step ($methods)" - \
-        $PYTHON benchmarks/gpu_headline.py --methods "$methods" --out "$RESULTS_DIR/headline.json" \
-        --deadline-s "$(( $(left) - 10 ))"
-      ! want swin || MIN_LEFT=60 run_until "swin.json: Swin-B training step, if time is left" - \
-        $PYTHON benchmarks/gpu_headline.py --setting swin_b --methods eager,fastest \
-        --fastest-from "$RESULTS_DIR/headline.json" --out "$RESULTS_DIR/swin.json" --deadline-s "$(( $(left) - 10 ))"
+      # uncompiled ViT-B, then Swin-B, then the compiled ViT-B methods (the least predictable in time)
+      # appended to the same headline.json: every ratio is within this call
+      ! want headline || run_until "headline.json: ViT-B/16 training step (eager,$backends,fastest_block)" - \
+        $PYTHON benchmarks/gpu_headline.py --methods "eager,$backends,fastest_block" --no-flops \
+        --out "$RESULTS_DIR/headline.json" --deadline-at "$deadline_at"
+      ! want swin || MIN_LEFT=60 MAX_S=120 run_until "swin.json: Swin-B training step (eager, the fastest)" - \
+        $PYTHON benchmarks/gpu_headline.py --setting swin_b --methods "eager,fastest" --no-flops \
+        --fastest-from "$RESULTS_DIR/headline.json" --out "$RESULTS_DIR/swin.json" --deadline-at "$deadline_at"
+      ! want headline || run_until "headline.json: ViT-B/16 under torch.compile (eager, the fastest)" - \
+        $PYTHON benchmarks/gpu_headline.py --methods "eager_compile,fastest_compile" --append \
+        --out "$RESULTS_DIR/headline.json" --deadline-at "$deadline_at"
+      rm -f "$RESULTS_DIR"/*.tmp  # a record cut mid-write: at most 8 files come back
       log "results README (python benchmarks/gpu_headline.py --summarize DIR)"
       $PYTHON benchmarks/gpu_headline.py --summarize "$RESULTS_DIR"
       ;;
@@ -272,4 +305,6 @@ done
 
 log "done: exit status $status; files in $RESULTS_DIR"
 ls -la "$RESULTS_DIR"
+exec >&- 2>&-  # let tee write the last lines of call.log before the call ends
+wait "$tee_pid" 2>/dev/null
 exit "$status"

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import gpu_headline  # noqa: E402
 
 CALL_FILES = {"call.log", "smoke_triton.json", "smoke_cuda.json", "smoke_time.json", "warm.json",
-              "headline.json", "swin.json"}
+              "warm_cuda.json", "headline.json", "swin.json"}
 
 
 def _env(tmp_path, **extra) -> dict:
@@ -45,7 +45,7 @@ def test_dry_run_of_the_acceptance_call(tmp_path):
     log = (out / "call.log").read_text() if (out / "call.log").exists() else run.stdout + run.stderr
     assert run.returncode == 0, log[-6000:]
     # what the device returns: at most 8 files, none in a folder
-    assert {p.name for p in out.iterdir()} == CALL_FILES
+    assert {p.name for p in out.iterdir()} == CALL_FILES and len(CALL_FILES) <= 8
     assert all(p.is_file() for p in out.iterdir())
 
     for name, backend in (("smoke_triton", "triton"), ("smoke_cuda", "cuda")):
@@ -63,11 +63,13 @@ def test_dry_run_of_the_acceptance_call(tmp_path):
 
     warm = _load(out / "warm.json")
     assert warm["kind"] == "warm" and [r["method"] for r in warm["records"]] == ["eager_compile", "triton_compile"]
+    assert [r["method"] for r in _load(out / "warm_cuda.json")["records"]] == ["cuda_compile"]
     headline = _load(out / "headline.json")
     methods = [r["method"] for r in headline["records"]]
     fastest = gpu_headline.fastest_backend(headline["records"], "cpu")
     assert fastest in ("triton", "cuda")
     assert methods == ["eager", "triton", "cuda", f"{fastest}_block", "eager_compile", f"{fastest}_compile"]
+    assert headline["command"].count("gpu_headline.py") == 2  # the compiled methods appended to the same run
     swin = _load(out / "swin.json")
     assert [r["method"] for r in swin["records"]] == ["eager", fastest]
     for run_ in (warm, headline, swin):
@@ -79,6 +81,8 @@ def test_dry_run_of_the_acceptance_call(tmp_path):
     readme = gpu_headline.summarize(str(out))
     assert "**Dry run**" in readme and "| ViT-B/16 step, fastest backend / eager | >= 1.5 |" in readme
     assert "| CUDA kernels: determinism | bitwise-equal gradients over reruns | 2 checks | cuda | met |" in readme
+    assert "| Triton kernels: model | ViT-S/16 logits and gradients vs reference | 1 checks | triton | met |" in readme
+    assert "triton: timed (7 of 7 checks ok)" in log and "cuda: timed (7 of 7 checks ok)" in log
     assert readme.strip() in log  # the call prints its README last
 
 
@@ -90,6 +94,9 @@ case " $* " in
   " - ") cat > /dev/null; echo '{"versions": "fake"}'; exit 0 ;;
   *"gpu_smoke.py --backends triton --out"*) echo "fake triton checks"; exit "$FAKE_TRITON_RC" ;;
   *"gpu_smoke.py --backends cuda --out"*) echo "fake cuda checks"; exit "$FAKE_CUDA_RC" ;;
+  # the verdict: a backend whose checks only missed a bound (1) is timed; one that raised or hung is not
+  *"gpu_smoke.py --verdict "*" triton "*) (( FAKE_TRITON_RC <= 1 )); exit ;;
+  *"gpu_smoke.py --verdict "*" cuda "*) (( FAKE_CUDA_RC <= 1 )); exit ;;
   *"gpu_headline.py --summarize"*) ;;
   *gpu_smoke.py* | *gpu_headline.py*) echo "fake: $*"; exit 0 ;;
 esac
@@ -111,8 +118,8 @@ def test_acceptance_call_past_its_deadline_runs_nothing_and_says_so(tmp_path):
                            REAL_PYTHON=sys.executable))
     log = (out / "call.log").read_text()
     assert run.returncode == 75, log  # a piece that did not run must not read as a pass
-    for piece in ("smoke_triton.json", "warm.json", "smoke_cuda.json", "smoke_time.json", "headline.json",
-                  "swin.json"):
+    for piece in ("smoke_triton.json", "warm.json", "warm_cuda.json", "smoke_cuda.json", "smoke_time.json",
+                  "headline.json", "swin.json"):
         assert f"skipping {piece}" in log
     assert {p.name for p in out.iterdir()} == {"call.log"}
     assert "| ViT-B/16 step, fastest backend / eager | >= 1.5 | - | - | not measured |" in log
@@ -142,8 +149,9 @@ def test_a_backend_whose_checks_raise_or_hang_is_not_timed(tmp_path, triton_rc, 
     log = (out / "call.log").read_text()
     assert run.returncode == int(cuda_rc if cuda_rc != "0" else triton_rc), log  # the first failure's
     assert f"fake: benchmarks/gpu_smoke.py --backends {timed} --no-checks --time" in log
-    methods = f"eager,{timed},fastest_block,eager_compile,fastest_compile"
-    assert f"fake: benchmarks/gpu_headline.py --methods {methods} " in log
+    assert f"fake: benchmarks/gpu_headline.py --methods eager,{timed},fastest_block --no-flops " in log
+    assert "fake: benchmarks/gpu_headline.py --setting swin_b --methods eager,fastest --no-flops " in log
+    assert "fake: benchmarks/gpu_headline.py --methods eager_compile,fastest_compile --append " in log
 
 
 def test_headline_deadline_and_timeout_become_records(tmp_path):
@@ -193,5 +201,17 @@ def test_targets_are_judged_on_the_fastest_method_of_one_run():
     assert rows["ViT-B/16 peak memory, fastest backend / eager"].endswith("| 0.550 | triton | met |")
     assert rows['ViT-B/16 peak memory, recompute="block" / eager'].endswith("| 0.160 | triton_block | missed |")
     assert rows["ViT-B/16 step under torch.compile, fastest / eager"].endswith("| 1.167 | triton_compile | missed |")
-    assert rows["Swin-B step, fastest backend / eager"].endswith("| - | - | not measured |")
-    assert rows["CUDA kernels: attention"].endswith("| not measured |")
+    assert rows["Swin-B step, the ViT-B run's fastest backend / eager"].endswith("| - | - | not measured |")
+    assert rows["CUDA kernels: attention"].endswith("| 0 checks | cuda | not measured |")
+    # with kernel checks: a speed row on a backend that missed one says so; a check cut short is not "met"
+    ok = [{"check": c, "backend": "triton", "status": "ok"} for c, n in gpu_headline.EXPECTED_CHECKS.items()
+          for _ in range(n)]
+    smokes = [{"records": ok[:-1] + [dict(ok[-1], status="fail")]},
+              {"records": [{"check": "attention", "backend": "cuda", "status": s} for s in ("ok", "ok", "pending")]}]
+    table = gpu_headline.format_targets(headline, swin, smokes)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()[2:]}
+    assert rows["ViT-B/16 step, fastest backend / eager"].endswith(
+        "| 1.600 | triton | met (triton did not pass all its kernel checks) |")
+    assert rows["Triton kernels: model"].endswith("| 1 checks | triton | missed (fail) |")
+    assert rows["Triton kernels: attention"].endswith("| 4 checks | triton | met |")
+    assert rows["CUDA kernels: attention"].endswith("| 3 checks | cuda | incomplete: 2 of 4 ran ok |")
