@@ -23,8 +23,8 @@ SMALL = {  # two blocks (Swin: two stages, a shifted block in the second), so th
 
 def _plan(model: str, keys, batches=(8, 64), dtype="float32", **kwargs):
     catalogue = plan_methods()
-    return plan(BenchConfig(model=model, dtype=dtype), {k: catalogue[k] for k in keys}, batches,
-                model_kwargs=SMALL[model], **kwargs)
+    return plan(BenchConfig(model=model, dtype=dtype, model_kwargs=SMALL[model]), {k: catalogue[k] for k in keys},
+                batches, **kwargs)
 
 
 @pytest.mark.parametrize("model", list(SMALL))
@@ -50,16 +50,16 @@ def test_plans_are_monotone(model):
 
 
 def test_largest_batch_is_where_the_peak_meets_the_budget():
-    model = step_model(BenchConfig(model="vit_small_patch16_224"), methods()["vpt_fast"],
-                       model_kwargs=SMALL["vit_small_patch16_224"])
+    model = step_model(BenchConfig(model="vit_small_patch16_224", model_kwargs=SMALL["vit_small_patch16_224"]),
+                       methods()["vpt_fast"])
     budget = model.peak(37)
     assert model.largest_batch(budget) == 37 and model.peak(38) > budget
     assert model.largest_batch(model.peak(1) - 1) == 0
 
 
 def test_fsdp_shards_state_and_bf16_frozen_weights_halve_them():
-    cfg = BenchConfig(model="vit_small_patch16_224")
-    full = step_model(cfg, methods()["full"], model_kwargs=SMALL[cfg.model])
+    cfg = BenchConfig(model="vit_small_patch16_224", model_kwargs=SMALL["vit_small_patch16_224"])
+    full = step_model(cfg, methods()["full"])
     info, in_flight = full.info, full._in_flight(8, True)
     assert in_flight == 3 * info.block_param_bytes > 0  # two blocks' weights, one block's gradients
     always_sharded = info.param_bytes + info.optimizer_bytes  # alive at every recorded point

@@ -96,14 +96,12 @@ class _SkipInit(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def build_meta_model(cfg: BenchConfig, method: Method, frozen_bf16: bool = False,
-                     model_kwargs: Optional[dict] = None) -> torch.nn.Module:
-    """`method`'s model of `cfg` on the meta device: what `build_method_model` builds, without memory
-    (`model_kwargs`: more keywords for `timm.create_model`, e.g. a smaller depth in tests)."""
+def build_meta_model(cfg: BenchConfig, method: Method, frozen_bf16: bool = False) -> torch.nn.Module:
+    """`method`'s model of `cfg` on the meta device: what `build_method_model` builds, without memory."""
     from vpt_fast.prompting import prompt
     with torch.device("meta"), _SkipInit(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the real build warns once; the planner's copies stay quiet
-        model = create_timm_model(cfg, **(model_kwargs or {}))
+        model = create_timm_model(cfg)
         if method.kind == "vpt":
             prompt(model, num_prompts=cfg.num_prompts, deep=cfg.deep, backend=method.backend,
                    recompute=method.recompute)
@@ -250,7 +248,7 @@ def _gc_paused():
 
 
 def simulate_step(cfg: BenchConfig, method: Method, frozen_bf16: bool = False,
-                  foreach: Optional[bool] = None, model_kwargs: Optional[dict] = None) -> StepTrace:
+                  foreach: Optional[bool] = None) -> StepTrace:
     """`probe_step_memory`'s step of `method` at `cfg.batch` on fake tensors (nothing allocated).
 
     Args:
@@ -260,7 +258,7 @@ def simulate_step(cfg: BenchConfig, method: Method, frozen_bf16: bool = False,
     from torch._subclasses.fake_tensor import FakeTensorMode
     if frozen_bf16 and cfg.torch_dtype != torch.bfloat16:
         raise ValueError("bf16 frozen weights need --dtype bfloat16 (bf16 autocast), as a real step would")
-    model = build_meta_model(cfg, method, frozen_bf16, model_kwargs)
+    model = build_meta_model(cfg, method, frozen_bf16)
     mode = FakeTensorMode()
     fake_model(model, mode)
     tracker = _LiveBytes()
@@ -359,11 +357,11 @@ class StepModel:
 
 
 def step_model(cfg: BenchConfig, method: Method, frozen_bf16: bool = False, foreach: Optional[bool] = None,
-               overhead: Optional[int] = None, model_kwargs: Optional[dict] = None) -> StepModel:
+               overhead: Optional[int] = None) -> StepModel:
     """Simulate at the two `TRACE_BATCHES` and fit each recorded point's line in the batch."""
     b1, b2 = TRACE_BATCHES
-    t1 = simulate_step(replace(cfg, batch=b1), method, frozen_bf16, foreach, model_kwargs)
-    t2 = simulate_step(replace(cfg, batch=b2), method, frozen_bf16, foreach, model_kwargs)
+    t1 = simulate_step(replace(cfg, batch=b1), method, frozen_bf16, foreach)
+    t2 = simulate_step(replace(cfg, batch=b2), method, frozen_bf16, foreach)
     if len(t1.trace) != len(t2.trace):
         raise RuntimeError(f"the step's op sequence depends on the batch ({len(t1.trace)} vs {len(t2.trace)} ops "
                            f"at batches {b1} and {b2}); cannot fit lines")
@@ -376,7 +374,7 @@ def step_model(cfg: BenchConfig, method: Method, frozen_bf16: bool = False, fore
 
 def plan(cfg: BenchConfig, chosen: dict[str, Method], batches: Iterable[int], budgets: Iterable[int] = (),
          gpus: int = 1, fsdp: bool = False, target: str = "cpu",
-         log: Callable[[str], None] = lambda line: None, model_kwargs: Optional[dict] = None) -> dict[str, dict]:
+         log: Callable[[str], None] = lambda line: None) -> dict[str, dict]:
     """Per method key of `chosen`: the predicted peak bytes per device at each batch (per device), the
     largest batch per device within each of `budgets` ({budget: batch}) and what the model holds.
 
@@ -392,7 +390,7 @@ def plan(cfg: BenchConfig, chosen: dict[str, Method], batches: Iterable[int], bu
         frozen_bf16 = is_frozen_bf16(key)
         log(f"[plan] {method.label}")
         model = step_model(replace(cfg, device="cpu"), method, frozen_bf16, foreach=True if target == "cuda" else None,
-                           overhead=RUNTIME_OVERHEAD[target], model_kwargs=model_kwargs)
+                           overhead=RUNTIME_OVERHEAD[target])
         info = model.info
         results[key] = {
             "peak_bytes": {int(b): model.peak(b, gpus, fsdp) for b in batches},
