@@ -32,13 +32,13 @@ TRITON_INTERPRET=1, the cuda backend's C++ CPU twin): every code path of a GPU c
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
 import sys
 import time
 import traceback
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,9 +48,9 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # the test suite's refere
 
 from gpu_headline import full_environment, write_json  # noqa: E402
 
-from utils import eager_attention_low_precision, max_error, rel_error, training_results  # noqa: E402
+from utils import eager_attention_low_precision, low_precision_results, max_error, rel_error, rule_factor  # noqa: E402
 from vpt_fast.backends import backend_module, validate_backend  # noqa: E402
-from vpt_fast.bench import BenchConfig, build_model, make_batch  # noqa: E402
+from vpt_fast.bench import BenchConfig, build_model, interleaved_times, make_batch  # noqa: E402
 
 DRY_RUN = os.environ.get("VPT_GPU_DRY_RUN") == "1"
 # name: (query batches B, heads H, own tokens N, prompts P, prompt batches Bp, head dim d, bias windows)
@@ -60,12 +60,6 @@ MODEL = BenchConfig(model="vit_small_patch16_224", batch=8, num_prompts=50, devi
 DRY_MODEL = BenchConfig(model="vit_tiny_patch16_224", batch=2, num_prompts=3, img_size=32,
                         model_kwargs={"depth": 2})
 GRAD_NAMES = ("dq", "dk", "dv", "dpk", "dpv")
-
-
-def rule_factor(backend: str) -> float:
-    """FlashAttention's 2x; Triton's CPU interpreter truncates on bf16/fp16 casts (up to 1 ulp where a
-    GPU rounds to nearest, 1/2 ulp), which doubles the bound in the dry run."""
-    return 4.0 if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1" else 2.0
 
 
 def attention_inputs(shape, dtype: torch.dtype, device: str, seed: int = 0):
@@ -121,60 +115,25 @@ def check_determinism(backend: str, shape, device: str) -> dict:
 def check_model(backend: str, cfg: BenchConfig) -> dict:
     model = build_model(cfg)
     x, y = make_batch(cfg, model)
-    device_type = torch.device(cfg.device).type
-
-    def results(name: str, dtype: torch.dtype):
-        with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
-            logits, grads = training_results(model, name, x, y)
-        return {"logits": logits.float(), **{n: g.float() for n, g in grads.items()}}
-
-    reference = results("reference", torch.float32)
-    fp32 = {n: rel_error(t, reference[n]) for n, t in results(backend, torch.float32).items()}
-    eager_bf16 = results("reference", torch.bfloat16)
-    factor = rule_factor(backend)
+    reference, in_fp32, eager_bf16, got = low_precision_results(model, backend, x, y, torch.device(cfg.device).type)
+    fp32 = {n: rel_error(t, reference[n]) for n, t in in_fp32.items()}
     bf16, ok = {}, max(fp32.values()) < 1e-4
-    for name, t in results(backend, torch.bfloat16).items():
+    for name, t in got.items():
         ref = reference[name]
         err, base = max_error(t, ref), max_error(eager_bf16[name], ref)
-        bound = factor * base + torch.finfo(torch.bfloat16).eps * ref.abs().max().item()
+        bound = rule_factor(backend) * base + torch.finfo(torch.bfloat16).eps * ref.abs().max().item()
         bf16[name] = {"err": err, "eager_err": base, "bound": bound}
         ok = ok and err <= bound
     return {"status": "ok" if ok else "fail", "fp32_rel_err": fp32, "fp32_tol": 1e-4, "bf16": bf16,
             "model": cfg.model, "batch": cfg.batch, "num_prompts": cfg.num_prompts}
 
 
-def median_ms(fn: Callable[[], object], device: str, iters: int) -> float:
-    """Median of `iters` timed calls after 3 warm-up calls (CUDA events on a GPU)."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def time_attention(backends: list[str], shape, device: str, iters: int) -> dict:
-    """Forward + backward ms in bf16: each backend's primitives, and SDPA on the concatenated keys."""
+    """Forward + backward ms in bf16: each backend's primitives, and SDPA on the concatenated keys
+    (its default choice, and cuDNN alone on a GPU), timed round-robin (`interleaved_times`)."""
     q, k, v, pk, pv, bias, dout = attention_inputs(shape, torch.bfloat16, device)
     scale = shape[5] ** -0.5
-    timings = {}
-    for backend in backends:
-        impl = backend_module(backend)
-        try:
-            timings[backend] = median_ms(lambda impl=impl: run_backend(impl, q, k, v, pk, pv, bias, dout, scale),
-                                         device, iters)
-        except Exception as exc:  # noqa: BLE001  (the other backends' times still count)
-            timings[backend] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    fns = {b: functools.partial(run_backend, backend_module(b), q, k, v, pk, pv, bias, dout, scale) for b in backends}
     B, H, N, P = shape[:4]
     joint_k = torch.cat([pk.expand(B, -1, -1, -1), k], 2).detach().requires_grad_()
     joint_v = torch.cat([pv.expand(B, -1, -1, -1), v], 2).detach().requires_grad_()
@@ -187,14 +146,24 @@ def time_attention(backends: list[str], shape, device: str, iters: int) -> dict:
         out = F.scaled_dot_product_attention(q_, joint_k, joint_v, attn_mask=mask, scale=scale)
         return torch.autograd.grad(out, (q_, joint_k, joint_v), dout)
 
-    timings["sdpa"] = median_ms(sdpa, device, iters)
+    fns["sdpa"] = sdpa
     if device == "cuda":
         from torch.nn.attention import SDPBackend, sdpa_kernel
-        try:
+
+        def sdpa_cudnn():
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                timings["sdpa_cudnn"] = median_ms(sdpa, device, iters)
-        except RuntimeError as exc:  # cuDNN refuses this case (e.g. the mask)
-            timings["sdpa_cudnn"] = f"not run: {str(exc).splitlines()[0][:200]}"
+                return sdpa()
+
+        fns["sdpa_cudnn"] = sdpa_cudnn
+    timings = {}
+    for name, fn in list(fns.items()):  # one call each first: what raises is reported, the rest timed
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001  (e.g. cuDNN refusing the mask; the others still count)
+            timings[name] = f"not run: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            del fns[name]
+    for name, seconds in interleaved_times(fns, steps=iters, warmup=3, device=device).items():
+        timings[name] = statistics.median(seconds) * 1e3
     return {"status": "ok", "ms": timings, "note": "SDPA times exclude the concatenation of prompt and own keys"}
 
 

@@ -164,6 +164,28 @@ def eager_attention_low_precision(q, k, v, pk, pv, bias, dout, scale):
     return out, list(grads) + ([None, None] if pk is None else [])
 
 
+def rule_factor(backend: str) -> float:
+    """FlashAttention's 2x. Triton's CPU interpreter truncates when it casts to bf16/fp16 (round toward
+    zero: up to 1 ulp per cast where a GPU rounds to nearest, 1/2 ulp), which doubles the per-cast error
+    bound: the factor doubles with it there. On a GPU (the gpu-marked tests) it is 2."""
+    return 4.0 if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1" else 2.0
+
+
+def low_precision_results(model, backend: str, x: Tensor, y: Tensor, device_type: str,
+                          dtype: torch.dtype = torch.bfloat16, fp32: bool = True):
+    """{name: tensor} of the logits and every trainable gradient, four times: the reference backend in
+    fp32, `backend` in fp32 (None unless `fp32`), the reference under `dtype` autocast (eager
+    release-style VPT: the rule's baseline) and `backend` under it."""
+    def result(name: str, precision: torch.dtype) -> dict[str, Tensor]:
+        with torch.autocast(device_type, dtype=precision, enabled=precision != torch.float32):
+            logits, grads = training_results(model, name, x, y)
+        return {"logits": logits.float(), **{n: g.float() for n, g in grads.items()}}
+
+    reference = result("reference", torch.float32)
+    in_fp32 = result(backend, torch.float32) if fp32 else None
+    return reference, in_fp32, result("reference", dtype), result(backend, dtype)
+
+
 def assert_follows_reference_in_low_precision(model, backend: str, x: Tensor, y: Tensor, device_type: str,
                                               fp32_tol: Optional[float] = 1e-4,
                                               dtype: torch.dtype = torch.bfloat16) -> None:
@@ -171,23 +193,14 @@ def assert_follows_reference_in_low_precision(model, backend: str, x: Tensor, y:
     reference backend; under `dtype` autocast, FlashAttention's rule against that fp32 reference —
     at most 2x the error of eager release-style VPT under the same autocast, plus one `dtype` ulp at
     the tensor's scale (small tensors such as the head's are otherwise rounding-noise bound)."""
-    def result(name: str, precision: torch.dtype):
-        with torch.autocast(device_type, dtype=precision, enabled=precision != torch.float32):
-            logits, grads = training_results(model, name, x, y)
-        return [logits.float()] + [g.float() for g in grads.values()]
-
-    reference = result("reference", torch.float32)
-    if fp32_tol is not None:
-        for i, (got, ref) in enumerate(zip(result(backend, torch.float32), reference)):
-            assert rel_error(got, ref) < fp32_tol, f"{backend} fp32 output {i}"
-    baseline = result("reference", dtype)
+    reference, in_fp32, baseline, got = low_precision_results(model, backend, x, y, device_type, dtype,
+                                                              fp32=fp32_tol is not None)
+    for name, t in (in_fp32 or {}).items():
+        assert rel_error(t, reference[name]) < fp32_tol, f"{backend} fp32 {name}"
     ulp = torch.finfo(dtype).eps
-    # Triton's CPU interpreter truncates when it casts to bf16/fp16 (round toward zero: up to 1 ulp
-    # per cast where a GPU rounds to nearest, 1/2 ulp), which doubles the per-cast error bound: the
-    # rule's factor doubles with it there. On a GPU (the gpu-marked tests) it is FlashAttention's 2x.
-    factor = 4.0 if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1" else 2.0
-    for i, (got, ref, base) in enumerate(zip(result(backend, dtype), reference, baseline)):
-        assert_flash_rule(got, ref, base, name=f"{backend} {dtype} output {i}", factor=factor,
+    for name, t in got.items():
+        ref = reference[name]
+        assert_flash_rule(t, ref, baseline[name], name=f"{backend} {dtype} {name}", factor=rule_factor(backend),
                           atol=ulp * ref.abs().max().item())
 
 
