@@ -291,8 +291,7 @@ def run_all(args: argparse.Namespace, cfg: BenchConfig) -> int:
         if report.get("config") != asdict(cfg):
             raise SystemExit(f"--append: {args.out} holds another setting ({report.get('config')})")
         report["command"] += f"; then {command}"
-        results = {r["method"]: r for r in report["records"]}
-        prior += report["records"]
+        results = {r["method"]: r for r in report["records"]}  # 'fastest' also weighs these
     requests = [m for m in args.methods.split(",") if m]
     for requested in requests:  # a typo fails here, before any time is spent
         parse_method(requested.replace("fastest", "triton", 1) if requested.startswith("fastest") else requested)
